@@ -1,0 +1,115 @@
+//! The admin API (`--admin`, default 127.0.0.1:15000) and the metrics endpoint (`--metrics`), both plain
+//! HTTP/1.1 served by hyper. JSON field names are stable; see docs/admin-api.md.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::TcpListener;
+
+use crate::state::AgentState;
+
+type Reply = Response<Full<Bytes>>;
+
+/// Serves `route` on every connection accepted from `listener`.
+pub async fn serve_http(listener: TcpListener, route: Arc<dyn Fn(&Request<Incoming>) -> Reply + Send + Sync>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let route = route.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let reply = route(&req);
+                async move { Ok::<_, Infallible>(reply) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+                tracing::debug!(error = %e, "admin connection error");
+            }
+        });
+    }
+}
+
+fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Reply {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(body.into()))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}
+
+fn json(value: &impl Serialize) -> Reply {
+    match serde_json::to_vec_pretty(value) {
+        Ok(body) => reply(StatusCode::OK, "application/json", body),
+        Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e.to_string()),
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ConfigDump<'a> {
+    node: &'a str,
+    config: &'a mesh_common::config::NodeConfig,
+    workloads: Vec<crate::state::WorkloadView>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Stats {
+    enrolled_pods: usize,
+    outbound_redirected: u64,
+    outbound_excluded: u64,
+    inbound_steered: u64,
+    inbound_no_listener: u64,
+    original_destination_recorded: u64,
+}
+
+pub fn admin_routes(state: AgentState) -> Arc<dyn Fn(&Request<Incoming>) -> Reply + Send + Sync> {
+    Arc::new(move |req| {
+        if req.method() != Method::GET {
+            return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET is supported\n");
+        }
+        match req.uri().path() {
+            "/workloads" => json(&state.workloads()),
+            "/config_dump" => {
+                let config = state.config();
+                json(&ConfigDump { node: state.node(), config: &config, workloads: state.workloads() })
+            }
+            "/stats" => {
+                let c = state.capture().counters();
+                json(&Stats {
+                    enrolled_pods: state.pods().len(),
+                    outbound_redirected: c.outbound_redirected,
+                    outbound_excluded: c.outbound_skipped_excluded,
+                    inbound_steered: c.inbound_steered,
+                    inbound_no_listener: c.inbound_no_listener,
+                    original_destination_recorded: c.orig_dst_recorded,
+                })
+            }
+            "/healthz/ready" if state.ready() => reply(StatusCode::OK, "text/plain", "ready\n"),
+            "/healthz/ready" => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n"),
+            _ => reply(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "not found; try /workloads, /config_dump, /stats, /healthz/ready\n",
+            ),
+        }
+    })
+}
+
+pub fn metrics_routes(state: AgentState) -> Arc<dyn Fn(&Request<Incoming>) -> Reply + Send + Sync> {
+    Arc::new(move |req| match req.uri().path() {
+        "/metrics" => reply(StatusCode::OK, "text/plain; version=0.0.4", state.metrics().encode()),
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "metrics are at /metrics\n"),
+    })
+}

@@ -1,0 +1,187 @@
+//! `nodemesh-cni`: a chained CNI plugin (spec 1.0.0) that enrolls pods with the node agent.
+//!
+//! It runs after the main plugin, passes the previous result through unchanged, and tells the agent over its
+//! unix socket which netns and addresses the pod has. ADD returns only when the agent reports capture active,
+//! so the pod's first connection cannot escape.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::IpAddr;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use mesh_common::cni::{AgentRequest, AgentResponse, DEFAULT_AGENT_SOCKET, PodNetwork};
+use serde_json::{Value, json};
+
+pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0"];
+const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A CNI error result (spec: "Error"), printed on stdout with a non-zero exit.
+#[derive(Debug, PartialEq, Eq)]
+pub struct CniError {
+    pub code: u32,
+    pub msg: String,
+    pub details: String,
+}
+
+impl CniError {
+    fn new(code: u32, msg: impl Into<String>, details: impl ToString) -> Self {
+        CniError { code, msg: msg.into(), details: details.to_string() }
+    }
+
+    pub fn to_json(&self, cni_version: &str) -> Value {
+        json!({ "cniVersion": cni_version, "code": self.code, "msg": self.msg, "details": self.details })
+    }
+}
+
+/// Runs one plugin invocation. `env` looks up `CNI_*` variables; `stdin` is the network configuration.
+/// Returns what to print on success (nothing for DEL and CHECK).
+pub fn run(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Option<Value>, CniError> {
+    let command = env("CNI_COMMAND").ok_or_else(|| CniError::new(4, "CNI_COMMAND is not set", ""))?;
+    if command == "VERSION" {
+        return Ok(Some(json!({ "cniVersion": "1.0.0", "supportedVersions": SUPPORTED_VERSIONS })));
+    }
+    let config: Value =
+        serde_json::from_slice(stdin).map_err(|e| CniError::new(6, "cannot decode the network configuration", e))?;
+    let version = config.get("cniVersion").and_then(Value::as_str).unwrap_or("");
+    if !SUPPORTED_VERSIONS.contains(&version) {
+        return Err(CniError::new(1, "incompatible CNI version", format!("{version:?} is not one of {SUPPORTED_VERSIONS:?}")));
+    }
+    let socket = config.get("agentSocket").and_then(Value::as_str).unwrap_or(DEFAULT_AGENT_SOCKET).to_string();
+    let require = |name: &str| {
+        env(name).filter(|v| !v.is_empty()).ok_or_else(|| CniError::new(4, format!("{name} is not set"), ""))
+    };
+    match command.as_str() {
+        "ADD" => {
+            let pod = pod_network(&env, &config, require("CNI_CONTAINERID")?, require("CNI_NETNS")?)?;
+            require("CNI_IFNAME")?;
+            let response = ask_agent(&socket, &AgentRequest::Add(pod))
+                .map_err(|e| CniError::new(11, "nodemesh agent is not reachable; try again later", e))?;
+            if let Some(e) = response.error {
+                return Err(CniError::new(e.code, e.msg, e.details));
+            }
+            let mut result = config.get("prevResult").cloned().unwrap_or_else(|| json!({}));
+            result["cniVersion"] = json!(version);
+            Ok(Some(result))
+        }
+        "DEL" => {
+            let container_id = require("CNI_CONTAINERID")?;
+            require("CNI_IFNAME")?;
+            let request = AgentRequest::Del { container_id, netns: env("CNI_NETNS") };
+            // DEL must not block pod teardown: when the agent is down it cleans up on re-adoption instead.
+            if let Ok(response) = ask_agent(&socket, &request) {
+                if let Some(e) = response.error {
+                    return Err(CniError::new(e.code, e.msg, e.details));
+                }
+            }
+            Ok(None)
+        }
+        "CHECK" => {
+            let container_id = require("CNI_CONTAINERID")?;
+            require("CNI_NETNS")?;
+            require("CNI_IFNAME")?;
+            let response = ask_agent(&socket, &AgentRequest::Check { container_id })
+                .map_err(|e| CniError::new(11, "nodemesh agent is not reachable; try again later", e))?;
+            match response.error {
+                Some(e) => Err(CniError::new(e.code, e.msg, e.details)),
+                None => Ok(None),
+            }
+        }
+        other => Err(CniError::new(4, format!("unknown CNI_COMMAND {other:?}"), "expected ADD, DEL, CHECK or VERSION")),
+    }
+}
+
+fn pod_network(
+    env: &impl Fn(&str) -> Option<String>,
+    config: &Value,
+    container_id: String,
+    netns: String,
+) -> Result<PodNetwork, CniError> {
+    let args = env("CNI_ARGS").unwrap_or_default();
+    let arg = |key: &str| {
+        args.split(';').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == key).map(|(_, v)| v.to_string())
+    };
+    let namespace = arg("K8S_POD_NAMESPACE").ok_or_else(|| CniError::new(4, "CNI_ARGS has no K8S_POD_NAMESPACE", &args))?;
+    let name = arg("K8S_POD_NAME").ok_or_else(|| CniError::new(4, "CNI_ARGS has no K8S_POD_NAME", &args))?;
+    let prev = config.get("prevResult").ok_or_else(|| {
+        CniError::new(7, "no prevResult", "nodemesh-cni is a chained plugin: list it after the main plugin")
+    })?;
+    let mut ips = Vec::new();
+    for entry in prev.get("ips").and_then(Value::as_array).into_iter().flatten() {
+        let address = entry.get("address").and_then(Value::as_str).unwrap_or("");
+        let ip: IpAddr = address
+            .split('/')
+            .next()
+            .unwrap_or("")
+            .parse()
+            .map_err(|_| CniError::new(7, "prevResult has an invalid IP address", address))?;
+        ips.push(ip);
+    }
+    Ok(PodNetwork { container_id, netns, namespace, name, uid: arg("K8S_POD_UID"), ips })
+}
+
+fn ask_agent(socket: &str, request: &AgentRequest) -> std::io::Result<AgentResponse> {
+    let mut stream = UnixStream::connect(socket)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("connecting to {socket}: {e}")))?;
+    stream.set_read_timeout(Some(AGENT_TIMEOUT))?;
+    stream.set_write_timeout(Some(AGENT_TIMEOUT))?;
+    let mut line = serde_json::to_vec(request)?;
+    line.push(b'\n');
+    stream.write_all(&line)?;
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer)?;
+    serde_json::from_str(&answer)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad answer from agent: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn version_needs_no_config() {
+        let out = run(env(&[("CNI_COMMAND", "VERSION")]), b"").unwrap().unwrap();
+        assert_eq!(out["supportedVersions"].as_array().unwrap().len(), SUPPORTED_VERSIONS.len());
+    }
+
+    #[test]
+    fn bad_input_gets_spec_error_codes() {
+        assert_eq!(run(env(&[]), b"{}").unwrap_err().code, 4);
+        assert_eq!(run(env(&[("CNI_COMMAND", "ADD")]), b"not json").unwrap_err().code, 6);
+        assert_eq!(run(env(&[("CNI_COMMAND", "ADD")]), br#"{"cniVersion":"9.9.9"}"#).unwrap_err().code, 1);
+        let e = run(env(&[("CNI_COMMAND", "ADD")]), br#"{"cniVersion":"1.0.0"}"#).unwrap_err();
+        assert_eq!((e.code, e.msg.as_str()), (4, "CNI_CONTAINERID is not set"));
+        assert_eq!(run(env(&[("CNI_COMMAND", "BOGUS")]), br#"{"cniVersion":"1.0.0"}"#).unwrap_err().code, 4);
+    }
+
+    #[test]
+    fn pod_identity_comes_from_cni_args_and_prev_result() {
+        let vars = env(&[("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart-1;K8S_POD_UID=u-1")]);
+        let config = json!({"prevResult": {"ips": [{"address": "10.1.0.5/24"}, {"address": "fd00::5/64"}]}});
+        let pod = pod_network(&vars, &config, "c1".into(), "/run/netns/x".into()).unwrap();
+        assert_eq!((pod.namespace.as_str(), pod.name.as_str(), pod.uid.as_deref()), ("shop", "cart-1", Some("u-1")));
+        assert_eq!(pod.ips, vec!["10.1.0.5".parse::<IpAddr>().unwrap(), "fd00::5".parse().unwrap()]);
+        let missing = pod_network(&vars, &json!({}), "c1".into(), "/x".into()).unwrap_err();
+        assert_eq!(missing.code, 7);
+    }
+
+    #[test]
+    fn agent_down_is_try_again_later_for_add_and_ignored_for_del() {
+        let config = br#"{"cniVersion":"1.0.0","agentSocket":"/nonexistent/nodemesh.sock","prevResult":{"ips":[{"address":"10.0.0.2/24"}]}}"#;
+        let add = env(&[
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_NETNS", "/run/netns/x"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_ARGS", "K8S_POD_NAMESPACE=a;K8S_POD_NAME=b"),
+        ]);
+        assert_eq!(run(add, config).unwrap_err().code, 11);
+        let del = env(&[("CNI_COMMAND", "DEL"), ("CNI_CONTAINERID", "c1"), ("CNI_IFNAME", "eth0")]);
+        assert_eq!(run(del, config).unwrap(), None);
+    }
+}

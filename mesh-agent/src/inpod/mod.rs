@@ -1,0 +1,268 @@
+//! Enrolled pods: the agent's listeners inside each pod's netns, the kernel capture state, and the state file
+//! that lets a restarted agent re-adopt its pods without any CNI call.
+
+pub mod routing;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use mesh_common::bpf::{INBOUND_PORT, OUTBOUND_PORT};
+use mesh_common::cni::{AgentError, PodNetwork};
+use mesh_common::config::NodeConfig;
+use serde::{Deserialize, Serialize};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+use tokio::task::AbortHandle;
+
+use crate::metrics::Direction;
+use crate::netns::NetNs;
+use crate::proxy;
+use crate::state::{AgentState, WorkloadView};
+
+/// Accept backlog of the in-pod listeners: a pod may open many connections at once.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// One enrolled pod as the proxy sees it.
+#[derive(Debug)]
+pub struct PodContext {
+    pub net: PodNetwork,
+    pub netns: NetNs,
+    pub enrolled_at: u64,
+}
+
+impl PodContext {
+    pub fn service_account(&self, config: &NodeConfig) -> Option<String> {
+        config.workload(&self.net.namespace, &self.net.name).map(|w| w.service_account.clone())
+    }
+
+    pub fn identity(&self, config: &NodeConfig) -> Option<String> {
+        config.workload(&self.net.namespace, &self.net.name).map(|w| w.spiffe_id(&config.trust_domain))
+    }
+}
+
+pub struct PodEntry {
+    pub pod: Arc<PodContext>,
+    tasks: Vec<AbortHandle>,
+}
+
+impl PodEntry {
+    pub fn view(&self, config: &NodeConfig) -> WorkloadView {
+        let p = &self.pod;
+        WorkloadView {
+            namespace: p.net.namespace.clone(),
+            name: p.net.name.clone(),
+            uid: p.net.uid.clone(),
+            container_id: p.net.container_id.clone(),
+            netns: p.net.netns.clone(),
+            netns_cookie: p.netns.cookie(),
+            ips: p.net.ips.clone(),
+            service_account: p.service_account(config),
+            identity: p.identity(config),
+            enrolled_at: p.enrolled_at,
+        }
+    }
+}
+
+/// What the state file keeps per pod.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+#[serde(rename_all = "camelCase")]
+struct SavedPod {
+    #[serde(flatten)]
+    net: PodNetwork,
+    netns_cookie: u64,
+}
+
+fn err(code: u32, msg: impl Into<String>, details: impl ToString) -> AgentError {
+    AgentError { code, msg: msg.into(), details: details.to_string() }
+}
+
+/// CNI ADD. Returns whether the pod is captured; returns only once capture is active.
+pub async fn enroll(state: &AgentState, net: PodNetwork) -> Result<bool, AgentError> {
+    if state.pods().contains_key(&net.container_id) {
+        return Ok(true);
+    }
+    if !state.config().namespace_in_mesh(&net.namespace) {
+        tracing::info!(pod = %format!("{}/{}", net.namespace, net.name), "namespace not in the mesh; not captured");
+        return Ok(false);
+    }
+    if net.ips.is_empty() {
+        return Err(err(7, "pod has no IP addresses", "prevResult lists no ips; chain nodemesh-cni after the main plugin"));
+    }
+    let pod_name = format!("{}/{}", net.namespace, net.name);
+    let prepared = tokio::task::spawn_blocking(move || prepare(net))
+        .await
+        .map_err(|e| err(101, "enrollment task failed", e))?
+        .map_err(|e| err(102, "cannot set up capture inside the pod", e))?;
+    let activated = activate(state, prepared).map_err(|e| err(103, "cannot activate capture", e))?;
+    tracing::info!(pod = %pod_name, netns_cookie = activated.netns.cookie(), "pod enrolled");
+    persist(state);
+    Ok(true)
+}
+
+/// CNI DEL. Tolerates pods that are unknown or whose netns is already gone.
+pub async fn unenroll(state: &AgentState, container_id: &str) -> bool {
+    let Some(entry) = state.pods().remove(container_id) else { return false };
+    let pod = entry.pod.clone();
+    state.capture().unenroll(pod.netns.cookie(), &pod.net.ips);
+    for task in &entry.tasks {
+        task.abort();
+    }
+    state.metrics().enrolled_pods.set(state.pods().len() as i64);
+    let cleanup = tokio::task::spawn_blocking(move || pod.netns.run_on_thread(|| Ok(routing::remove())));
+    if let Ok(Err(e)) = cleanup.await {
+        tracing::debug!(error = %e, "pod netns gone before its routing could be removed");
+    }
+    tracing::info!(pod = %format!("{}/{}", entry.pod.net.namespace, entry.pod.net.name), "pod unenrolled");
+    persist(state);
+    true
+}
+
+/// CNI CHECK.
+pub fn is_enrolled(state: &AgentState, container_id: &str) -> bool {
+    state.pods().contains_key(container_id)
+}
+
+/// At start-up: takes over the pods an earlier agent enrolled, and forgets those that are gone.
+pub async fn readopt(state: &AgentState) {
+    let saved = load_saved(state.state_file());
+    for s in &saved {
+        let pod = format!("{}/{}", s.net.namespace, s.net.name);
+        let same_netns = NetNs::open(&s.net.netns).map(|ns| ns.cookie() == s.netns_cookie).unwrap_or(false);
+        let outcome = if same_netns { enroll(state, s.net.clone()).await } else { Ok(false) };
+        match outcome {
+            Ok(true) => tracing::info!(%pod, "re-adopted enrolled pod"),
+            Ok(false) => {
+                tracing::info!(%pod, "previously enrolled pod is gone or left the mesh; releasing it");
+                state.capture().unenroll(s.netns_cookie, &s.net.ips);
+            }
+            Err(e) => {
+                tracing::error!(%pod, error = %e.msg, details = %e.details, "cannot re-adopt pod; releasing it");
+                state.capture().unenroll(s.netns_cookie, &s.net.ips);
+            }
+        }
+    }
+    // Pods captured in the kernel that no state file remembers cannot be served: let them go rather than keep
+    // their connections failing forever.
+    let known: Vec<u64> = state.pods().values().map(|p| p.pod.netns.cookie()).collect();
+    let orphans: Vec<u64> = state.capture().enrolled_cookies().into_iter().filter(|c| !known.contains(c)).collect();
+    for cookie in orphans {
+        tracing::warn!(netns_cookie = cookie, "releasing captured netns unknown to the state file");
+        state.capture().unenroll(cookie, &[]);
+    }
+    persist(state);
+}
+
+struct Prepared {
+    net: PodNetwork,
+    netns: NetNs,
+    outbound: Vec<std::net::TcpListener>,
+    inbound: Vec<(IpAddr, std::net::TcpListener)>,
+}
+
+/// The blocking part of enrollment: namespace, routing, listeners.
+fn prepare(net: PodNetwork) -> std::io::Result<Prepared> {
+    let netns = NetNs::open(&net.netns)?;
+    let has_v4 = net.ips.iter().any(|ip| ip.is_ipv4());
+    let has_v6 = net.ips.iter().any(|ip| ip.is_ipv6());
+    netns.run_on_thread(move || routing::install(has_v4, has_v6))?;
+    let (outbound, inbound) = netns.run(|| -> std::io::Result<_> {
+        // IPv4 outbound always: v6 sockets dialling v4-mapped addresses land on it too.
+        let mut outbound = vec![listen(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT))?];
+        let mut inbound = Vec::new();
+        if has_v6 {
+            outbound.push(listen(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), OUTBOUND_PORT))?);
+        }
+        for (enabled, loopback) in [(has_v4, IpAddr::from(Ipv4Addr::LOCALHOST)), (has_v6, Ipv6Addr::LOCALHOST.into())] {
+            if !enabled {
+                continue;
+            }
+            let listener = listen(SocketAddr::new(loopback, INBOUND_PORT))?;
+            for ip in net.ips.iter().filter(|ip| ip.is_ipv4() == loopback.is_ipv4()) {
+                inbound.push((*ip, listener.try_clone()?));
+            }
+        }
+        Ok((outbound, inbound))
+    })??;
+    Ok(Prepared { net, netns, outbound, inbound })
+}
+
+fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into()).map_err(|e| {
+        std::io::Error::new(e.kind(), format!("cannot listen on {addr} in the pod (is its loopback up?): {e}"))
+    })?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// The non-blocking part: kernel maps and accept loops. Synchronous so no lock is held across an await.
+fn activate(state: &AgentState, p: Prepared) -> anyhow::Result<Arc<PodContext>> {
+    let enrolled_at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let pod = Arc::new(PodContext { net: p.net, netns: p.netns, enrolled_at });
+    let mut tasks = Vec::new();
+    for listener in p.outbound {
+        let listener = TcpListener::from_std(listener)?;
+        tasks.push(tokio::spawn(proxy::serve(listener, Direction::Outbound, pod.clone(), state.clone())).abort_handle());
+    }
+    // Several pod IPs of one family share one listener; serve each listener once.
+    let mut served = Vec::new();
+    for (_, listener) in &p.inbound {
+        let local = listener.local_addr()?;
+        if !served.contains(&local) {
+            served.push(local);
+            let listener = TcpListener::from_std(listener.try_clone()?)?;
+            tasks.push(tokio::spawn(proxy::serve(listener, Direction::Inbound, pod.clone(), state.clone())).abort_handle());
+        }
+    }
+    let inbound: Vec<(IpAddr, &std::net::TcpListener)> = p.inbound.iter().map(|(ip, l)| (*ip, l)).collect();
+    if let Err(e) = state.capture().enroll(pod.netns.file(), pod.netns.cookie(), &inbound) {
+        for t in &tasks {
+            t.abort();
+        }
+        state.capture().unenroll(pod.netns.cookie(), &pod.net.ips);
+        return Err(e.into());
+    }
+    let mut pods = state.pods();
+    pods.insert(pod.net.container_id.clone(), PodEntry { pod: pod.clone(), tasks });
+    state.metrics().enrolled_pods.set(pods.len() as i64);
+    Ok(pod)
+}
+
+fn load_saved(path: &Path) -> Vec<SavedPod> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            tracing::error!(file = %path.display(), error = %e, "state file unreadable; starting without enrolled pods");
+            Vec::new()
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => {
+            tracing::error!(file = %path.display(), error = %e, "cannot read state file");
+            Vec::new()
+        }
+    }
+}
+
+/// Writes the state file atomically (write + rename), so a crash never leaves half a file.
+fn persist(state: &AgentState) {
+    let saved: Vec<SavedPod> = state
+        .pods()
+        .values()
+        .map(|p| SavedPod { net: p.pod.net.clone(), netns_cookie: p.pod.netns.cookie() })
+        .collect();
+    let path = state.state_file();
+    let tmp = path.with_extension("tmp");
+    let result = serde_json::to_vec_pretty(&saved)
+        .map_err(std::io::Error::other)
+        .and_then(|bytes| std::fs::write(&tmp, bytes))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = result {
+        tracing::error!(file = %path.display(), error = %e, "cannot write state file; a restarted agent would not re-adopt pods");
+    }
+}

@@ -1,0 +1,72 @@
+//! Policy routing inside an enrolled pod, so the agent can connect to the application *as the original client*
+//! (the application sees the real peer address) and still get the replies.
+//!
+//! The agent's transparent socket (`IP_TRANSPARENT`, bound to the client's IP, marked [`INBOUND_MARK`]) connects
+//! to the application over loopback. With `net.ipv4.tcp_fwmark_accept=1` the application's accepted socket
+//! inherits that mark from the SYN, and a rule sends marked packets to a table whose only route is
+//! `local default dev lo`, so the replies addressed to the client's IP are delivered back to the agent instead of
+//! leaving through the pod's interface. Nothing else in the pod carries that mark, so nothing else changes.
+
+use std::io;
+use std::process::Command;
+
+use mesh_common::bpf::{INBOUND_MARK, INBOUND_ROUTE_TABLE};
+
+/// Rule priority: ahead of `main` (32766), behind `local` (0).
+const RULE_PRIORITY: &str = "100";
+
+/// Installs the rules and sysctl. Must run on a thread inside the pod's netns.
+pub fn install(ipv4: bool, ipv6: bool) -> io::Result<()> {
+    std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot set net.ipv4.tcp_fwmark_accept in the pod: {e}")))?;
+    for (enabled, family, default) in [(ipv4, "-4", "0.0.0.0/0"), (ipv6, "-6", "::/0")] {
+        if !enabled {
+            continue;
+        }
+        remove_rules(family);
+        ip(&[family, "rule", "add", "fwmark", &mark(), "lookup", &table(), "priority", RULE_PRIORITY])?;
+        ip(&[family, "route", "replace", "local", default, "dev", "lo", "table", &table()])?;
+    }
+    Ok(())
+}
+
+/// Removes what [`install`] added; missing pieces are fine.
+pub fn remove() {
+    for (family, default) in [("-4", "0.0.0.0/0"), ("-6", "::/0")] {
+        remove_rules(family);
+        let _ = ip(&[family, "route", "del", "local", default, "dev", "lo", "table", &table()]);
+    }
+    let _ = std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "0");
+}
+
+fn remove_rules(family: &str) {
+    // `ip rule del` removes one match per call; a bounded loop clears duplicates left by a crash.
+    for _ in 0..8 {
+        if ip(&[family, "rule", "del", "fwmark", &mark(), "lookup", &table()]).is_err() {
+            break;
+        }
+    }
+}
+
+fn mark() -> String {
+    format!("{INBOUND_MARK:#x}")
+}
+
+fn table() -> String {
+    INBOUND_ROUTE_TABLE.to_string()
+}
+
+fn ip(args: &[&str]) -> io::Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot run `ip` (iproute2 is required): {e}")))?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}

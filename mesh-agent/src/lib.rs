@@ -1,0 +1,13 @@
+//! nodemesh node agent: captures enrolled pods' TCP traffic with eBPF and proxies it from inside each pod's
+//! network namespace. See docs/ARCHITECTURE.md for the data path.
+
+pub mod admin;
+pub mod capture;
+pub mod cni_plugin;
+pub mod cni_server;
+pub mod inpod;
+pub mod metrics;
+pub mod netns;
+pub mod node;
+pub mod proxy;
+pub mod state;

@@ -1,0 +1,142 @@
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use mesh_agent::capture::{self, Capture};
+use mesh_agent::state::AgentState;
+use mesh_agent::{admin, cni_server, inpod, node};
+use mesh_common::cni::DEFAULT_AGENT_SOCKET;
+use mesh_common::config::NodeConfig;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Parser)]
+#[command(name = "mesh-agent", version, about = "nodemesh node agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: load and attach capture, serve enrolled pods, the CNI socket, admin API and metrics.
+    Run(RunArgs),
+    /// Remove every pin (which detaches all programs) and undo the routing set up in enrolled pods.
+    Cleanup(PathArgs),
+}
+
+#[derive(Args)]
+struct PathArgs {
+    /// Directory on a bpf filesystem where programs' links and maps are pinned.
+    #[arg(long, env = "NODEMESH_BPFFS", default_value = "/sys/fs/bpf/nodemesh")]
+    bpffs: PathBuf,
+    /// Where the agent keeps the list of enrolled pods across restarts.
+    #[arg(long, env = "NODEMESH_STATE_DIR", default_value = "/run/nodemesh")]
+    state_dir: PathBuf,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Name of this node.
+    #[arg(long, env = "NODE_NAME")]
+    node: String,
+    /// cgroup v2 directory the capture programs attach to; default: the cgroup v2 mount (all of the node).
+    #[arg(long, env = "NODEMESH_CGROUP_ROOT")]
+    cgroup_root: Option<PathBuf>,
+    #[command(flatten)]
+    paths: PathArgs,
+    /// NodeConfig YAML file (the offline/debug config source).
+    #[arg(long, env = "NODEMESH_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long, env = "NODEMESH_ADMIN", default_value = "127.0.0.1:15000")]
+    admin: SocketAddr,
+    #[arg(long, env = "NODEMESH_METRICS", default_value = "0.0.0.0:15020")]
+    metrics: SocketAddr,
+    /// Unix socket the nodemesh-cni plugin connects to.
+    #[arg(long, env = "NODEMESH_CNI_SOCKET", default_value = DEFAULT_AGENT_SOCKET)]
+    cni_socket: PathBuf,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args)),
+        Command::Cleanup(args) => cleanup(&args),
+    }
+}
+
+fn load_config(path: Option<&Path>) -> anyhow::Result<NodeConfig> {
+    let Some(path) = path else { return Ok(NodeConfig::from_yaml("")?) };
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+    NodeConfig::from_yaml(&text).with_context(|| format!("config {}", path.display()))
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    node::raise_fd_limit();
+    let config = load_config(args.config.as_deref())?;
+    let cgroup_root = match args.cgroup_root {
+        Some(dir) => dir,
+        None => node::cgroup2_mount().context("finding the cgroup v2 mount (or pass --cgroup-root)")?,
+    };
+    let capture = Capture::load(&args.paths.bpffs, &cgroup_root).context("setting up eBPF capture")?;
+    tracing::info!(node = %args.node, cgroup = %cgroup_root.display(), bpffs = %args.paths.bpffs.display(), "capture attached");
+
+    std::fs::create_dir_all(&args.paths.state_dir)
+        .with_context(|| format!("creating state dir {}", args.paths.state_dir.display()))?;
+    let state = AgentState::new(args.node, capture, config.clone(), args.paths.state_dir.join("pods.json"));
+    state.set_config(config).context("applying capture exclusions")?;
+    state.capture().set_node_addresses(&node::local_addresses()?).context("recording node addresses")?;
+
+    let admin = TcpListener::bind(args.admin).await.with_context(|| format!("admin address {}", args.admin))?;
+    let metrics = TcpListener::bind(args.metrics).await.with_context(|| format!("metrics address {}", args.metrics))?;
+    tokio::spawn(admin::serve_http(admin, admin::admin_routes(state.clone())));
+    tokio::spawn(admin::serve_http(metrics, admin::metrics_routes(state.clone())));
+
+    inpod::readopt(&state).await;
+    let cni = cni_server::bind(&args.cni_socket)
+        .with_context(|| format!("CNI socket {}", args.cni_socket.display()))?;
+    tokio::spawn(cni_server::serve(cni, state.clone()));
+    state.set_capture_ready();
+    tracing::info!(admin = %args.admin, metrics = %args.metrics, cni = %args.cni_socket.display(), "agent ready");
+
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => match load_config(args.config.as_deref()) {
+                Ok(config) => match state.set_config(config) {
+                    Ok(()) => tracing::info!("config reloaded"),
+                    Err(e) => tracing::error!(error = %e, "cannot apply reloaded config; keeping the previous one"),
+                },
+                Err(e) => tracing::error!(error = format!("{e:#}"), "config reload failed; keeping the previous one"),
+            },
+            _ = terminate.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    // Pins stay: enrolled pods remain captured (fail-closed) and the next agent re-adopts them.
+    tracing::info!("agent stopping; capture stays pinned for the next agent (`mesh-agent cleanup` removes it)");
+    Ok(())
+}
+
+fn cleanup(args: &PathArgs) -> anyhow::Result<()> {
+    let state_file = args.state_dir.join("pods.json");
+    if let Ok(bytes) = std::fs::read(&state_file) {
+        let pods: Vec<mesh_common::cni::PodNetwork> = serde_json::from_slice(&bytes).unwrap_or_default();
+        for pod in pods {
+            if let Ok(ns) = mesh_agent::netns::NetNs::open(&pod.netns) {
+                let _ = ns.run_on_thread(|| Ok(inpod::routing::remove()));
+            }
+        }
+        std::fs::remove_file(&state_file)?;
+    }
+    let removed = capture::remove_pins(&args.bpffs).with_context(|| format!("removing pins under {}", args.bpffs.display()))?;
+    println!("removed {removed} pins under {}; capture is off", args.bpffs.display());
+    Ok(())
+}

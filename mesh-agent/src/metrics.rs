@@ -1,0 +1,124 @@
+//! Prometheus metrics of the agent (`--metrics`, `/metrics`).
+//!
+//! Labels come from enrollment and config (namespace, pod, direction), never from traffic, so cardinality is
+//! bounded by the pods on the node.
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+/// Which side of the workload a connection is on, from the workload's point of view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Outbound,
+    Inbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub connections_opened: IntCounterVec,
+    pub connections_closed: IntCounterVec,
+    pub connection_failures: IntCounterVec,
+    pub sent_bytes: IntCounterVec,
+    pub received_bytes: IntCounterVec,
+    pub enrolled_pods: IntGauge,
+    pub original_destination_missing: IntCounter,
+}
+
+const LABELS: &[&str] = &["namespace", "pod", "direction"];
+
+fn counter_vec(registry: &Registry, name: &str, help: &str) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), LABELS).expect("metric definitions are static and valid");
+    registry.register(Box::new(c.clone())).expect("each metric is registered once");
+    c
+}
+
+impl Metrics {
+    pub fn new(capture_stats: impl Fn() -> crate::capture::Counters + Send + Sync + 'static) -> Self {
+        let registry = Registry::new();
+        let enrolled_pods = IntGauge::new("nodemesh_enrolled_pods", "Pods whose traffic this agent captures")
+            .expect("static metric definition");
+        registry.register(Box::new(enrolled_pods.clone())).expect("registered once");
+        let original_destination_missing = IntCounter::new(
+            "nodemesh_original_destination_missing_total",
+            "Connections accepted on the outbound listener without a recorded original destination",
+        )
+        .expect("static metric definition");
+        registry.register(Box::new(original_destination_missing.clone())).expect("registered once");
+        registry.register(Box::new(CaptureCollector::new(capture_stats))).expect("registered once");
+        Metrics {
+            connections_opened: counter_vec(
+                &registry,
+                "nodemesh_tcp_connections_opened_total",
+                "TCP connections the agent proxied for a workload",
+            ),
+            connections_closed: counter_vec(
+                &registry,
+                "nodemesh_tcp_connections_closed_total",
+                "Proxied TCP connections that have ended",
+            ),
+            connection_failures: counter_vec(
+                &registry,
+                "nodemesh_tcp_connection_failures_total",
+                "Captured connections the agent could not connect upstream",
+            ),
+            sent_bytes: counter_vec(&registry, "nodemesh_tcp_sent_bytes_total", "Bytes the workload sent"),
+            received_bytes: counter_vec(&registry, "nodemesh_tcp_received_bytes_total", "Bytes the workload received"),
+            enrolled_pods,
+            original_destination_missing,
+            registry,
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        TextEncoder::new().encode_to_string(&self.registry.gather()).unwrap_or_else(|e| format!("# encoding failed: {e}\n"))
+    }
+}
+
+/// Exposes the eBPF programs' own counters, read from the per-CPU map at scrape time.
+struct CaptureCollector<F> {
+    read: F,
+    desc: Vec<Desc>,
+}
+
+impl<F: Fn() -> crate::capture::Counters> CaptureCollector<F> {
+    const NAME: &'static str = "nodemesh_capture_events_total";
+    const HELP: &'static str = "Decisions taken by the eBPF capture programs";
+
+    fn new(read: F) -> Self {
+        let desc = Desc::new(Self::NAME.into(), Self::HELP.into(), vec!["event".into()], Default::default())
+            .expect("static metric definition");
+        CaptureCollector { read, desc: vec![desc] }
+    }
+}
+
+impl<F: Fn() -> crate::capture::Counters + Send + Sync> Collector for CaptureCollector<F> {
+    fn desc(&self) -> Vec<&Desc> {
+        self.desc.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let c = (self.read)();
+        let vec = IntCounterVec::new(Opts::new(Self::NAME, Self::HELP), &["event"]).expect("static metric definition");
+        for (event, value) in [
+            ("outbound_redirected", c.outbound_redirected),
+            ("outbound_excluded", c.outbound_skipped_excluded),
+            ("inbound_steered", c.inbound_steered),
+            ("inbound_no_listener", c.inbound_no_listener),
+            ("original_destination_recorded", c.orig_dst_recorded),
+        ] {
+            vec.with_label_values(&[event]).inc_by(value);
+        }
+        vec.collect()
+    }
+}

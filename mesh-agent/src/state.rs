@@ -1,0 +1,118 @@
+//! The agent's shared state: config, capture handle, enrolled pods, metrics. Cheap to clone (one `Arc`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use mesh_common::config::NodeConfig;
+use serde::Serialize;
+
+use crate::capture::Capture;
+use crate::inpod::PodEntry;
+use crate::metrics::Metrics;
+
+#[derive(Clone)]
+pub struct AgentState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    node: String,
+    capture: Mutex<Capture>,
+    config: RwLock<Arc<NodeConfig>>,
+    pods: Mutex<BTreeMap<String, PodEntry>>,
+    metrics: Metrics,
+    state_file: PathBuf,
+    capture_ready: AtomicBool,
+}
+
+/// What `/workloads` reports for each enrolled pod.
+#[derive(Serialize, Clone, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadView {
+    pub namespace: String,
+    pub name: String,
+    pub uid: Option<String>,
+    pub container_id: String,
+    pub netns: String,
+    pub netns_cookie: u64,
+    pub ips: Vec<std::net::IpAddr>,
+    pub service_account: Option<String>,
+    /// SPIFFE ID, once config names the pod's service account.
+    pub identity: Option<String>,
+    /// Unix seconds.
+    pub enrolled_at: u64,
+}
+
+impl AgentState {
+    pub fn new(node: String, capture: Capture, config: NodeConfig, state_file: PathBuf) -> Self {
+        let capture = Mutex::new(capture);
+        let inner = Arc::new_cyclic(|weak: &std::sync::Weak<Inner>| {
+            let weak = weak.clone();
+            let metrics = Metrics::new(move || {
+                weak.upgrade().map(|inner| lock(&inner.capture).counters()).unwrap_or_default()
+            });
+            Inner {
+                node,
+                capture,
+                config: RwLock::new(Arc::new(config)),
+                pods: Mutex::new(BTreeMap::new()),
+                metrics,
+                state_file,
+                capture_ready: AtomicBool::new(false),
+            }
+        });
+        AgentState { inner }
+    }
+
+    pub fn node(&self) -> &str {
+        &self.inner.node
+    }
+
+    pub fn capture(&self) -> MutexGuard<'_, Capture> {
+        lock(&self.inner.capture)
+    }
+
+    pub fn config(&self) -> Arc<NodeConfig> {
+        self.inner.config.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Swaps in a new config and applies what the kernel side needs of it.
+    pub fn set_config(&self, config: NodeConfig) -> Result<(), crate::capture::CaptureError> {
+        self.capture().set_exclusions(&config.capture)?;
+        *self.inner.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+        Ok(())
+    }
+
+    pub fn pods(&self) -> MutexGuard<'_, BTreeMap<String, PodEntry>> {
+        lock(&self.inner.pods)
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    pub fn state_file(&self) -> &PathBuf {
+        &self.inner.state_file
+    }
+
+    pub fn set_capture_ready(&self) {
+        self.inner.capture_ready.store(true, Ordering::Release);
+    }
+
+    /// Ready when the programs are attached, config is loaded and the enrolled pods were re-adopted.
+    pub fn ready(&self) -> bool {
+        self.inner.capture_ready.load(Ordering::Acquire)
+    }
+
+    pub fn workloads(&self) -> Vec<WorkloadView> {
+        let config = self.config();
+        self.pods().values().map(|p| p.view(&config)).collect()
+    }
+}
+
+/// A poisoned lock only means another task panicked while holding it; the data is still usable.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,0 +1,244 @@
+//! `NodeConfig`: everything one node agent needs to know about the mesh.
+//!
+//! This is the one config model. Today it is read from a YAML file (`mesh-agent run --config`); the controller
+//! streams exactly this model later, and the file stays as the offline/debug source. Field names are camelCase
+//! like the Kubernetes objects they come from; unknown fields are rejected so a typo is an error, not a no-op.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Opaque version of this config, echoed by the admin API; the controller will set it.
+    #[serde(default)]
+    pub version: String,
+    /// SPIFFE trust domain; default `cluster.local`.
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    /// Namespaces whose pods are captured on enrollment. Unset: every pod the CNI plugin reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_namespaces: Option<Vec<String>>,
+    #[serde(default)]
+    pub workloads: Vec<Workload>,
+    #[serde(default)]
+    pub services: Vec<Service>,
+    #[serde(default)]
+    pub capture: CaptureConfig,
+}
+
+fn default_trust_domain() -> String {
+    DEFAULT_TRUST_DOMAIN.to_string()
+}
+
+/// A pod, as far as the mesh cares.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Workload {
+    pub namespace: String,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
+    /// Node the pod runs on.
+    #[serde(default)]
+    pub node: String,
+}
+
+fn default_service_account() -> String {
+    "default".to_string()
+}
+
+impl Workload {
+    /// The workload's SPIFFE identity: its Kubernetes service account.
+    pub fn spiffe_id(&self, trust_domain: &str) -> String {
+        spiffe_id(trust_domain, &self.namespace, &self.service_account)
+    }
+}
+
+pub fn spiffe_id(trust_domain: &str, namespace: &str, service_account: &str) -> String {
+    format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    /// Cluster IPs.
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
+    #[serde(default)]
+    pub ports: Vec<ServicePort>,
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServicePort {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub port: u16,
+    /// Defaults to `port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    /// `namespace/name` of the workload behind the endpoint, when it is a pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(default = "default_true")]
+    pub ready: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Traffic that is never captured (Istio's `excludeOutboundPorts` & co).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CaptureConfig {
+    #[serde(default)]
+    pub exclude_outbound_ports: Vec<u16>,
+    #[serde(default)]
+    pub exclude_inbound_ports: Vec<u16>,
+    /// Destination ranges left alone, e.g. `169.254.169.254/32` or `fd00::/8`.
+    #[serde(default)]
+    pub exclude_outbound_cidrs: Vec<IpNet>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot parse node config: {0}")]
+    Parse(#[from] serde_yaml::Error),
+    #[error("invalid node config: {0}")]
+    Invalid(String),
+}
+
+impl NodeConfig {
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        // An empty file is an empty config, not an error.
+        let config: NodeConfig =
+            if text.trim().is_empty() { NodeConfig::default_with_trust_domain() } else { serde_yaml::from_str(text)? };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn default_with_trust_domain() -> Self {
+        NodeConfig { trust_domain: default_trust_domain(), ..Default::default() }
+    }
+
+    /// Semantic checks serde cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |msg: String| Err(ConfigError::Invalid(msg));
+        if self.trust_domain.is_empty() || self.trust_domain.contains(['/', ':']) {
+            return bad(format!("trustDomain {:?} is not a SPIFFE trust domain name", self.trust_domain));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for w in &self.workloads {
+            if w.namespace.is_empty() || w.name.is_empty() {
+                return bad("every workload needs a namespace and a name".into());
+            }
+            if !seen.insert((&w.namespace, &w.name)) {
+                return bad(format!("workload {}/{} is listed twice", w.namespace, w.name));
+            }
+        }
+        for p in self.capture.exclude_outbound_ports.iter().chain(&self.capture.exclude_inbound_ports) {
+            if *p == 0 {
+                return bad("port 0 cannot be excluded from capture".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a pod in `namespace` is captured when the CNI plugin reports it.
+    pub fn namespace_in_mesh(&self, namespace: &str) -> bool {
+        self.mesh_namespaces.as_ref().is_none_or(|list| list.iter().any(|n| n == namespace))
+    }
+
+    pub fn workload(&self, namespace: &str, name: &str) -> Option<&Workload> {
+        self.workloads.iter().find(|w| w.namespace == namespace && w.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"
+trustDomain: example.org
+workloads:
+  - namespace: shop
+    name: cart-7d9f
+    serviceAccount: cart
+    labels: {app: cart, version: v1}
+    ips: [10.244.1.5, "fd00:244:1::5"]
+    node: node-1
+services:
+  - namespace: shop
+    name: cart
+    ips: [10.96.0.20]
+    ports: [{name: http, port: 80, targetPort: 8080, appProtocol: http}]
+    endpoints: [{ip: 10.244.1.5, workload: shop/cart-7d9f, node: node-1}]
+capture:
+  excludeOutboundPorts: [53]
+  excludeOutboundCidrs: [169.254.169.254/32, "fd00:dead::/32"]
+"#;
+
+    #[test]
+    fn parses_a_full_config() {
+        let c = NodeConfig::from_yaml(SAMPLE).unwrap();
+        let w = c.workload("shop", "cart-7d9f").unwrap();
+        assert_eq!(w.spiffe_id(&c.trust_domain), "spiffe://example.org/ns/shop/sa/cart");
+        assert_eq!(w.ips.len(), 2);
+        assert!(c.services[0].endpoints[0].ready);
+        assert_eq!(c.capture.exclude_outbound_cidrs[1].prefix_len(), 32);
+        assert!(c.namespace_in_mesh("anything"));
+    }
+
+    #[test]
+    fn empty_file_is_the_default_config() {
+        let c = NodeConfig::from_yaml("\n").unwrap();
+        assert_eq!(c.trust_domain, DEFAULT_TRUST_DOMAIN);
+        assert!(c.workloads.is_empty());
+    }
+
+    #[test]
+    fn typos_and_semantic_errors_are_reported() {
+        let e = NodeConfig::from_yaml("trustdomain: x\n").unwrap_err().to_string();
+        assert!(e.contains("unknown field `trustdomain`"), "{e}");
+        let e = NodeConfig::from_yaml("workloads: [{namespace: a, name: b}, {namespace: a, name: b}]")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listed twice"), "{e}");
+        let e = NodeConfig::from_yaml("capture: {excludeOutboundCidrs: [10.0.0.0/33]}").unwrap_err().to_string();
+        assert!(e.contains("cannot parse"), "{e}");
+    }
+
+    #[test]
+    fn mesh_namespaces_limit_enrollment() {
+        let c = NodeConfig::from_yaml("meshNamespaces: [shop]").unwrap();
+        assert!(c.namespace_in_mesh("shop"));
+        assert!(!c.namespace_in_mesh("kube-system"));
+    }
+}

@@ -1,0 +1,13 @@
+//! Types shared by nodemesh's kernel programs and user space.
+//!
+//! Without features this crate is `no_std` and holds only the `#[repr(C)]` map keys and values the eBPF
+//! programs use. The `user` feature adds what user space needs on top: `aya::Pod` impls and conversions,
+//! the `NodeConfig` model every config source produces, and the CNI plugin <-> agent protocol.
+#![cfg_attr(not(feature = "user"), no_std)]
+
+pub mod bpf;
+
+#[cfg(feature = "user")]
+pub mod cni;
+#[cfg(feature = "user")]
+pub mod config;
