@@ -1,1 +1,7 @@
+//! nodemesh's test cluster: nodes and pods as network namespaces and cgroups on this machine, real agents,
+//! the real CNI plugin, real kernel programs. See `cluster` for the topology.
 
+pub mod cluster;
+pub mod sys;
+
+pub use cluster::{Cluster, Pod};

@@ -1,0 +1,544 @@
+//! A test cluster made of network namespaces on this machine.
+//!
+//! ```text
+//!  fabric netns: bridge br0 ───────────────┬───────────────────────────┐
+//!                                          │ 10.200.0.1 / fd00:200::1   │ 10.200.0.2 ...
+//!  node netns n1: eth0, bridge cbr0 10.244.1.1/24, fd00:244:1::1/64, agent ...
+//!                    └─ pod netns: eth0 10.244.1.K/24, fd00:244:1::K/64 (default via cbr0)
+//! ```
+//! Each node has a cgroup subtree (`<cgroup2>/nodemesh-test/<id>/n<i>`) holding its pods, its agent and its
+//! "host" processes; the agent's programs attach there, never to the machine's root cgroup. Dropping the
+//! cluster — also while a test panics — kills every process, removes pins, namespaces, cgroups and files.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Once;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use crate::sys::{self, Placement, ip, pid_alive};
+
+static SEQUENCE: AtomicU32 = AtomicU32::new(0);
+static SWEEP: Once = Once::new();
+const PREFIX: &str = "nmt";
+pub const ADMIN: &str = "127.0.0.1:15000";
+pub const METRICS: &str = "127.0.0.1:15020";
+
+pub struct Node {
+    pub name: String,
+    pub netns: String,
+    pub cgroup: PathBuf,
+    pub bpffs: PathBuf,
+    pub state_dir: PathBuf,
+    pub cni_socket: PathBuf,
+    pub ipv4: Ipv4Addr,
+    /// Address the node's pods see node-originated traffic come from (kubelet probes).
+    pub pod_gateway: Ipv4Addr,
+    agent: Option<usize>,
+    pods: u8,
+}
+
+#[derive(Clone, Debug)]
+pub struct Pod {
+    pub name: String,
+    pub namespace: String,
+    pub node: usize,
+    pub netns: String,
+    pub cgroup: PathBuf,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+    pub container_id: String,
+}
+
+struct Process {
+    label: String,
+    child: Child,
+    log: PathBuf,
+}
+
+pub struct Cluster {
+    pub id: String,
+    tmp: PathBuf,
+    cgroup_root: PathBuf,
+    fabric: String,
+    pub nodes: Vec<Node>,
+    netns: Vec<String>,
+    processes: Vec<Option<Process>>,
+    bin_dir: PathBuf,
+    testbin: PathBuf,
+}
+
+/// What `mesh-testbin client` reported.
+#[derive(Debug)]
+pub struct ClientReport {
+    pub success: bool,
+    pub json: Value,
+    pub stderr: String,
+}
+
+impl ClientReport {
+    pub fn field(&self, name: &str) -> String {
+        self.json.get(name).and_then(Value::as_str).unwrap_or("").to_string()
+    }
+    pub fn ok_connections(&self) -> u64 {
+        self.json.get("ok").and_then(Value::as_u64).unwrap_or(0)
+    }
+}
+
+/// Result of one `nodemesh-cni` invocation.
+#[derive(Debug)]
+pub struct CniOutcome {
+    pub exit_ok: bool,
+    pub stdout: String,
+}
+
+impl CniOutcome {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or(Value::Null)
+    }
+    pub fn error_code(&self) -> Option<u64> {
+        self.json().get("code").and_then(Value::as_u64)
+    }
+}
+
+/// Checks what the tests need. Missing pieces skip the test locally and fail it in CI.
+fn prerequisites() -> Result<PathBuf, String> {
+    // SAFETY: trivial libc call.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("must run as root (network namespaces, cgroups, BPF)".into());
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
+    let cgroup2 = mounts
+        .lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            (post.starts_with("cgroup2 ")).then(|| pre.split_whitespace().nth(4).map(PathBuf::from))?
+        })
+        .ok_or("no cgroup v2 mount")?;
+    if !mounts.lines().any(|l| l.split_whitespace().nth(4) == Some("/sys/fs/bpf") && l.contains(" - bpf ")) {
+        std::fs::create_dir_all("/sys/fs/bpf").map_err(|e| e.to_string())?;
+        sys::run("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"]).map_err(|e| format!("cannot mount bpffs: {e}"))?;
+    }
+    sys::run("ip", &["-V"]).map_err(|e| format!("iproute2 missing: {e}"))?;
+    Ok(cgroup2)
+}
+
+/// Locates binaries next to the running test executable (target/<profile>/).
+fn bin_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("NODEMESH_BIN_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().and_then(Path::parent).context("test executable has no target dir")?.to_path_buf();
+    for bin in ["mesh-agent", "nodemesh-cni"] {
+        if !dir.join(bin).is_file() {
+            bail!("{} not found: build the binaries first (`cargo build --bins`; `cargo xtask test` does)", dir.join(bin).display());
+        }
+    }
+    Ok(dir)
+}
+
+impl Cluster {
+    /// A cluster of `nodes` nodes, or `None` (test skipped) when prerequisites are missing outside CI.
+    pub fn new(nodes: usize, testbin: &str) -> Result<Option<Self>> {
+        let cgroup2 = match prerequisites() {
+            Ok(c) => c,
+            Err(why) if std::env::var("CI").as_deref() == Ok("true") => panic!("CI=true but {why}"),
+            Err(why) => {
+                eprintln!("SKIPPED: {why}");
+                return Ok(None);
+            }
+        };
+        SWEEP.call_once(|| sweep_stale(&cgroup2));
+        let id = format!("{PREFIX}{}x{}", std::process::id(), SEQUENCE.fetch_add(1, Ordering::Relaxed));
+        let tmp = std::env::temp_dir().join(&id);
+        std::fs::create_dir_all(&tmp)?;
+        let cgroup_root = cgroup2.join("nodemesh-test").join(&id);
+        std::fs::create_dir_all(&cgroup_root)?;
+        let mut cluster = Cluster {
+            fabric: format!("{id}-fab"),
+            id,
+            tmp,
+            cgroup_root,
+            nodes: Vec::new(),
+            netns: Vec::new(),
+            processes: Vec::new(),
+            bin_dir: bin_dir()?,
+            testbin: PathBuf::from(testbin),
+        };
+        cluster.build(nodes)?;
+        Ok(Some(cluster))
+    }
+
+    fn add_netns(&mut self, name: &str) -> Result<()> {
+        sys::run("ip", &["netns", "add", name])?;
+        self.netns.push(name.to_string());
+        ip(name, "link set lo up")
+    }
+
+    fn build(&mut self, count: usize) -> Result<()> {
+        let fabric = self.fabric.clone();
+        self.add_netns(&fabric)?;
+        ip(&fabric, "link add br0 type bridge")?;
+        ip(&fabric, "link set br0 up")?;
+        for i in 1..=count as u8 {
+            let netns = format!("{}-n{i}", self.id);
+            self.add_netns(&netns)?;
+            sys::in_netns(&netns, || -> std::io::Result<()> {
+                std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
+                std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")
+            })??;
+            ip(&netns, &format!("link add eth0 type veth peer name n{i} netns {fabric}"))?;
+            ip(&fabric, &format!("link set n{i} master br0 up"))?;
+            ip(&netns, &format!("addr add 10.200.0.{i}/24 dev eth0"))?;
+            ip(&netns, &format!("addr add fd00:200::{i}/64 dev eth0 nodad"))?;
+            ip(&netns, "link set eth0 up")?;
+            ip(&netns, "link add cbr0 type bridge")?;
+            ip(&netns, &format!("addr add 10.244.{i}.1/24 dev cbr0"))?;
+            ip(&netns, &format!("addr add fd00:244:{i}::1/64 dev cbr0 nodad"))?;
+            ip(&netns, "link set cbr0 up")?;
+            let cgroup = self.cgroup_root.join(format!("n{i}"));
+            for sub in ["agent", "host"] {
+                std::fs::create_dir_all(cgroup.join(sub))?;
+            }
+            let state_dir = self.tmp.join(format!("n{i}"));
+            std::fs::create_dir_all(&state_dir)?;
+            self.nodes.push(Node {
+                name: format!("node-{i}"),
+                netns,
+                bpffs: PathBuf::from(format!("/sys/fs/bpf/{}-n{i}", self.id)),
+                cni_socket: state_dir.join("cni.sock"),
+                state_dir,
+                cgroup,
+                ipv4: Ipv4Addr::new(10, 200, 0, i),
+                pod_gateway: Ipv4Addr::new(10, 244, i, 1),
+                agent: None,
+                pods: 0,
+            });
+        }
+        for (a, node) in self.nodes.iter().enumerate() {
+            for b in 1..=count as u8 {
+                if b as usize != a + 1 {
+                    ip(&node.netns, &format!("route add 10.244.{b}.0/24 via 10.200.0.{b}"))?;
+                    ip(&node.netns, &format!("route add fd00:244:{b}::/64 via fd00:200::{b}"))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A pod (netns + veth on the node's bridge + cgroup), not yet enrolled.
+    pub fn add_pod(&mut self, node: usize, name: &str) -> Result<Pod> {
+        let n = &mut self.nodes[node];
+        n.pods += 1;
+        let k = n.pods + 1;
+        let i = node as u8 + 1;
+        let pod = Pod {
+            name: name.to_string(),
+            namespace: "default".into(),
+            node,
+            netns: format!("{}-{name}", n.netns),
+            cgroup: n.cgroup.join(format!("pod-{name}")),
+            ipv4: Ipv4Addr::new(10, 244, i, k),
+            ipv6: format!("fd00:244:{i}::{k}").parse()?,
+            container_id: format!("{}-{name}", self.id),
+        };
+        let node_ns = n.netns.clone();
+        std::fs::create_dir_all(&pod.cgroup)?;
+        self.add_netns(&pod.netns)?;
+        ip(&node_ns, &format!("link add p{k} type veth peer name eth0 netns {}", pod.netns))?;
+        ip(&node_ns, &format!("link set p{k} master cbr0 up"))?;
+        ip(&pod.netns, &format!("addr add {}/24 dev eth0", pod.ipv4))?;
+        ip(&pod.netns, &format!("addr add {}/64 dev eth0 nodad", pod.ipv6))?;
+        ip(&pod.netns, "link set eth0 up")?;
+        ip(&pod.netns, &format!("route add default via 10.244.{i}.1"))?;
+        ip(&pod.netns, &format!("-6 route add default via fd00:244:{i}::1"))?;
+        Ok(pod)
+    }
+
+    fn spawn(&mut self, label: &str, placement: &Placement<'_>, cmd: &mut Command) -> Result<usize> {
+        let log = self.tmp.join(format!("{label}.log"));
+        let child = sys::spawn_in(placement, cmd, &log)?;
+        self.processes.push(Some(Process { label: label.to_string(), child, log }));
+        Ok(self.processes.len() - 1)
+    }
+
+    pub fn agent_command(&self, node: usize) -> Command {
+        let n = &self.nodes[node];
+        let mut cmd = Command::new(self.bin_dir.join("mesh-agent"));
+        cmd.arg("run")
+            .args(["--node", &n.name, "--admin", ADMIN, "--metrics", METRICS])
+            .arg("--cgroup-root")
+            .arg(&n.cgroup)
+            .arg("--bpffs")
+            .arg(&n.bpffs)
+            .arg("--state-dir")
+            .arg(&n.state_dir)
+            .arg("--cni-socket")
+            .arg(&n.cni_socket)
+            .env("RUST_LOG", "info,mesh_agent=debug");
+        cmd
+    }
+
+    /// Starts the node's agent (in the node netns and the node's cgroup subtree) and waits until it is ready.
+    pub fn start_agent(&mut self, node: usize) -> Result<()> {
+        self.start_agent_with(node, &[])
+    }
+
+    pub fn start_agent_with(&mut self, node: usize, extra_args: &[&str]) -> Result<()> {
+        let mut cmd = self.agent_command(node);
+        cmd.args(extra_args);
+        let (netns, cgroup) = (self.nodes[node].netns.clone(), self.nodes[node].cgroup.join("agent"));
+        let label = format!("agent-n{}-{}", node + 1, self.processes.len());
+        let idx = self.spawn(&label, &Placement { netns: &netns, cgroup: &cgroup }, &mut cmd)?;
+        self.nodes[node].agent = Some(idx);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok((200, _)) = sys::http_get(&netns, ADMIN.parse()?, "/healthz/ready") {
+                return Ok(());
+            }
+            if let Some(Some(p)) = self.processes.get_mut(idx) {
+                if let Some(status) = p.child.try_wait()? {
+                    bail!("agent exited during start-up ({status}):\n{}", tail(&p.log, 30));
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("agent not ready after 20s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILLs the node's agent, as a crash would.
+    pub fn kill_agent(&mut self, node: usize) -> Result<()> {
+        let idx = self.nodes[node].agent.take().context("agent not running")?;
+        if let Some(mut p) = self.processes[idx].take() {
+            p.child.kill()?;
+            p.child.wait()?;
+            self.processes[idx] = None;
+            // Keep its log for post-mortems.
+            std::fs::rename(&p.log, p.log.with_extension("killed.log")).ok();
+        }
+        Ok(())
+    }
+
+    /// Starts `mesh-testbin serve PORT` in the pod and waits until it listens.
+    pub fn serve(&mut self, pod: &Pod, port: u16) -> Result<()> {
+        let mut cmd = Command::new(&self.testbin);
+        cmd.args(["serve", &port.to_string()]);
+        let label = format!("server-{}-{port}", pod.name);
+        let idx = self.spawn(&label, &Placement { netns: &pod.netns, cgroup: &pod.cgroup }, &mut cmd)?;
+        let log = self.processes[idx].as_ref().map(|p| p.log.clone()).context("server vanished")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(&log).unwrap_or_default().contains("listening") {
+            if Instant::now() > deadline {
+                bail!("server in {} did not start: {}", pod.name, tail(&log, 10));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Runs `mesh-testbin client` in a pod and waits (bounded) for its report.
+    pub fn client(&self, pod: &Pod, target: SocketAddr, bytes: u64, conns: usize) -> Result<ClientReport> {
+        self.client_in(&Placement { netns: &pod.netns, cgroup: &pod.cgroup }, target, bytes, conns)
+    }
+
+    /// The same from the node itself (its netns, its "host" cgroup), like a kubelet probe.
+    pub fn client_from_node(&self, node: usize, target: SocketAddr, bytes: u64) -> Result<ClientReport> {
+        let n = &self.nodes[node];
+        self.client_in(&Placement { netns: &n.netns, cgroup: &n.cgroup.join("host") }, target, bytes, 1)
+    }
+
+    fn client_in(&self, place: &Placement<'_>, target: SocketAddr, bytes: u64, conns: usize) -> Result<ClientReport> {
+        let mut cmd = Command::new(&self.testbin);
+        cmd.args(["client", &target.to_string(), &bytes.to_string(), &conns.to_string()]);
+        let seq = SEQUENCE.fetch_add(1, Ordering::Relaxed);
+        let log = self.tmp.join(format!("client-{seq}.log"));
+        let mut child = sys::spawn_in(place, &mut cmd, &log)?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let status = loop {
+            if let Some(s) = child.try_wait()? {
+                break s;
+            }
+            if Instant::now() > deadline {
+                child.kill().ok();
+                child.wait().ok();
+                bail!("client timed out after 120s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let text = std::fs::read_to_string(&log)?;
+        let json_line = text.lines().find(|l| l.starts_with('{')).unwrap_or("null");
+        Ok(ClientReport {
+            success: status.success(),
+            json: serde_json::from_str(json_line).unwrap_or(Value::Null),
+            stderr: text.lines().filter(|l| !l.starts_with('{')).collect::<Vec<_>>().join("\n"),
+        })
+    }
+
+    /// Invokes the real `nodemesh-cni` binary as a container runtime would.
+    pub fn cni_raw(&self, env: &[(&str, &str)], stdin: &str) -> Result<CniOutcome> {
+        use std::io::Write;
+        let mut child = Command::new(self.bin_dir.join("nodemesh-cni"))
+            .env_clear()
+            .envs(env.iter().copied())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        child.stdin.take().context("stdin")?.write_all(stdin.as_bytes())?;
+        let out = child.wait_with_output()?;
+        Ok(CniOutcome { exit_ok: out.status.success(), stdout: String::from_utf8_lossy(&out.stdout).trim().to_string() })
+    }
+
+    /// The network config a runtime passes to a chained plugin, with the main plugin's result.
+    pub fn cni_config(&self, pod: &Pod) -> String {
+        let socket = self.nodes[pod.node].cni_socket.display();
+        format!(
+            r#"{{"cniVersion":"1.0.0","name":"k8s-pod-network","type":"nodemesh-cni","agentSocket":"{socket}",
+                "prevResult":{{"cniVersion":"1.0.0","interfaces":[{{"name":"eth0","sandbox":"{netns}"}}],
+                "ips":[{{"address":"{v4}/24","interface":0}},{{"address":"{v6}/64","interface":0}}]}}}}"#,
+            netns = sys::netns_path(&pod.netns).display(),
+            v4 = pod.ipv4,
+            v6 = pod.ipv6,
+        )
+    }
+
+    pub fn cni(&self, command: &str, pod: &Pod) -> Result<CniOutcome> {
+        let netns = sys::netns_path(&pod.netns);
+        let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_UID=uid-{}", pod.namespace, pod.name, pod.name);
+        let env = [
+            ("CNI_COMMAND", command),
+            ("CNI_CONTAINERID", pod.container_id.as_str()),
+            ("CNI_NETNS", netns.to_str().unwrap_or_default()),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", "/opt/cni/bin"),
+            ("CNI_ARGS", args.as_str()),
+        ];
+        self.cni_raw(&env, &self.cni_config(pod))
+    }
+
+    /// CNI ADD that must succeed.
+    pub fn enroll(&self, pod: &Pod) -> Result<()> {
+        let out = self.cni("ADD", pod)?;
+        if !out.exit_ok {
+            bail!("CNI ADD for {} failed: {}", pod.name, out.stdout);
+        }
+        Ok(())
+    }
+
+    pub fn admin(&self, node: usize, path: &str) -> Result<Value> {
+        let (status, body) = sys::http_get(&self.nodes[node].netns, ADMIN.parse()?, path)?;
+        if status != 200 {
+            bail!("GET {path}: {status} {body}");
+        }
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    pub fn metrics(&self, node: usize) -> Result<String> {
+        Ok(sys::http_get(&self.nodes[node].netns, METRICS.parse()?, "/metrics")?.1)
+    }
+
+    /// The value of one metric sample, e.g. `nodemesh_tcp_connections_opened_total{direction="outbound",...}`;
+    /// every label given must match. 0 when absent.
+    pub fn metric(&self, node: usize, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
+        let text = self.metrics(node)?;
+        Ok(text
+            .lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+
+    pub fn log_of(&self, label_prefix: &str) -> String {
+        self.processes.iter().flatten().filter(|p| p.label.starts_with(label_prefix)).map(|p| tail(&p.log, 200)).collect()
+    }
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for p in self.processes.iter().flatten() {
+                eprintln!("----- {} (last lines of {}) -----\n{}", p.label, p.log.display(), tail(&p.log, 40));
+            }
+        }
+        for p in self.processes.iter_mut().flatten() {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+        for node in &self.nodes {
+            let _ = Command::new(self.bin_dir.join("mesh-agent"))
+                .arg("cleanup")
+                .arg("--bpffs")
+                .arg(&node.bpffs)
+                .arg("--state-dir")
+                .arg(&node.state_dir)
+                .output();
+            let _ = std::fs::remove_dir_all(&node.bpffs);
+        }
+        for ns in self.netns.iter().rev() {
+            let _ = sys::run("ip", &["netns", "del", ns]);
+        }
+        remove_cgroup_tree(&self.cgroup_root);
+        let _ = std::fs::remove_dir_all(&self.tmp);
+    }
+}
+
+/// Removes a cgroup subtree bottom-up; killed processes may take a moment to leave.
+fn remove_cgroup_tree(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else { return };
+    for e in entries.flatten() {
+        if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            remove_cgroup_tree(&e.path());
+        }
+    }
+    for _ in 0..50 {
+        if std::fs::remove_dir(root).is_ok() || !root.exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Removes what earlier, killed test processes left behind (names carry the creator's pid).
+fn sweep_stale(cgroup2: &Path) {
+    let owner_dead = |name: &str| -> bool {
+        name.strip_prefix(PREFIX)
+            .and_then(|r| r.split('x').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .is_some_and(|pid| !pid_alive(pid))
+    };
+    if let Ok(list) = sys::run("ip", &["netns", "list"]) {
+        for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+            if owner_dead(name) {
+                let _ = sys::run("ip", &["netns", "del", name]);
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if owner_dead(&name) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(cgroup2.join("nodemesh-test")) {
+        for e in entries.flatten() {
+            if owner_dead(&e.file_name().to_string_lossy()) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+}

@@ -1,0 +1,318 @@
+//! End-to-end capture tests on the real kernel: network-namespace nodes and pods, real agents, the real CNI
+//! plugin, real TCP. They need root; without it they are skipped locally and fail in CI (CI=true).
+
+use std::net::{IpAddr, SocketAddr};
+
+use mesh_tests::{Cluster, Pod};
+
+const MIB: u64 = 1024 * 1024;
+
+macro_rules! cluster {
+    ($nodes:expr) => {
+        match Cluster::new($nodes, env!("CARGO_BIN_EXE_mesh-testbin")).expect("creating the test cluster") {
+            Some(c) => c,
+            None => return,
+        }
+    };
+}
+
+fn addr(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}
+
+fn ip_of(endpoint: &str) -> IpAddr {
+    endpoint.parse::<SocketAddr>().unwrap_or_else(|e| panic!("{endpoint:?} is not an endpoint: {e}")).ip()
+}
+
+fn pod_labels<'a>(pod: &'a Pod, direction: &'a str) -> [(&'a str, &'a str); 2] {
+    [("pod", pod.name.as_str()), ("direction", direction)]
+}
+
+/// An enrolled pod on node 1 talks to an enrolled pod on node 2; both agents carry it.
+#[test]
+fn enrolled_pods_on_two_nodes_talk_through_both_agents() {
+    let mut c = cluster!(2);
+    let client = c.add_pod(0, "client").unwrap();
+    let server = c.add_pod(1, "server").unwrap();
+    c.start_agent(0).unwrap();
+    c.start_agent(1).unwrap();
+    c.enroll(&client).unwrap();
+    c.enroll(&server).unwrap();
+    c.serve(&server, 8080).unwrap();
+
+    let r = c.client(&client, addr(server.ipv4, 8080), 64 * MIB, 1).unwrap();
+    assert!(r.success, "transfer failed: {:?} {}", r.json, r.stderr);
+    assert_eq!(r.ok_connections(), 1, "64 MiB each way must arrive intact: {:?}", r.json);
+    // The application sees what it dialled; its socket really went to the agent's in-pod listener.
+    assert_eq!(r.field("peername"), format!("{}:8080", server.ipv4));
+    assert_eq!(ip_of(&r.field("local")), IpAddr::from([127, 0, 0, 1]));
+    // The server sees the client pod's own IP, although the connection came through two agents.
+    assert_eq!(ip_of(&r.field("serverSawPeer")), IpAddr::from(client.ipv4));
+
+    let out = pod_labels(&client, "outbound");
+    assert_eq!(c.metric(0, "nodemesh_tcp_connections_opened_total", &out).unwrap(), 1.0);
+    assert!(c.metric(0, "nodemesh_tcp_sent_bytes_total", &out).unwrap() >= (64 * MIB) as f64);
+    assert!(c.metric(0, "nodemesh_tcp_received_bytes_total", &out).unwrap() >= (64 * MIB) as f64);
+    let inb = pod_labels(&server, "inbound");
+    assert_eq!(c.metric(1, "nodemesh_tcp_connections_opened_total", &inb).unwrap(), 1.0);
+    assert!(c.metric(1, "nodemesh_tcp_received_bytes_total", &inb).unwrap() >= (64 * MIB) as f64);
+
+    let workloads = c.admin(0, "/workloads").unwrap();
+    let listed = workloads.as_array().unwrap();
+    assert_eq!(listed.len(), 1, "{workloads}");
+    assert_eq!(listed[0]["name"], "client");
+    assert!(listed[0]["netnsCookie"].as_u64().unwrap() > 0);
+}
+
+/// A pod on the same node that is not enrolled keeps talking directly.
+#[test]
+fn pod_that_is_not_enrolled_is_untouched() {
+    let mut c = cluster!(1);
+    let enrolled = c.add_pod(0, "meshed").unwrap();
+    let plain = c.add_pod(0, "plain").unwrap();
+    let server = c.add_pod(0, "server").unwrap();
+    c.start_agent(0).unwrap();
+    c.enroll(&enrolled).unwrap();
+    c.serve(&server, 8080).unwrap();
+
+    let r = c.client(&plain, addr(server.ipv4, 8080), MIB, 1).unwrap();
+    assert!(r.success, "{:?} {}", r.json, r.stderr);
+    // Direct: the server saw exactly the client's own socket address.
+    assert_eq!(r.field("serverSawPeer"), r.field("local"));
+    assert_eq!(ip_of(&r.field("local")), IpAddr::from(plain.ipv4));
+    assert_eq!(c.metric(0, "nodemesh_tcp_connections_opened_total", &[("pod", "plain")]).unwrap(), 0.0);
+    assert_eq!(c.metric(0, "nodemesh_capture_events_total", &[("event", "outbound_redirected")]).unwrap(), 0.0);
+
+    // Same node, same server: the enrolled pod is captured.
+    let r = c.client(&enrolled, addr(server.ipv4, 8080), MIB, 1).unwrap();
+    assert!(r.success, "{:?} {}", r.json, r.stderr);
+    assert_eq!(ip_of(&r.field("local")), IpAddr::from([127, 0, 0, 1]));
+    assert_eq!(c.metric(0, "nodemesh_capture_events_total", &[("event", "outbound_redirected")]).unwrap(), 1.0);
+}
+
+/// Inbound connections to an enrolled pod go through the agent; those from the node's own address do not.
+#[test]
+fn inbound_is_captured_except_from_the_node() {
+    let mut c = cluster!(1);
+    let server = c.add_pod(0, "server").unwrap();
+    let client = c.add_pod(0, "client").unwrap();
+    c.start_agent(0).unwrap();
+    c.enroll(&server).unwrap();
+    c.serve(&server, 8080).unwrap();
+    let inbound = pod_labels(&server, "inbound");
+
+    let r = c.client(&client, addr(server.ipv4, 8080), MIB, 1).unwrap();
+    assert!(r.success, "{:?} {}", r.json, r.stderr);
+    assert_eq!(c.metric(0, "nodemesh_tcp_connections_opened_total", &inbound).unwrap(), 1.0);
+    // Transparent towards the application: it sees the real client address (not the agent's).
+    assert_eq!(ip_of(&r.field("serverSawPeer")), IpAddr::from(client.ipv4));
+    assert_ne!(r.field("serverSawPeer"), r.field("local"), "a proxied connection has its own source port");
+
+    let probe = c.client_from_node(0, addr(server.ipv4, 8080), 4096).unwrap();
+    assert!(probe.success, "{:?} {}", probe.json, probe.stderr);
+    assert_eq!(ip_of(&probe.field("serverSawPeer")), IpAddr::from(c.nodes[0].pod_gateway));
+    assert_eq!(probe.field("serverSawPeer"), probe.field("local"), "node traffic must reach the app directly");
+    assert_eq!(c.metric(0, "nodemesh_tcp_connections_opened_total", &inbound).unwrap(), 1.0);
+}
+
+/// The agent's own upstream connections (outbound, marked) and its transparent connections to the application
+/// are not captured a second time: each client connection is redirected and steered exactly once.
+#[test]
+fn agent_connections_are_not_captured_again() {
+    let mut c = cluster!(1);
+    let client = c.add_pod(0, "client").unwrap();
+    let server = c.add_pod(0, "server").unwrap();
+    c.start_agent(0).unwrap();
+    c.enroll(&client).unwrap();
+    c.enroll(&server).unwrap();
+    c.serve(&server, 8080).unwrap();
+    for _ in 0..5 {
+        let r = c.client(&client, addr(server.ipv4, 8080), 64 * 1024, 1).unwrap();
+        assert!(r.success, "{:?} {}", r.json, r.stderr);
+        assert_eq!(ip_of(&r.field("serverSawPeer")), IpAddr::from(client.ipv4));
+    }
+    let event = |e| c.metric(0, "nodemesh_capture_events_total", &[("event", e)]).unwrap();
+    assert_eq!(event("outbound_redirected"), 5.0);
+    assert_eq!(event("inbound_steered"), 5.0);
+    assert_eq!(c.metric(0, "nodemesh_tcp_connections_opened_total", &[("direction", "outbound")]).unwrap(), 5.0);
+    assert_eq!(c.metric(0, "nodemesh_tcp_connections_opened_total", &[("direction", "inbound")]).unwrap(), 5.0);
+    assert_eq!(c.metric(0, "nodemesh_original_destination_missing_total", &[]).unwrap(), 0.0);
+}
+
+#[test]
+fn cni_add_and_del_turn_capture_on_and_off() {
+    let mut c = cluster!(1);
+    let pod = c.add_pod(0, "app").unwrap();
+    let server = c.add_pod(0, "server").unwrap();
+    c.start_agent(0).unwrap();
+    c.serve(&server, 8080).unwrap();
+    let target = addr(server.ipv4, 8080);
+
+    let add = c.cni("ADD", &pod).unwrap();
+    assert!(add.exit_ok, "{}", add.stdout);
+    // A chained plugin passes the previous result through.
+    assert_eq!(add.json()["ips"][0]["address"], format!("{}/24", pod.ipv4));
+    assert!(c.cni("CHECK", &pod).unwrap().exit_ok);
+    assert_eq!(c.admin(0, "/workloads").unwrap().as_array().unwrap().len(), 1);
+    let r = c.client(&pod, target, 4096, 1).unwrap();
+    assert_eq!(ip_of(&r.field("local")), IpAddr::from([127, 0, 0, 1]), "{:?}", r.json);
+
+    let del = c.cni("DEL", &pod).unwrap();
+    assert!(del.exit_ok && del.stdout.is_empty(), "{}", del.stdout);
+    assert_eq!(c.admin(0, "/workloads").unwrap().as_array().unwrap().len(), 0);
+    let r = c.client(&pod, target, 4096, 1).unwrap();
+    assert!(r.success);
+    assert_eq!(r.field("serverSawPeer"), r.field("local"), "after DEL the pod talks directly");
+    let check = c.cni("CHECK", &pod).unwrap();
+    assert!(!check.exit_ok);
+    assert_eq!(check.error_code(), Some(3));
+    assert!(c.cni("DEL", &pod).unwrap().exit_ok, "DEL is idempotent");
+    // Pins for the pod are gone with it.
+    let pins = std::fs::read_dir(c.nodes[0].bpffs.join("links")).unwrap().count();
+    assert_eq!(pins, 5, "only the five node-wide links stay pinned");
+}
+
+#[test]
+fn malformed_cni_calls_get_spec_errors_and_harm_nothing() {
+    let mut c = cluster!(1);
+    let good = c.add_pod(0, "good").unwrap();
+    let server = c.add_pod(0, "server").unwrap();
+    c.start_agent(0).unwrap();
+    c.enroll(&good).unwrap();
+    c.serve(&server, 8080).unwrap();
+    let config = c.cni_config(&good);
+    let base = [
+        ("CNI_CONTAINERID", "bad-1"),
+        ("CNI_NETNS", "/var/run/netns/does-not-exist"),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_PATH", "/opt/cni/bin"),
+        ("CNI_ARGS", "K8S_POD_NAMESPACE=default;K8S_POD_NAME=ghost"),
+    ];
+    let with = |cmd: &'static str| -> Vec<(&str, &str)> {
+        let mut env = vec![("CNI_COMMAND", cmd)];
+        env.extend(base);
+        env
+    };
+    let expect = |env: &[(&str, &str)], stdin: &str, code: u64| {
+        let out = c.cni_raw(env, stdin).unwrap();
+        assert!(!out.exit_ok, "expected failure for {env:?}");
+        assert_eq!(out.error_code(), Some(code), "{}", out.stdout);
+        let json = out.json();
+        assert!(json["msg"].as_str().is_some_and(|m| !m.is_empty()) && json.get("details").is_some(), "{json}");
+    };
+    expect(&base, &config, 4); // no CNI_COMMAND
+    expect(&with("ADD"), "{not json", 6);
+    expect(&with("FROB"), &config, 4);
+    expect(&with("ADD"), &config.replace("1.0.0", "9.9.9"), 1);
+    expect(&with("ADD")[..4], &config, 4); // no CNI_ARGS: pod unknown
+    expect(&with("ADD"), &config.replace(&c.nodes[0].cni_socket.display().to_string(), "/nonexistent.sock"), 11);
+    // Reaches the agent, which cannot open the netns: a clear error, nothing enrolled, agent unharmed.
+    let out = c.cni_raw(&with("ADD"), &config).unwrap();
+    assert!(!out.exit_ok);
+    assert!(out.stdout.contains("does-not-exist"), "{}", out.stdout);
+    let version = c.cni_raw(&[("CNI_COMMAND", "VERSION")], "").unwrap();
+    assert!(version.exit_ok && version.json()["supportedVersions"].as_array().is_some());
+
+    assert_eq!(c.admin(0, "/workloads").unwrap().as_array().unwrap().len(), 1);
+    let r = c.client(&good, addr(server.ipv4, 8080), MIB, 1).unwrap();
+    assert!(r.success && r.ok_connections() == 1, "{:?}", r.json);
+    assert_eq!(ip_of(&r.field("local")), IpAddr::from([127, 0, 0, 1]));
+}
+
+/// Capture is pinned: while the agent is down enrolled pods cannot connect (fail-closed); a new agent re-adopts
+/// them without any CNI call and traffic flows again.
+#[test]
+fn restarted_agent_readopts_enrolled_pods() {
+    let mut c = cluster!(1);
+    let client = c.add_pod(0, "client").unwrap();
+    let server = c.add_pod(0, "server").unwrap();
+    c.start_agent(0).unwrap();
+    c.enroll(&client).unwrap();
+    c.enroll(&server).unwrap();
+    c.serve(&server, 8080).unwrap();
+    let target = addr(server.ipv4, 8080);
+    assert!(c.client(&client, target, MIB, 1).unwrap().success);
+
+    c.kill_agent(0).unwrap();
+    let down = c.client(&client, target, 4096, 1).unwrap();
+    assert!(!down.success, "an enrolled pod must not bypass a stopped agent: {:?}", down.json);
+
+    c.start_agent(0).unwrap();
+    let names: Vec<String> = c
+        .admin(0, "/workloads")
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["client", "server"]);
+    let r = c.client(&client, target, 8 * MIB, 1).unwrap();
+    assert!(r.success && r.ok_connections() == 1, "{:?} {}", r.json, r.stderr);
+    assert_eq!(ip_of(&r.field("local")), IpAddr::from([127, 0, 0, 1]));
+    assert_eq!(ip_of(&r.field("serverSawPeer")), IpAddr::from(client.ipv4));
+}
+
+#[test]
+fn thousand_concurrent_connections_arrive_intact() {
+    let mut c = cluster!(2);
+    let client = c.add_pod(0, "client").unwrap();
+    let server = c.add_pod(1, "server").unwrap();
+    c.start_agent(0).unwrap();
+    c.start_agent(1).unwrap();
+    c.enroll(&client).unwrap();
+    c.enroll(&server).unwrap();
+    c.serve(&server, 8080).unwrap();
+    let r = c.client(&client, addr(server.ipv4, 8080), 64 * 1024, 1000).unwrap();
+    assert!(r.success, "{:?} {}", r.json, r.stderr);
+    assert_eq!(r.ok_connections(), 1000, "{:?}", r.json);
+    assert_eq!(c.metric(0, "nodemesh_tcp_connections_opened_total", &pod_labels(&client, "outbound")).unwrap(), 1000.0);
+    assert_eq!(c.metric(1, "nodemesh_tcp_connections_opened_total", &pod_labels(&server, "inbound")).unwrap(), 1000.0);
+}
+
+#[test]
+fn ipv6_is_captured_both_ways() {
+    let mut c = cluster!(2);
+    let client = c.add_pod(0, "client").unwrap();
+    let server = c.add_pod(1, "server").unwrap();
+    c.start_agent(0).unwrap();
+    c.start_agent(1).unwrap();
+    c.enroll(&client).unwrap();
+    c.enroll(&server).unwrap();
+    c.serve(&server, 8080).unwrap();
+    let r = c.client(&client, addr(server.ipv6, 8080), 4 * MIB, 1).unwrap();
+    assert!(r.success && r.ok_connections() == 1, "{:?} {}", r.json, r.stderr);
+    assert_eq!(r.field("peername"), format!("[{}]:8080", server.ipv6));
+    assert_eq!(ip_of(&r.field("local")), "::1".parse::<IpAddr>().unwrap());
+    assert_eq!(ip_of(&r.field("serverSawPeer")), IpAddr::from(client.ipv6));
+    assert_eq!(c.metric(1, "nodemesh_tcp_connections_opened_total", &pod_labels(&server, "inbound")).unwrap(), 1.0);
+}
+
+#[test]
+fn excluded_ports_and_cidrs_are_not_captured() {
+    let mut c = cluster!(1);
+    let client = c.add_pod(0, "client").unwrap();
+    let server = c.add_pod(0, "server").unwrap();
+    let other = c.add_pod(0, "other").unwrap();
+    let config = std::env::temp_dir().join(format!("{}-config.yaml", c.id));
+    std::fs::write(
+        &config,
+        format!("capture:\n  excludeOutboundPorts: [9090]\n  excludeOutboundCidrs: [{}/32]\n", other.ipv4),
+    )
+    .unwrap();
+    c.start_agent_with(0, &["--config", config.to_str().unwrap()]).unwrap();
+    std::fs::remove_file(&config).unwrap();
+    c.enroll(&client).unwrap();
+    c.serve(&server, 8080).unwrap();
+    c.serve(&server, 9090).unwrap();
+    c.serve(&other, 8080).unwrap();
+
+    let captured = c.client(&client, addr(server.ipv4, 8080), 4096, 1).unwrap();
+    assert_eq!(ip_of(&captured.field("local")), IpAddr::from([127, 0, 0, 1]), "{:?}", captured.json);
+    for target in [addr(server.ipv4, 9090), addr(other.ipv4, 8080)] {
+        let r = c.client(&client, target, 4096, 1).unwrap();
+        assert!(r.success, "{:?}", r.json);
+        assert_eq!(r.field("serverSawPeer"), r.field("local"), "{target} must not be captured");
+    }
+    assert_eq!(c.metric(0, "nodemesh_capture_events_total", &[("event", "outbound_excluded")]).unwrap(), 2.0);
+}
