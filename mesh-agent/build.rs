@@ -37,16 +37,13 @@ fn main() {
         println!("cargo:rerun-if-changed={}", workspace.join(input).display());
     }
     // A separate target dir: the outer cargo holds the lock on its own.
-    let target_dir = env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace.join("target"))
-        .join("bpf");
+    let target_dir =
+        env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace.join("target")).join("bpf");
 
     let linker_dir = find_bpf_linker().unwrap_or_else(|| fail("bpf-linker not found on PATH or in ~/.cargo/bin"));
-    let path = env::join_paths(
-        std::iter::once(linker_dir).chain(env::split_paths(&env::var_os("PATH").unwrap_or_default())),
-    )
-    .expect("PATH entries are valid");
+    let path =
+        env::join_paths(std::iter::once(linker_dir).chain(env::split_paths(&env::var_os("PATH").unwrap_or_default())))
+            .expect("PATH entries are valid");
 
     let mut cmd = toolchain_command().unwrap_or_else(|| {
         fail("no toolchain that can build for bpfel-unknown-none (Debian rustc-web + libstd-rust-web-dev-bpf, or nightly + rust-src)")
@@ -54,7 +51,12 @@ fn main() {
     // The outer build's compiler settings must not leak into the BPF build.
     for (key, _) in env::vars_os() {
         let key = key.to_string_lossy().into_owned();
-        if (key.starts_with("CARGO_") && key != "CARGO_HOME") || key.starts_with("RUSTC") || key.starts_with("RUSTDOC") || key == "RUSTFLAGS" || key == "RUSTUP_TOOLCHAIN" {
+        if (key.starts_with("CARGO_") && key != "CARGO_HOME")
+            || key.starts_with("RUSTC")
+            || key.starts_with("RUSTDOC")
+            || key == "RUSTFLAGS"
+            || key == "RUSTUP_TOOLCHAIN"
+        {
             cmd.env_remove(key);
         }
     }
@@ -75,7 +77,8 @@ fn main() {
 
 fn find_bpf_linker() -> Option<PathBuf> {
     let mut dirs: Vec<PathBuf> = env::split_paths(&env::var_os("PATH").unwrap_or_default()).collect();
-    if let Some(home) = env::var_os("CARGO_HOME").or_else(|| env::var_os("HOME").map(|h| Path::new(&h).join(".cargo").into()))
+    if let Some(home) =
+        env::var_os("CARGO_HOME").or_else(|| env::var_os("HOME").map(|h| Path::new(&h).join(".cargo").into()))
     {
         dirs.push(PathBuf::from(home).join("bin"));
     }

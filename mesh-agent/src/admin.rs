@@ -15,9 +15,11 @@ use tokio::net::TcpListener;
 use crate::state::AgentState;
 
 type Reply = Response<Full<Bytes>>;
+/// A synchronous router: every endpoint here answers from in-memory state.
+pub type Routes = Arc<dyn Fn(&Request<Incoming>) -> Reply + Send + Sync>;
 
 /// Serves `route` on every connection accepted from `listener`.
-pub async fn serve_http(listener: TcpListener, route: Arc<dyn Fn(&Request<Incoming>) -> Reply + Send + Sync>) {
+pub async fn serve_http(listener: TcpListener, route: Routes) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(c) => c,
@@ -33,7 +35,9 @@ pub async fn serve_http(listener: TcpListener, route: Arc<dyn Fn(&Request<Incomi
                 let reply = route(&req);
                 async move { Ok::<_, Infallible>(reply) }
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+            if let Err(e) =
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
+            {
                 tracing::debug!(error = %e, "admin connection error");
             }
         });
@@ -74,7 +78,7 @@ struct Stats {
     original_destination_recorded: u64,
 }
 
-pub fn admin_routes(state: AgentState) -> Arc<dyn Fn(&Request<Incoming>) -> Reply + Send + Sync> {
+pub fn admin_routes(state: AgentState) -> Routes {
     Arc::new(move |req| {
         if req.method() != Method::GET {
             return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET is supported\n");
@@ -107,7 +111,7 @@ pub fn admin_routes(state: AgentState) -> Arc<dyn Fn(&Request<Incoming>) -> Repl
     })
 }
 
-pub fn metrics_routes(state: AgentState) -> Arc<dyn Fn(&Request<Incoming>) -> Reply + Send + Sync> {
+pub fn metrics_routes(state: AgentState) -> Routes {
     Arc::new(move |req| match req.uri().path() {
         "/metrics" => reply(StatusCode::OK, "text/plain; version=0.0.4", state.metrics().encode()),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "metrics are at /metrics\n"),

@@ -80,13 +80,10 @@ pub struct Capture {
     counters: PerCpuArray<MapData, CaptureCounters>,
 }
 
-fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-) -> Result<T> {
-    let map = ebpf.take_map(name).ok_or(CaptureError::Map(name, aya::maps::MapError::InvalidName {
-        name: name.to_string(),
-    }))?;
+fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &'static str) -> Result<T> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or(CaptureError::Map(name, aya::maps::MapError::InvalidName { name: name.to_string() }))?;
     T::try_from(map).map_err(|e| CaptureError::Map(name, e))
 }
 
@@ -127,9 +124,10 @@ impl Capture {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load().map_err(|e| CaptureError::Program(name, e))?;
             let link = prog.attach(&cgroup, CgroupAttachMode::Single).map_err(|e| CaptureError::Program(name, e))?;
-            let link: FdLink = prog.take_link(link).map_err(|e| CaptureError::Program(name, e))?.try_into().map_err(
-                |e: aya::programs::links::LinkError| CaptureError::Pin(links_dir.join(name), e.to_string()),
-            )?;
+            let link: FdLink =
+                prog.take_link(link).map_err(|e| CaptureError::Program(name, e))?.try_into().map_err(
+                    |e: aya::programs::links::LinkError| CaptureError::Pin(links_dir.join(name), e.to_string()),
+                )?;
             replace_pin(link, &links_dir.join(name))?;
         }
         let sockops: &mut SockOps = program(&mut ebpf, programs::SOCKOPS)?;
@@ -137,11 +135,10 @@ impl Capture {
         let link = sockops
             .attach(&cgroup, CgroupAttachMode::Single)
             .map_err(|e| CaptureError::Program(programs::SOCKOPS, e))?;
-        let link: FdLink = sockops
-            .take_link(link)
-            .map_err(|e| CaptureError::Program(programs::SOCKOPS, e))?
-            .try_into()
-            .map_err(|e: aya::programs::links::LinkError| CaptureError::Pin(links_dir.join("sockops"), e.to_string()))?;
+        let link: FdLink =
+            sockops.take_link(link).map_err(|e| CaptureError::Program(programs::SOCKOPS, e))?.try_into().map_err(
+                |e: aya::programs::links::LinkError| CaptureError::Pin(links_dir.join("sockops"), e.to_string()),
+            )?;
         replace_pin(link, &links_dir.join(programs::SOCKOPS))?;
         let sk_lookup: &mut SkLookup = program(&mut ebpf, programs::SK_LOOKUP)?;
         sk_lookup.load().map_err(|e| CaptureError::Program(programs::SK_LOOKUP, e))?;
@@ -243,7 +240,8 @@ impl Capture {
         for p in &capture.exclude_inbound_ports {
             *ports.entry(u32::from(*p)).or_default() |= EXCLUDE_INBOUND;
         }
-        let stale: Vec<u32> = self.excluded_ports.keys().filter_map(|k| k.ok()).filter(|k| !ports.contains_key(k)).collect();
+        let stale: Vec<u32> =
+            self.excluded_ports.keys().filter_map(|k| k.ok()).filter(|k| !ports.contains_key(k)).collect();
         for k in stale {
             let _ = self.excluded_ports.remove(&k);
         }
@@ -297,9 +295,7 @@ fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
-    let prog = ebpf
-        .program_mut(name)
-        .ok_or(CaptureError::Program(name, aya::programs::ProgramError::NotLoaded))?;
+    let prog = ebpf.program_mut(name).ok_or(CaptureError::Program(name, aya::programs::ProgramError::NotLoaded))?;
     prog.try_into().map_err(|e| CaptureError::Program(name, e))
 }
 

@@ -44,7 +44,11 @@ pub fn run(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Option<
         serde_json::from_slice(stdin).map_err(|e| CniError::new(6, "cannot decode the network configuration", e))?;
     let version = config.get("cniVersion").and_then(Value::as_str).unwrap_or("");
     if !SUPPORTED_VERSIONS.contains(&version) {
-        return Err(CniError::new(1, "incompatible CNI version", format!("{version:?} is not one of {SUPPORTED_VERSIONS:?}")));
+        return Err(CniError::new(
+            1,
+            "incompatible CNI version",
+            format!("{version:?} is not one of {SUPPORTED_VERSIONS:?}"),
+        ));
     }
     let socket = config.get("agentSocket").and_then(Value::as_str).unwrap_or(DEFAULT_AGENT_SOCKET).to_string();
     let require = |name: &str| {
@@ -100,7 +104,8 @@ fn pod_network(
     let arg = |key: &str| {
         args.split(';').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == key).map(|(_, v)| v.to_string())
     };
-    let namespace = arg("K8S_POD_NAMESPACE").ok_or_else(|| CniError::new(4, "CNI_ARGS has no K8S_POD_NAMESPACE", &args))?;
+    let namespace =
+        arg("K8S_POD_NAMESPACE").ok_or_else(|| CniError::new(4, "CNI_ARGS has no K8S_POD_NAMESPACE", &args))?;
     let name = arg("K8S_POD_NAME").ok_or_else(|| CniError::new(4, "CNI_ARGS has no K8S_POD_NAME", &args))?;
     let prev = config.get("prevResult").ok_or_else(|| {
         CniError::new(7, "no prevResult", "nodemesh-cni is a chained plugin: list it after the main plugin")

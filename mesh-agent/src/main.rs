@@ -60,9 +60,7 @@ struct RunArgs {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let cli = Cli::parse();
     match cli.command {
@@ -99,8 +97,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tokio::spawn(admin::serve_http(metrics, admin::metrics_routes(state.clone())));
 
     inpod::readopt(&state).await;
-    let cni = cni_server::bind(&args.cni_socket)
-        .with_context(|| format!("CNI socket {}", args.cni_socket.display()))?;
+    let cni =
+        cni_server::bind(&args.cni_socket).with_context(|| format!("CNI socket {}", args.cni_socket.display()))?;
     tokio::spawn(cni_server::serve(cni, state.clone()));
     state.set_capture_ready();
     tracing::info!(admin = %args.admin, metrics = %args.metrics, cni = %args.cni_socket.display(), "agent ready");
@@ -131,12 +129,16 @@ fn cleanup(args: &PathArgs) -> anyhow::Result<()> {
         let pods: Vec<mesh_common::cni::PodNetwork> = serde_json::from_slice(&bytes).unwrap_or_default();
         for pod in pods {
             if let Ok(ns) = mesh_agent::netns::NetNs::open(&pod.netns) {
-                let _ = ns.run_on_thread(|| Ok(inpod::routing::remove()));
+                let _ = ns.run_on_thread(|| {
+                    inpod::routing::remove();
+                    Ok(())
+                });
             }
         }
         std::fs::remove_file(&state_file)?;
     }
-    let removed = capture::remove_pins(&args.bpffs).with_context(|| format!("removing pins under {}", args.bpffs.display()))?;
+    let removed =
+        capture::remove_pins(&args.bpffs).with_context(|| format!("removing pins under {}", args.bpffs.display()))?;
     println!("removed {removed} pins under {}; capture is off", args.bpffs.display());
     Ok(())
 }

@@ -50,9 +50,8 @@ impl AgentState {
         let capture = Mutex::new(capture);
         let inner = Arc::new_cyclic(|weak: &std::sync::Weak<Inner>| {
             let weak = weak.clone();
-            let metrics = Metrics::new(move || {
-                weak.upgrade().map(|inner| lock(&inner.capture).counters()).unwrap_or_default()
-            });
+            let metrics =
+                Metrics::new(move || weak.upgrade().map(|inner| lock(&inner.capture).counters()).unwrap_or_default());
             Inner {
                 node,
                 capture,

@@ -23,8 +23,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use mesh_common::bpf::{
-    AF_INET, AF_INET6, CaptureCounters, EXCLUDE_INBOUND, EXCLUDE_OUTBOUND, EnrolledPod, HBONE_PORT,
-    INBOUND_PORT, IpKey, OUTBOUND_PORT, PeerKey, SockAddr,
+    AF_INET, AF_INET6, CaptureCounters, EXCLUDE_INBOUND, EXCLUDE_OUTBOUND, EnrolledPod, HBONE_PORT, INBOUND_PORT,
+    IpKey, OUTBOUND_PORT, PeerKey, SockAddr,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -299,11 +299,7 @@ pub fn nodemesh_sockops(ctx: SockOpsContext) -> u32 {
         return 1;
     };
     let ops = unsafe { &*ctx.ops };
-    let key = PeerKey {
-        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
-        peer: local_end(ops),
-        _pad: 0,
-    };
+    let key = PeerKey { netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }, peer: local_end(ops), _pad: 0 };
     if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         if ORIG_BY_PEER.insert(&key, &normalized(orig), 0).is_ok() {
             count(|c| c.orig_dst_recorded += 1);

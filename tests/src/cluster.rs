@@ -136,7 +136,10 @@ fn bin_dir() -> Result<PathBuf> {
     let dir = exe.parent().and_then(Path::parent).context("test executable has no target dir")?.to_path_buf();
     for bin in ["mesh-agent", "nodemesh-cni"] {
         if !dir.join(bin).is_file() {
-            bail!("{} not found: build the binaries first (`cargo build --bins`; `cargo xtask test` does)", dir.join(bin).display());
+            bail!(
+                "{} not found: build the binaries first (`cargo build --bins`; `cargo xtask test` does)",
+                dir.join(bin).display()
+            );
         }
     }
     Ok(dir)
@@ -392,7 +395,10 @@ impl Cluster {
             .spawn()?;
         child.stdin.take().context("stdin")?.write_all(stdin.as_bytes())?;
         let out = child.wait_with_output()?;
-        Ok(CniOutcome { exit_ok: out.status.success(), stdout: String::from_utf8_lossy(&out.stdout).trim().to_string() })
+        Ok(CniOutcome {
+            exit_ok: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        })
     }
 
     /// The network config a runtime passes to a chained plugin, with the main plugin's result.
@@ -410,7 +416,10 @@ impl Cluster {
 
     pub fn cni(&self, command: &str, pod: &Pod) -> Result<CniOutcome> {
         let netns = sys::netns_path(&pod.netns);
-        let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_UID=uid-{}", pod.namespace, pod.name, pod.name);
+        let args = format!(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_UID=uid-{}",
+            pod.namespace, pod.name, pod.name
+        );
         let env = [
             ("CNI_COMMAND", command),
             ("CNI_CONTAINERID", pod.container_id.as_str()),
@@ -456,7 +465,12 @@ impl Cluster {
     }
 
     pub fn log_of(&self, label_prefix: &str) -> String {
-        self.processes.iter().flatten().filter(|p| p.label.starts_with(label_prefix)).map(|p| tail(&p.log, 200)).collect()
+        self.processes
+            .iter()
+            .flatten()
+            .filter(|p| p.label.starts_with(label_prefix))
+            .map(|p| tail(&p.log, 200))
+            .collect()
     }
 }
 

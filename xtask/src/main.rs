@@ -1,1 +1,184 @@
-fn main(){}
+//! Project tasks: `cargo xtask setup | test | build-ebpf`.
+//!
+//! `test` is what CI runs (`.ci/run`): it installs what a fresh Debian machine lacks (when run as root), then
+//! runs formatting, clippy, and every unit and end-to-end test.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+/// Debian packages the build and the tests need.
+const APT_PACKAGES: &[&str] = &[
+    // eBPF toolchain: Debian's rustc with a precompiled `core` for bpfel, and the LLVM bpf-linker links against.
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev-bpf",
+    "llvm-22-dev",
+    // Network namespaces and policy routing in tests and in enrolled pods.
+    "iproute2",
+];
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("setup") => setup(),
+        Some("test") => test(&args[1..]),
+        Some("build-ebpf") => step("build the agent with its eBPF object", cargo(&["build", "-p", "mesh-agent"])),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <task>\n\n  setup        install missing build and test prerequisites (Debian, as root)\n  \
+                 test         setup, then fmt --check, clippy -D warnings, build, all tests\n  \
+                 build-ebpf   build mesh-agent and the eBPF object it embeds"
+            );
+            std::process::exit(2);
+        }
+    }
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+fn cargo(args: &[&str]) -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(args).current_dir(workspace());
+    cmd
+}
+
+/// Runs one step, printing what it is and how long it took.
+fn step(what: &str, mut cmd: Command) -> Result<()> {
+    eprintln!("==> {what}");
+    let start = Instant::now();
+    let status = cmd.status().with_context(|| format!("starting: {what}"))?;
+    eprintln!(
+        "    {what}: {} in {:.1}s",
+        if status.success() { "ok" } else { "FAILED" },
+        start.elapsed().as_secs_f64()
+    );
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
+}
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f", "${Status}", package])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn bpf_linker() -> Option<PathBuf> {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))?;
+    let mut dirs: Vec<PathBuf> = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()).collect();
+    dirs.push(home.join("bin"));
+    dirs.into_iter().map(|d| d.join("bpf-linker")).find(|p| p.is_file())
+}
+
+fn setup() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    if !missing.is_empty() {
+        if !is_root() || !Path::new("/usr/bin/apt-get").exists() {
+            bail!("missing Debian packages {missing:?}; install them (as root: apt-get install {})", missing.join(" "));
+        }
+        let mut update = Command::new("apt-get");
+        update.arg("update").arg("-qq");
+        step("apt-get update", update)?;
+        let mut install = Command::new("apt-get");
+        install
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        step(&format!("apt-get install {}", missing.join(" ")), install)?;
+    }
+    if bpf_linker().is_none() {
+        let mut install =
+            cargo(&["install", "--locked", "bpf-linker", "--no-default-features", "--features", "llvm-22"]);
+        install.env("LLVM_PREFIX", LLVM_PREFIX);
+        step("cargo install bpf-linker (LLVM 22)", install)?;
+    }
+    if is_root() && !is_bpffs_mounted() {
+        std::fs::create_dir_all("/sys/fs/bpf")?;
+        let mut mount = Command::new("mount");
+        mount.args(["-t", "bpf", "bpf", "/sys/fs/bpf"]);
+        step("mount bpffs at /sys/fs/bpf", mount)?;
+    }
+    eprintln!("==> prerequisites in place");
+    Ok(())
+}
+
+fn is_bpffs_mounted() -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|m| m.lines().any(|l| l.split_whitespace().nth(4) == Some("/sys/fs/bpf") && l.contains(" - bpf ")))
+        .unwrap_or(false)
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    let start = Instant::now();
+    setup()?;
+    step("cargo fmt --check", cargo(&["fmt", "--all", "--", "--check"]))?;
+    step("cargo clippy -D warnings", cargo(&["clippy", "--all-targets", "--locked", "--", "-D", "warnings"]))?;
+    // The end-to-end tests start these binaries; build them before the tests run.
+    step("cargo build --bins", cargo(&["build", "--bins", "--locked"]))?;
+    let mut test = cargo(&["test", "--locked", "--no-fail-fast"]);
+    if !extra.is_empty() {
+        test.arg("--").args(extra);
+    }
+    let totals = run_tests(test)?;
+    // One plain closing line over all test binaries, so CI sees the real count.
+    println!("nodemesh: {} passed, {} failed", totals.passed, totals.failed);
+    if totals.failed > 0 || !totals.success {
+        bail!("tests failed");
+    }
+    if totals.passed == 0 {
+        bail!("no test ran");
+    }
+    eprintln!("==> all checks passed in {:.0}s", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+#[derive(Default)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    success: bool,
+}
+
+/// Runs `cargo test`, echoing its output and adding up the `test result:` lines of every test binary.
+fn run_tests(mut cmd: Command) -> Result<Totals> {
+    use std::io::{BufRead, BufReader};
+    eprintln!("==> cargo test (unit and end-to-end)");
+    let start = Instant::now();
+    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().context("starting cargo test")?;
+    let mut totals = Totals::default();
+    for line in BufReader::new(child.stdout.take().context("cargo test stdout")?).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |label: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| part.trim().strip_suffix(label)?.trim().rsplit(' ').next()?.parse().ok())
+                    .unwrap_or(0)
+            };
+            totals.passed += count(" passed");
+            totals.failed += count(" failed");
+        }
+    }
+    totals.success = child.wait()?.success();
+    eprintln!(
+        "    cargo test: {} in {:.1}s",
+        if totals.success { "ok" } else { "FAILED" },
+        start.elapsed().as_secs_f64()
+    );
+    Ok(totals)
+}

@@ -12,7 +12,9 @@ fn main() {
         .unwrap_or_else(|| "1.0.0".to_string());
     let outcome = match read {
         Ok(_) => mesh_agent::cni_plugin::run(env, &stdin),
-        Err(e) => Err(mesh_agent::cni_plugin::CniError { code: 5, msg: "cannot read stdin".into(), details: e.to_string() }),
+        Err(e) => {
+            Err(mesh_agent::cni_plugin::CniError { code: 5, msg: "cannot read stdin".into(), details: e.to_string() })
+        }
     };
     match outcome {
         Ok(Some(result)) => println!("{result}"),

@@ -88,7 +88,11 @@ pub async fn enroll(state: &AgentState, net: PodNetwork) -> Result<bool, AgentEr
         return Ok(false);
     }
     if net.ips.is_empty() {
-        return Err(err(7, "pod has no IP addresses", "prevResult lists no ips; chain nodemesh-cni after the main plugin"));
+        return Err(err(
+            7,
+            "pod has no IP addresses",
+            "prevResult lists no ips; chain nodemesh-cni after the main plugin",
+        ));
     }
     let pod_name = format!("{}/{}", net.namespace, net.name);
     let prepared = tokio::task::spawn_blocking(move || prepare(net))
@@ -110,7 +114,12 @@ pub async fn unenroll(state: &AgentState, container_id: &str) -> bool {
         task.abort();
     }
     state.metrics().enrolled_pods.set(state.pods().len() as i64);
-    let cleanup = tokio::task::spawn_blocking(move || pod.netns.run_on_thread(|| Ok(routing::remove())));
+    let cleanup = tokio::task::spawn_blocking(move || {
+        pod.netns.run_on_thread(|| {
+            routing::remove();
+            Ok(())
+        })
+    });
     if let Ok(Err(e)) = cleanup.await {
         tracing::debug!(error = %e, "pod netns gone before its routing could be removed");
     }
@@ -209,7 +218,8 @@ fn activate(state: &AgentState, p: Prepared) -> anyhow::Result<Arc<PodContext>> 
     let mut tasks = Vec::new();
     for listener in p.outbound {
         let listener = TcpListener::from_std(listener)?;
-        tasks.push(tokio::spawn(proxy::serve(listener, Direction::Outbound, pod.clone(), state.clone())).abort_handle());
+        tasks
+            .push(tokio::spawn(proxy::serve(listener, Direction::Outbound, pod.clone(), state.clone())).abort_handle());
     }
     // Several pod IPs of one family share one listener; serve each listener once.
     let mut served = Vec::new();
@@ -218,7 +228,9 @@ fn activate(state: &AgentState, p: Prepared) -> anyhow::Result<Arc<PodContext>> 
         if !served.contains(&local) {
             served.push(local);
             let listener = TcpListener::from_std(listener.try_clone()?)?;
-            tasks.push(tokio::spawn(proxy::serve(listener, Direction::Inbound, pod.clone(), state.clone())).abort_handle());
+            tasks.push(
+                tokio::spawn(proxy::serve(listener, Direction::Inbound, pod.clone(), state.clone())).abort_handle(),
+            );
         }
     }
     let inbound: Vec<(IpAddr, &std::net::TcpListener)> = p.inbound.iter().map(|(ip, l)| (*ip, l)).collect();

@@ -120,7 +120,8 @@ fn client(addr: SocketAddr, bytes: u64, conns: usize) -> Result<()> {
                 ok += 1;
                 first.get_or_insert(o);
             }
-            Ok(o) => failures.push(format!("sent {} received {} crc {:08x}/{:08x}", o.sent, o.received, o.sent_crc, o.received_crc)),
+            Ok(o) => failures
+                .push(format!("sent {} received {} crc {:08x}/{:08x}", o.sent, o.received, o.sent_crc, o.received_crc)),
             Err(e) => failures.push(e.to_string()),
         }
     }
