@@ -7,6 +7,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 /// `SO_NETNS_COOKIE` (Linux 5.14+): the same cookie `bpf_get_netns_cookie` returns in the kernel.
 const SO_NETNS_COOKIE: libc::c_int = 71;
@@ -55,7 +56,7 @@ impl NetNs {
     /// created in. If switching back fails the thread would go on creating sockets in the wrong namespace, so
     /// the process aborts; that cannot happen short of the kernel refusing our own namespace fd.
     pub fn run<T>(&self, f: impl FnOnce() -> T) -> io::Result<T> {
-        let home = File::open("/proc/thread-self/ns/net")?;
+        let home = home_netns()?;
         setns(self.file.as_fd())?;
         let result = f();
         if let Err(e) = setns(home.as_fd()) {
@@ -79,6 +80,17 @@ impl NetNs {
         .join()
         .map_err(|_| io::Error::other("netns worker thread panicked"))?
     }
+}
+
+/// The agent's own namespace, opened once: every upstream connection switches into a pod and back.
+/// Threads of the agent only ever leave it inside [`NetNs::run`], so the first caller sees the right one.
+fn home_netns() -> io::Result<&'static File> {
+    static HOME: OnceLock<File> = OnceLock::new();
+    if let Some(home) = HOME.get() {
+        return Ok(home);
+    }
+    let home = File::open("/proc/thread-self/ns/net")?;
+    Ok(HOME.get_or_init(|| home))
 }
 
 fn setns(fd: BorrowedFd<'_>) -> io::Result<()> {
