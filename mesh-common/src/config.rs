@@ -10,6 +10,8 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use crate::policy::{AuthorizationPolicy, MtlsMode, PeerAuthentication};
+
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
@@ -30,6 +32,26 @@ pub struct NodeConfig {
     pub services: Vec<Service>,
     #[serde(default)]
     pub capture: CaptureConfig,
+    /// mTLS mode where no PeerAuthentication applies.
+    #[serde(default)]
+    pub default_peer_authentication: MtlsMode,
+    #[serde(default)]
+    pub peer_authentications: Vec<PeerAuthentication>,
+    #[serde(default)]
+    pub authorization_policies: Vec<AuthorizationPolicy>,
+    /// What happens to outbound connections to destinations the config does not know.
+    #[serde(default)]
+    pub outbound_traffic_policy: OutboundTrafficPolicy,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OutboundTrafficPolicy {
+    /// Unknown destinations get plaintext passthrough.
+    #[default]
+    AllowAny,
+    /// Only workloads and services in the config may be reached.
+    RegistryOnly,
 }
 
 fn default_trust_domain() -> String {
@@ -163,6 +185,16 @@ impl NodeConfig {
                 return bad(format!("workload {}/{} is listed twice", w.namespace, w.name));
             }
         }
+        for (what, ns, name) in self
+            .peer_authentications
+            .iter()
+            .map(|p| ("peerAuthentication", &p.namespace, &p.name))
+            .chain(self.authorization_policies.iter().map(|p| ("authorizationPolicy", &p.namespace, &p.name)))
+        {
+            if ns.is_empty() {
+                return bad(format!("{what} {name:?} needs a namespace"));
+            }
+        }
         for p in self.capture.exclude_outbound_ports.iter().chain(&self.capture.exclude_inbound_ports) {
             if *p == 0 {
                 return bad("port 0 cannot be excluded from capture".into());
@@ -178,6 +210,19 @@ impl NodeConfig {
 
     pub fn workload(&self, namespace: &str, name: &str) -> Option<&Workload> {
         self.workloads.iter().find(|w| w.namespace == namespace && w.name == name)
+    }
+
+    /// The workload that owns `ip`, if the mesh knows one.
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
+        let ip = ip.to_canonical();
+        self.workloads.iter().find(|w| w.ips.contains(&ip))
+    }
+
+    /// Whether `ip` belongs to a workload or a service the config knows.
+    pub fn knows_destination(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.workload_by_ip(ip).is_some()
+            || self.services.iter().any(|s| s.ips.contains(&ip) || s.endpoints.iter().any(|e| e.ip == ip))
     }
 }
 

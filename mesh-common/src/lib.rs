@@ -11,3 +11,5 @@ pub mod bpf;
 pub mod cni;
 #[cfg(feature = "user")]
 pub mod config;
+#[cfg(feature = "user")]
+pub mod policy;
