@@ -5,6 +5,7 @@ pub mod admin;
 pub mod capture;
 pub mod cni_plugin;
 pub mod cni_server;
+pub mod identity;
 pub mod inpod;
 pub mod metrics;
 pub mod netns;

@@ -107,7 +107,10 @@ pub struct Connection<'a> {
 pub enum Decision {
     Allow,
     /// Refused, with the reason and the deciding policy (`namespace/name`), for logs and metrics.
-    Deny { reason: DenyReason, policy: Option<String> },
+    Deny {
+        reason: DenyReason,
+        policy: Option<String>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -153,10 +156,8 @@ pub fn authorize(
     labels: &BTreeMap<String, String>,
     conn: &Connection<'_>,
 ) -> Decision {
-    let selected: Vec<&AuthorizationPolicy> = policies
-        .iter()
-        .filter(|p| p.namespace == namespace && selector_matches(p.selector.as_ref(), labels))
-        .collect();
+    let selected: Vec<&AuthorizationPolicy> =
+        policies.iter().filter(|p| p.namespace == namespace && selector_matches(p.selector.as_ref(), labels)).collect();
     let id = |p: &AuthorizationPolicy| format!("{}/{}", p.namespace, p.name);
     if let Some(p) = selected.iter().find(|p| p.action == Action::Deny && p.rules.iter().any(|r| r.matches(conn))) {
         return Decision::Deny { reason: DenyReason::DenyPolicy, policy: Some(id(p)) };
