@@ -69,6 +69,14 @@ struct ConfigDump<'a> {
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
+struct CertsDump {
+    /// Whether a CA is configured (otherwise all traffic is plaintext).
+    mtls: bool,
+    certificates: Vec<crate::identity::manager::CertView>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
 struct Stats {
     enrolled_pods: usize,
     outbound_redirected: u64,
@@ -100,12 +108,17 @@ pub fn admin_routes(state: AgentState) -> Routes {
                     original_destination_recorded: c.orig_dst_recorded,
                 })
             }
+            "/certs" => json(&CertsDump {
+                mtls: state.secrets().is_some(),
+                certificates: state.secrets().map(|s| s.certs()).unwrap_or_default(),
+            }),
+            "/connections" => json(&state.tunnels().list()),
             "/healthz/ready" if state.ready() => reply(StatusCode::OK, "text/plain", "ready\n"),
             "/healthz/ready" => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n"),
             _ => reply(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "not found; try /workloads, /config_dump, /stats, /healthz/ready\n",
+                "not found; try /workloads, /config_dump, /certs, /connections, /stats, /healthz/ready\n",
             ),
         }
     })

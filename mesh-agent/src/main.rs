@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use mesh_agent::capture::{self, Capture};
+use mesh_agent::identity::{LocalCa, SecretManager};
 use mesh_agent::state::AgentState;
 use mesh_agent::{admin, cni_server, inpod, node};
 use mesh_common::cni::DEFAULT_AGENT_SOCKET;
@@ -24,6 +25,19 @@ enum Command {
     Run(RunArgs),
     /// Remove every pin (which detaches all programs) and undo the routing set up in enrolled pods.
     Cleanup(PathArgs),
+    /// Manage a local certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a new root CA (ca.key, ca.crt) in DIR, for `run --ca-dir DIR`.
+    Init {
+        dir: PathBuf,
+        #[arg(long, default_value = mesh_common::config::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+    },
 }
 
 #[derive(Args)]
@@ -56,6 +70,13 @@ struct RunArgs {
     /// Unix socket the nodemesh-cni plugin connects to.
     #[arg(long, env = "NODEMESH_CNI_SOCKET", default_value = DEFAULT_AGENT_SOCKET)]
     cni_socket: PathBuf,
+    /// Directory of a local CA (ca.key, ca.crt, optional root.crt) that signs workload certificates. Without
+    /// it there are no identities and all traffic stays plaintext L4.
+    #[arg(long, env = "NODEMESH_CA_DIR")]
+    ca_dir: Option<PathBuf>,
+    /// Lifetime of workload certificates; they are renewed at half of it.
+    #[arg(long, env = "NODEMESH_CERT_LIFETIME", default_value = "24h", value_parser = humantime::parse_duration)]
+    cert_lifetime: std::time::Duration,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -66,6 +87,11 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args)),
         Command::Cleanup(args) => cleanup(&args),
+        Command::Ca(CaCommand::Init { dir, trust_domain }) => {
+            LocalCa::init(&dir, &trust_domain)?;
+            println!("created a root CA in {}", dir.display());
+            Ok(())
+        }
     }
 }
 
@@ -87,7 +113,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     std::fs::create_dir_all(&args.paths.state_dir)
         .with_context(|| format!("creating state dir {}", args.paths.state_dir.display()))?;
-    let state = AgentState::new(args.node, capture, config.clone(), args.paths.state_dir.join("pods.json"));
+    let secrets = match &args.ca_dir {
+        Some(dir) => {
+            let ca = LocalCa::load(dir).context("loading the CA (create one with `mesh-agent ca init DIR`)")?;
+            Some(SecretManager::new(std::sync::Arc::new(ca), args.cert_lifetime)?)
+        }
+        None => {
+            tracing::warn!("no --ca-dir: no workload identities, meshed traffic stays plaintext");
+            None
+        }
+    };
+    let state = AgentState::new(args.node, capture, config.clone(), args.paths.state_dir.join("pods.json"), secrets);
     state.set_config(config).context("applying capture exclusions")?;
     state.capture().set_node_addresses(&node::local_addresses()?).context("recording node addresses")?;
 
@@ -107,7 +143,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate())?;
     loop {
         tokio::select! {
-            _ = hangup.recv() => match load_config(args.config.as_deref()) {
+            _ = hangup.recv() => match load_config(args.config.as_deref()).and_then(|c| {
+                if let Some(secrets) = state.secrets() {
+                    secrets.reload_trust_bundle()?;
+                }
+                Ok(c)
+            }) {
                 Ok(config) => match state.set_config(config) {
                     Ok(()) => tracing::info!("config reloaded"),
                     Err(e) => tracing::error!(error = %e, "cannot apply reloaded config; keeping the previous one"),

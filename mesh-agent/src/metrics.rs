@@ -28,17 +28,29 @@ pub struct Metrics {
     registry: Registry,
     pub connections_opened: IntCounterVec,
     pub connections_closed: IntCounterVec,
+    /// Connections the agent accepted but could not carry (`reason`).
     pub connection_failures: IntCounterVec,
+    /// Connections refused by policy (`reason`).
+    pub connections_denied: IntCounterVec,
+    /// HBONE (mTLS HTTP/2) connections, not streams.
+    pub hbone_connections: IntCounterVec,
+    pub hbone_failures: IntCounterVec,
     pub sent_bytes: IntCounterVec,
     pub received_bytes: IntCounterVec,
     pub enrolled_pods: IntGauge,
     pub original_destination_missing: IntCounter,
 }
 
-const LABELS: &[&str] = &["namespace", "pod", "direction"];
+/// `security`: `mutual_tls` (HBONE) or `none` (plaintext), like Istio's `connection_security_policy`.
+const LABELS: &[&str] = &["namespace", "pod", "direction", "security"];
+const REASON_LABELS: &[&str] = &["namespace", "pod", "direction", "reason"];
 
 fn counter_vec(registry: &Registry, name: &str, help: &str) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), LABELS).expect("metric definitions are static and valid");
+    labelled(registry, name, help, LABELS)
+}
+
+fn labelled(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric definitions are static and valid");
     registry.register(Box::new(c.clone())).expect("each metric is registered once");
     c
 }
@@ -67,10 +79,29 @@ impl Metrics {
                 "nodemesh_tcp_connections_closed_total",
                 "Proxied TCP connections that have ended",
             ),
-            connection_failures: counter_vec(
+            connection_failures: labelled(
                 &registry,
                 "nodemesh_tcp_connection_failures_total",
-                "Captured connections the agent could not connect upstream",
+                "Captured connections the agent could not carry, by reason",
+                REASON_LABELS,
+            ),
+            connections_denied: labelled(
+                &registry,
+                "nodemesh_tcp_connections_denied_total",
+                "Connections refused by policy, by reason",
+                REASON_LABELS,
+            ),
+            hbone_connections: labelled(
+                &registry,
+                "nodemesh_hbone_connections_opened_total",
+                "mTLS HTTP/2 tunnel connections established (each carries many streams)",
+                &["direction"],
+            ),
+            hbone_failures: labelled(
+                &registry,
+                "nodemesh_hbone_failures_total",
+                "Tunnel connections that failed before carrying traffic, by reason",
+                &["direction", "reason"],
             ),
             sent_bytes: counter_vec(&registry, "nodemesh_tcp_sent_bytes_total", "Bytes the workload sent"),
             received_bytes: counter_vec(&registry, "nodemesh_tcp_received_bytes_total", "Bytes the workload received"),
@@ -78,6 +109,22 @@ impl Metrics {
             original_destination_missing,
             registry,
         }
+    }
+
+    pub fn denied(&self, pod: &crate::inpod::PodContext, direction: Direction, reason: &str) {
+        self.connections_denied
+            .with_label_values(&[&pod.net.namespace, &pod.net.name, direction.as_str(), reason])
+            .inc();
+    }
+
+    pub fn failed(&self, pod: &crate::inpod::PodContext, direction: Direction, reason: &str) {
+        self.connection_failures
+            .with_label_values(&[&pod.net.namespace, &pod.net.name, direction.as_str(), reason])
+            .inc();
+    }
+
+    pub fn hbone_failed(&self, direction: Direction, reason: &str) {
+        self.hbone_failures.with_label_values(&[direction.as_str(), reason]).inc();
     }
 
     pub fn encode(&self) -> String {

@@ -9,8 +9,11 @@ use mesh_common::config::NodeConfig;
 use serde::Serialize;
 
 use crate::capture::Capture;
+use crate::hbone::client::Pool;
+use crate::identity::{Identity, SecretManager};
 use crate::inpod::PodEntry;
 use crate::metrics::Metrics;
+use crate::tunnels::Tunnels;
 
 #[derive(Clone)]
 pub struct AgentState {
@@ -25,6 +28,10 @@ struct Inner {
     metrics: Metrics,
     state_file: PathBuf,
     capture_ready: AtomicBool,
+    /// Present when a CA is configured: then meshed traffic travels in mTLS tunnels.
+    secrets: Option<SecretManager>,
+    pool: Pool,
+    tunnels: Tunnels,
 }
 
 /// What `/workloads` reports for each enrolled pod.
@@ -46,7 +53,13 @@ pub struct WorkloadView {
 }
 
 impl AgentState {
-    pub fn new(node: String, capture: Capture, config: NodeConfig, state_file: PathBuf) -> Self {
+    pub fn new(
+        node: String,
+        capture: Capture,
+        config: NodeConfig,
+        state_file: PathBuf,
+        secrets: Option<SecretManager>,
+    ) -> Self {
         let capture = Mutex::new(capture);
         let inner = Arc::new_cyclic(|weak: &std::sync::Weak<Inner>| {
             let weak = weak.clone();
@@ -60,6 +73,9 @@ impl AgentState {
                 metrics,
                 state_file,
                 capture_ready: AtomicBool::new(false),
+                secrets,
+                pool: Pool::default(),
+                tunnels: Tunnels::default(),
             }
         });
         AgentState { inner }
@@ -81,7 +97,33 @@ impl AgentState {
     pub fn set_config(&self, config: NodeConfig) -> Result<(), crate::capture::CaptureError> {
         self.capture().set_exclusions(&config.capture)?;
         *self.inner.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+        self.sync_identities();
         Ok(())
+    }
+
+    pub fn secrets(&self) -> Option<&SecretManager> {
+        self.inner.secrets.as_ref()
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+
+    pub fn tunnels(&self) -> &Tunnels {
+        &self.inner.tunnels
+    }
+
+    /// Keeps exactly the certificates the enrolled pods' identities need (after enrollment and config changes).
+    pub fn sync_identities(&self) {
+        let Some(secrets) = self.secrets() else { return };
+        let config = self.config();
+        let mut wanted: std::collections::HashMap<Identity, usize> = Default::default();
+        for entry in self.pods().values() {
+            if let Some(id) = entry.pod.identity(&config) {
+                *wanted.entry(id).or_default() += 1;
+            }
+        }
+        secrets.set_users(&wanted);
     }
 
     pub fn pods(&self) -> MutexGuard<'_, BTreeMap<String, PodEntry>> {

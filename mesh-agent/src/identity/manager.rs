@@ -99,26 +99,25 @@ impl SecretManager {
         self.inner.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A pod with `id` arrived: start keeping its certificate (once per identity). Needs a tokio runtime.
-    pub fn add_user(&self, id: &Identity) {
+    /// Makes the set of kept certificates match `wanted` (identity -> pods using it): new identities get a
+    /// certificate right away, identities no pod uses any more are dropped. Needs a tokio runtime.
+    pub fn set_users(&self, wanted: &HashMap<Identity, usize>) {
         let mut entries = self.entries();
-        if let Some(e) = entries.get_mut(id) {
-            e.users += 1;
-            return;
-        }
-        let (tx, rx) = watch::channel(None);
-        let refresher = tokio::spawn(refresh(self.inner.clone(), id.clone(), tx)).abort_handle();
-        entries.insert(id.clone(), Entry { current: rx, refresher, users: 1 });
-    }
-
-    /// A pod with `id` left; the last one takes the certificate with it.
-    pub fn remove_user(&self, id: &Identity) {
-        let mut entries = self.entries();
-        if let Some(e) = entries.get_mut(id) {
-            e.users = e.users.saturating_sub(1);
-            if e.users == 0 {
+        entries.retain(|id, e| match wanted.get(id) {
+            Some(users) => {
+                e.users = *users;
+                true
+            }
+            None => {
                 e.refresher.abort();
-                entries.remove(id);
+                false
+            }
+        });
+        for (id, users) in wanted {
+            if !entries.contains_key(id) {
+                let (tx, rx) = watch::channel(None);
+                let refresher = tokio::spawn(refresh(self.inner.clone(), id.clone(), tx)).abort_handle();
+                entries.insert(id.clone(), Entry { current: rx, refresher, users: *users });
             }
         }
     }
@@ -217,7 +216,7 @@ mod tests {
         let manager = SecretManager::new(ca, Duration::from_secs(4)).unwrap();
         let id = Identity::new("cluster.local", "shop", "cart");
         assert!(manager.fetch(&id).await.is_err(), "unknown identities are not fetched implicitly");
-        manager.add_user(&id);
+        manager.set_users(&HashMap::from([(id.clone(), 1)]));
         let first = manager.fetch(&id).await.unwrap();
         assert_eq!(first.svid.identity, id);
         // Half of a 4 s lifetime: a new certificate (new serial) within a few seconds.
@@ -230,10 +229,10 @@ mod tests {
             assert!(tokio::time::Instant::now() < deadline, "certificate was not rotated");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        manager.add_user(&id);
-        manager.remove_user(&id);
-        assert!(manager.current(&id).is_some(), "still one user");
-        manager.remove_user(&id);
+        manager.set_users(&HashMap::from([(id.clone(), 2)]));
+        assert_eq!(manager.current(&id).unwrap().svid.serial, manager.current(&id).unwrap().svid.serial);
+        assert_eq!(manager.certs()[0].users, 2);
+        manager.set_users(&HashMap::new());
         assert!(manager.current(&id).is_none());
         assert!(manager.certs().is_empty());
     }

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use mesh_common::bpf::{INBOUND_PORT, OUTBOUND_PORT};
+use mesh_common::bpf::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use mesh_common::cni::{AgentError, PodNetwork};
 use mesh_common::config::NodeConfig;
 use serde::{Deserialize, Serialize};
@@ -16,6 +16,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::task::AbortHandle;
 
+use crate::identity::Identity;
 use crate::metrics::Direction;
 use crate::netns::NetNs;
 use crate::proxy;
@@ -33,12 +34,24 @@ pub struct PodContext {
 }
 
 impl PodContext {
+    /// `namespace/name`
+    pub fn name(&self) -> String {
+        format!("{}/{}", self.net.namespace, self.net.name)
+    }
+
     pub fn service_account(&self, config: &NodeConfig) -> Option<String> {
         config.workload(&self.net.namespace, &self.net.name).map(|w| w.service_account.clone())
     }
 
-    pub fn identity(&self, config: &NodeConfig) -> Option<String> {
-        config.workload(&self.net.namespace, &self.net.name).map(|w| w.spiffe_id(&config.trust_domain))
+    /// The pod's SPIFFE identity, once config lists the pod (and so its service account).
+    pub fn identity(&self, config: &NodeConfig) -> Option<Identity> {
+        config
+            .workload(&self.net.namespace, &self.net.name)
+            .map(|w| Identity::new(&config.trust_domain, &w.namespace, &w.service_account))
+    }
+
+    pub fn identity_string(&self, config: &NodeConfig) -> Option<String> {
+        self.identity(config).map(|id| id.to_string())
     }
 }
 
@@ -59,7 +72,7 @@ impl PodEntry {
             netns_cookie: p.netns.cookie(),
             ips: p.net.ips.clone(),
             service_account: p.service_account(config),
-            identity: p.identity(config),
+            identity: p.identity_string(config),
             enrolled_at: p.enrolled_at,
         }
     }
@@ -95,12 +108,14 @@ pub async fn enroll(state: &AgentState, net: PodNetwork) -> Result<bool, AgentEr
         ));
     }
     let pod_name = format!("{}/{}", net.namespace, net.name);
-    let prepared = tokio::task::spawn_blocking(move || prepare(net))
+    let hbone = state.secrets().is_some();
+    let prepared = tokio::task::spawn_blocking(move || prepare(net, hbone))
         .await
         .map_err(|e| err(101, "enrollment task failed", e))?
         .map_err(|e| err(102, "cannot set up capture inside the pod", e))?;
     let activated = activate(state, prepared).map_err(|e| err(103, "cannot activate capture", e))?;
     tracing::info!(pod = %pod_name, netns_cookie = activated.netns.cookie(), "pod enrolled");
+    state.sync_identities();
     persist(state);
     Ok(true)
 }
@@ -113,6 +128,8 @@ pub async fn unenroll(state: &AgentState, container_id: &str) -> bool {
     for task in &entry.tasks {
         task.abort();
     }
+    state.pool().forget_pod(pod.netns.cookie());
+    state.sync_identities();
     state.metrics().enrolled_pods.set(state.pods().len() as i64);
     let cleanup = tokio::task::spawn_blocking(move || {
         pod.netns.run_on_thread(|| {
@@ -168,15 +185,16 @@ struct Prepared {
     netns: NetNs,
     outbound: Vec<std::net::TcpListener>,
     inbound: Vec<(IpAddr, std::net::TcpListener)>,
+    hbone: Vec<std::net::TcpListener>,
 }
 
-/// The blocking part of enrollment: namespace, routing, listeners.
-fn prepare(net: PodNetwork) -> std::io::Result<Prepared> {
+/// The blocking part of enrollment: namespace, routing, listeners (HBONE's only when mTLS is configured).
+fn prepare(net: PodNetwork, with_hbone: bool) -> std::io::Result<Prepared> {
     let netns = NetNs::open(&net.netns)?;
     let has_v4 = net.ips.iter().any(|ip| ip.is_ipv4());
     let has_v6 = net.ips.iter().any(|ip| ip.is_ipv6());
     netns.run_on_thread(move || routing::install(has_v4, has_v6))?;
-    let (outbound, inbound) = netns.run(|| -> std::io::Result<_> {
+    let (outbound, inbound, hbone) = netns.run(|| -> std::io::Result<_> {
         // IPv4 outbound always: v6 sockets dialling v4-mapped addresses land on it too.
         let mut outbound = vec![listen(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT))?];
         let mut inbound = Vec::new();
@@ -192,9 +210,15 @@ fn prepare(net: PodNetwork) -> std::io::Result<Prepared> {
                 inbound.push((*ip, listener.try_clone()?));
             }
         }
-        Ok((outbound, inbound))
+        let mut hbone = Vec::new();
+        for (enabled, any) in [(has_v4, IpAddr::from(Ipv4Addr::UNSPECIFIED)), (has_v6, Ipv6Addr::UNSPECIFIED.into())] {
+            if enabled && with_hbone {
+                hbone.push(listen(SocketAddr::new(any, HBONE_PORT))?);
+            }
+        }
+        Ok((outbound, inbound, hbone))
     })??;
-    Ok(Prepared { net, netns, outbound, inbound })
+    Ok(Prepared { net, netns, outbound, inbound, hbone })
 }
 
 fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
@@ -220,6 +244,10 @@ fn activate(state: &AgentState, p: Prepared) -> anyhow::Result<Arc<PodContext>> 
         let listener = TcpListener::from_std(listener)?;
         tasks
             .push(tokio::spawn(proxy::serve(listener, Direction::Outbound, pod.clone(), state.clone())).abort_handle());
+    }
+    for listener in p.hbone {
+        let listener = TcpListener::from_std(listener)?;
+        tasks.push(tokio::spawn(crate::hbone::server::serve(listener, pod.clone(), state.clone())).abort_handle());
     }
     // Several pod IPs of one family share one listener; serve each listener once.
     let mut served = Vec::new();

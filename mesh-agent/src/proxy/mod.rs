@@ -1,10 +1,9 @@
-//! L4 forwarding for enrolled pods.
-//!
-//! Outbound: the original destination comes from the kernel (`ORIG_BY_PEER`, keyed by the pod's netns cookie
-//! and the client address `accept()` returned); the upstream socket is created inside the pod's netns and marked
-//! so capture skips it, so it leaves with the pod's own IP.
-//! Inbound: `sk_lookup` delivered the connection unchanged, so its local address is what the client dialled; the
-//! agent connects to the application transparently as the client (see `inpod::routing`).
+//! Forwarding for enrolled pods. `outbound` handles what the pod dials (HBONE to meshed destinations, plaintext
+//! passthrough otherwise), `inbound` plaintext arriving at the pod, `crate::hbone::server` tunnelled arrivals.
+//! All of them end in [`forward`], one copy loop with one set of metrics.
+
+pub mod inbound;
+pub mod outbound;
 
 use std::io;
 use std::net::SocketAddr;
@@ -13,8 +12,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use mesh_common::bpf::{HBONE_PORT, INBOUND_MARK, INBOUND_PORT, OUTBOUND_MARK, OUTBOUND_PORT};
-use socket2::{Domain, Protocol, Socket, Type};
+use mesh_common::bpf::{INBOUND_MARK, OUTBOUND_MARK};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::Instrument;
@@ -24,11 +23,15 @@ use crate::metrics::Direction;
 use crate::state::AgentState;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Per-direction copy buffer. 64 KiB keeps a single stream near line rate on loopback/veth while 1000
-/// concurrent connections cost ~128 MiB at most; revisit with `cargo xtask bench`.
+/// Per-direction copy buffer. 64 KiB keeps a single stream near line rate while 1000 concurrent connections
+/// cost ~128 MiB at most; `cargo xtask bench` measures it.
 const COPY_BUFFER: usize = 64 * 1024;
 
-/// Accepts connections on one in-pod listener until the pod is unenrolled (the task is aborted).
+/// `security` label values (Istio's `connection_security_policy`).
+pub const MUTUAL_TLS: &str = "mutual_tls";
+pub const PLAINTEXT: &str = "none";
+
+/// Accepts connections on one of a pod's capture listeners until the pod is unenrolled (task aborted).
 pub async fn serve(listener: TcpListener, direction: Direction, pod: Arc<PodContext>, state: AgentState) {
     loop {
         match listener.accept().await {
@@ -36,14 +39,23 @@ pub async fn serve(listener: TcpListener, direction: Direction, pod: Arc<PodCont
                 let span = tracing::info_span!(
                     "conn",
                     dir = direction.as_str(),
-                    pod = %format!("{}/{}", pod.net.namespace, pod.net.name),
-                    identity = pod.identity(&state.config()).as_deref().unwrap_or("unknown"),
+                    pod = %pod.name(),
+                    identity = pod.identity_string(&state.config()).as_deref().unwrap_or("unknown"),
                     %peer,
                 );
-                tokio::spawn(handle(conn, peer, direction, pod.clone(), state.clone()).instrument(span));
+                let (pod, state) = (pod.clone(), state.clone());
+                tokio::spawn(
+                    async move {
+                        match direction {
+                            Direction::Outbound => outbound::handle(conn, peer, pod, state).await,
+                            Direction::Inbound => inbound::handle(conn, peer, pod, state).await,
+                        }
+                    }
+                    .instrument(span),
+                );
             }
             Err(e) => {
-                // Typically EMFILE/ENFILE: back off instead of spinning; the backlog keeps the clients waiting.
+                // Typically EMFILE/ENFILE: back off instead of spinning; the backlog keeps clients waiting.
                 tracing::warn!(error = %e, dir = direction.as_str(), "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -51,29 +63,23 @@ pub async fn serve(listener: TcpListener, direction: Direction, pod: Arc<PodCont
     }
 }
 
-async fn handle(conn: TcpStream, peer: SocketAddr, direction: Direction, pod: Arc<PodContext>, state: AgentState) {
+/// Copies both ways with half-close until both sides are done, and accounts for it.
+/// `downstream` is the side that opened the connection.
+pub async fn forward<D, U>(
+    state: &AgentState,
+    pod: &PodContext,
+    direction: Direction,
+    security: &str,
+    downstream: D,
+    upstream: U,
+) where
+    D: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
     let metrics = state.metrics();
-    let labels = [pod.net.namespace.as_str(), pod.net.name.as_str(), direction.as_str()];
-    let target = match direction {
-        Direction::Outbound => state.capture().take_original_destination(pod.netns.cookie(), peer),
-        Direction::Inbound => conn.local_addr().ok().filter(|a| !is_agent_address(a)),
-    };
-    let Some(target) = target else {
-        metrics.original_destination_missing.inc();
-        tracing::debug!("no original destination (direct connection to the agent's port?); closing");
-        return;
-    };
-    let upstream = match connect(&state, &pod, target, direction, peer).await {
-        Ok(s) => s,
-        Err(e) => {
-            metrics.connection_failures.with_label_values(&labels).inc();
-            tracing::info!(%target, error = %e, "upstream connect failed");
-            return;
-        }
-    };
+    let labels = [pod.net.namespace.as_str(), pod.net.name.as_str(), direction.as_str(), security];
     metrics.connections_opened.with_label_values(&labels).inc();
-    tracing::debug!(%target, "proxying");
-    let mut downstream = Counted::new(conn);
+    let mut downstream = Counted::new(downstream);
     let mut upstream = Counted::new(upstream);
     let result =
         tokio::io::copy_bidirectional_with_sizes(&mut downstream, &mut upstream, COPY_BUFFER, COPY_BUFFER).await;
@@ -86,50 +92,58 @@ async fn handle(conn: TcpStream, peer: SocketAddr, direction: Direction, pod: Ar
     metrics.received_bytes.with_label_values(&labels).inc_by(received);
     metrics.connections_closed.with_label_values(&labels).inc();
     match result {
-        Ok(_) => tracing::debug!(%target, sent, received, "connection closed"),
-        Err(e) => tracing::debug!(%target, sent, received, error = %e, "connection ended with an error"),
+        Ok(_) => tracing::debug!(sent, received, "connection closed"),
+        Err(e) => tracing::debug!(sent, received, error = %e, "connection ended with an error"),
     }
 }
 
-/// Loopback or one of the agent's own ports: never a real destination, and forwarding it would loop.
-fn is_agent_address(a: &SocketAddr) -> bool {
-    a.ip().is_loopback() || [OUTBOUND_PORT, INBOUND_PORT, HBONE_PORT].contains(&a.port())
+/// Refuses a connection the agent already accepted: a reset, so the application sees an error, not a clean EOF.
+pub fn reset(conn: TcpStream) {
+    let _ = SockRef::from(&conn).set_linger(Some(Duration::ZERO));
+    drop(conn);
 }
 
-async fn connect(
+fn pod_socket(pod: &PodContext, target: SocketAddr, mark: u32) -> io::Result<Socket> {
+    let socket = pod.netns.run(|| Socket::new(Domain::for_address(target), Type::STREAM, Some(Protocol::TCP)))??;
+    socket.set_nonblocking(true)?;
+    socket.set_tcp_nodelay(true)?;
+    socket.set_mark(mark)?;
+    Ok(socket)
+}
+
+async fn connect_socket(socket: Socket, target: SocketAddr) -> io::Result<TcpStream> {
+    tokio::time::timeout(CONNECT_TIMEOUT, TcpSocket::from_std_stream(socket.into()).connect(target))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+/// Plaintext connection from inside the pod (its IP as source), never captured again.
+pub async fn connect_from_pod(pod: &PodContext, target: SocketAddr) -> io::Result<TcpStream> {
+    connect_socket(pod_socket(pod, target, OUTBOUND_MARK)?, target).await
+}
+
+/// Connects to the pod's application *as* `client` (transparently), so the application sees the real peer.
+/// See `inpod::routing` for how the replies find their way back.
+pub async fn connect_to_app(
     state: &AgentState,
     pod: &PodContext,
     target: SocketAddr,
-    direction: Direction,
     client: SocketAddr,
 ) -> io::Result<TcpStream> {
-    let domain = Domain::for_address(target);
-    let socket = pod.netns.run(|| Socket::new(domain, Type::STREAM, Some(Protocol::TCP)))??;
-    socket.set_nonblocking(true)?;
-    socket.set_tcp_nodelay(true)?;
+    let socket = pod_socket(pod, target, INBOUND_MARK)?;
+    let client = SocketAddr::new(client.ip().to_canonical(), 0);
     let mut announced = None;
-    match direction {
-        Direction::Outbound => socket.set_mark(OUTBOUND_MARK)?,
-        Direction::Inbound => {
-            socket.set_mark(INBOUND_MARK)?;
-            let client = SocketAddr::new(client.ip().to_canonical(), 0);
-            if client.is_ipv4() == target.is_ipv4() {
-                match bind_transparent(&socket, client) {
-                    Ok(source) => {
-                        state.capture().announce_agent_connect(source, target.port()).map_err(io::Error::other)?;
-                        announced = Some(source);
-                    }
-                    // Still deliver the connection; the application then sees the pod's own address as peer.
-                    Err(e) => tracing::warn!(error = %e, "cannot preserve the client address towards the application"),
-                }
+    if client.is_ipv4() == target.is_ipv4() {
+        match bind_transparent(&socket, client) {
+            Ok(source) => {
+                state.capture().announce_agent_connect(source, target.port()).map_err(io::Error::other)?;
+                announced = Some(source);
             }
+            // Still deliver the connection; the application then sees the pod's own address as peer.
+            Err(e) => tracing::warn!(error = %e, "cannot preserve the client address towards the application"),
         }
     }
-    let socket = TcpSocket::from_std_stream(socket.into());
-    let result = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(target))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))
-        .and_then(|r| r);
+    let result = connect_socket(socket, target).await;
     // Only the SYN needs the exemption; an established connection never meets sk_lookup again.
     if let Some(source) = announced {
         state.capture().forget_agent_connect(source);

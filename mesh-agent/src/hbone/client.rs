@@ -1,0 +1,258 @@
+//! The sending side of HBONE: a pool of mTLS HTTP/2 connections per (source pod, destination, identities),
+//! each carrying up to [`MAX_STREAMS_PER_CONNECTION`] tunnelled connections. Connections are opened from inside
+//! the source pod's netns, so the tunnel leaves with the pod's IP. A connection made with a certificate that has
+//! since been rotated takes no new streams: new connections present the new certificate.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use http::{Method, Request, StatusCode, Version};
+use mesh_common::bpf::OUTBOUND_MARK;
+use rustls::pki_types::ServerName;
+use rustls::sign::CertifiedKey;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpSocket;
+use tokio_rustls::TlsConnector;
+
+use super::{ALPN, CONNECTION_WINDOW, H2Stream, MAX_FRAME, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW};
+use crate::identity::verifier::SvidServerVerifier;
+use crate::identity::{Identity, SecretManager, WorkloadCert};
+use crate::netns::NetNs;
+use crate::tunnels::{TunnelGuard, TunnelView, Tunnels};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    #[error("connecting to {0}: {1}")]
+    Connect(SocketAddr, io::Error),
+    #[error("mTLS handshake with {0}: {1}")]
+    Tls(SocketAddr, io::Error),
+    #[error("HTTP/2 with {0}: {1}")]
+    H2(SocketAddr, h2::Error),
+    #[error("{0} refused the tunnel with HTTP {1}")]
+    Refused(SocketAddr, u16),
+    #[error("{0}")]
+    Setup(String),
+}
+
+impl HboneError {
+    /// Short reason for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            HboneError::Connect(..) => "connect",
+            HboneError::Tls(..) => "tls",
+            HboneError::H2(..) => "http2",
+            HboneError::Refused(_, 401 | 403) => "denied",
+            HboneError::Refused(..) => "refused",
+            HboneError::Setup(_) => "setup",
+        }
+    }
+}
+
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+struct Key {
+    netns_cookie: u64,
+    dst: SocketAddr,
+    src_identity: Identity,
+    dst_identity: Identity,
+}
+
+struct Conn {
+    sender: SendRequest<Bytes>,
+    /// Serial of the certificate the connection was made with.
+    serial: String,
+    streams: AtomicUsize,
+    closed: Arc<AtomicBool>,
+}
+
+/// Keeps a pooled connection's stream slot while a tunnelled connection uses it.
+pub struct StreamSlot(Arc<Conn>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[derive(Clone, Default)]
+pub struct Pool {
+    conns: Arc<Mutex<HashMap<Key, Vec<Arc<Conn>>>>>,
+}
+
+/// Everything needed to open a tunnel from one pod.
+pub struct Source<'a> {
+    pub netns: &'a NetNs,
+    pub cert: &'a WorkloadCert,
+    pub secrets: &'a SecretManager,
+    pub tunnels: &'a Tunnels,
+    pub pod: &'a str,
+}
+
+impl Pool {
+    /// Opens a tunnelled connection to `authority` through the agent at `dst` (the destination pod's 15008),
+    /// which must prove `dst_identity`.
+    pub async fn open(
+        &self,
+        src: &Source<'_>,
+        dst: SocketAddr,
+        dst_identity: &Identity,
+        authority: SocketAddr,
+    ) -> Result<(H2Stream, StreamSlot), HboneError> {
+        let key = Key {
+            netns_cookie: src.netns.cookie(),
+            dst,
+            src_identity: src.cert.identity.clone(),
+            dst_identity: dst_identity.clone(),
+        };
+        // A pooled connection may have died since it was last used: one retry on a fresh one.
+        for attempt in 0..2 {
+            let conn = match self.checkout(&key, &src.cert.svid.serial) {
+                Some(c) if attempt == 0 => c,
+                _ => self.dial(&key, src).await?,
+            };
+            let slot = StreamSlot(conn.clone());
+            let sender = match conn.sender.clone().ready().await {
+                Ok(s) => s,
+                Err(e) => {
+                    conn.closed.store(true, Ordering::Release);
+                    if attempt == 0 {
+                        continue;
+                    }
+                    return Err(HboneError::H2(dst, e));
+                }
+            };
+            return connect_stream(sender, dst, authority).await.map(|stream| (stream, slot));
+        }
+        Err(HboneError::Setup("no usable connection".into()))
+    }
+
+    /// A live connection made with the current certificate and room for one more stream (slot taken).
+    fn checkout(&self, key: &Key, serial: &str) -> Option<Arc<Conn>> {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let list = conns.get_mut(key)?;
+        // Dead connections, and idle ones made with a rotated certificate, leave the pool.
+        list.retain(|c| {
+            !c.closed.load(Ordering::Acquire) && (c.serial == serial || c.streams.load(Ordering::Acquire) > 0)
+        });
+        list.iter()
+            .find(|c| {
+                c.serial == serial
+                    && c.streams
+                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                            (n < MAX_STREAMS_PER_CONNECTION).then_some(n + 1)
+                        })
+                        .is_ok()
+            })
+            .cloned()
+    }
+
+    async fn dial(&self, key: &Key, src: &Source<'_>) -> Result<Arc<Conn>, HboneError> {
+        let dst = key.dst;
+        let socket = src
+            .netns
+            .run(|| -> io::Result<Socket> {
+                let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+                s.set_nonblocking(true)?;
+                s.set_tcp_nodelay(true)?;
+                s.set_mark(OUTBOUND_MARK)?;
+                Ok(s)
+            })
+            .and_then(|r| r)
+            .map_err(|e| HboneError::Connect(dst, e))?;
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpSocket::from_std_stream(socket.into()).connect(dst))
+            .await
+            .map_err(|_| HboneError::Connect(dst, io::Error::new(io::ErrorKind::TimedOut, "timed out")))?
+            .map_err(|e| HboneError::Connect(dst, e))?;
+
+        let verifier = Arc::new(SvidServerVerifier {
+            bundle: src.secrets.bundle(),
+            provider: src.secrets.provider(),
+            expected: Some(key.dst_identity.clone()),
+        });
+        let mut config = rustls::ClientConfig::builder_with_provider(src.secrets.provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| HboneError::Setup(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_cert_resolver(Arc::new(OwnCert(src.cert.certified_key.clone())));
+        config.alpn_protocols = vec![ALPN.to_vec()];
+        let tls = TlsConnector::from(Arc::new(config))
+            .connect(ServerName::IpAddress(dst.ip().into()), tcp)
+            .await
+            .map_err(|e| HboneError::Tls(dst, e))?;
+
+        let (sender, connection) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|e| HboneError::H2(dst, e))?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let guard: TunnelGuard = src.tunnels.open(TunnelView::outbound(
+            src.pod,
+            &key.src_identity,
+            &src.cert.svid.serial,
+            &key.dst_identity,
+            dst,
+        ));
+        let done = closed.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%dst, error = %e, "HBONE connection ended");
+            }
+            done.store(true, Ordering::Release);
+            drop(guard);
+        });
+        // The dialler's own stream is the first one on the connection.
+        let conn =
+            Arc::new(Conn { sender, serial: src.cert.svid.serial.clone(), streams: AtomicUsize::new(1), closed });
+        self.conns.lock().unwrap_or_else(|p| p.into_inner()).entry(key.clone()).or_default().push(conn.clone());
+        Ok(conn)
+    }
+
+    /// Drops the pool's connections from one pod (it left); they close once their streams finish.
+    pub fn forget_pod(&self, netns_cookie: u64) {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner()).retain(|k, _| k.netns_cookie != netns_cookie);
+    }
+}
+
+async fn connect_stream(
+    mut sender: SendRequest<Bytes>,
+    dst: SocketAddr,
+    authority: SocketAddr,
+) -> Result<H2Stream, HboneError> {
+    let request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(authority.to_string())
+        .version(Version::HTTP_2)
+        .body(())
+        .map_err(|e| HboneError::Setup(e.to_string()))?;
+    let (response, send) = sender.send_request(request, false).map_err(|e| HboneError::H2(dst, e))?;
+    let response = response.await.map_err(|e| HboneError::H2(dst, e))?;
+    if response.status() != StatusCode::OK {
+        return Err(HboneError::Refused(dst, response.status().as_u16()));
+    }
+    Ok(H2Stream::new(send, response.into_body()))
+}
+
+/// Presents the source workload's certificate.
+#[derive(Debug)]
+struct OwnCert(Arc<CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for OwnCert {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[rustls::SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,185 @@
+//! The receiving side of HBONE: the pod's 15008 listener terminates mTLS with the pod's own certificate,
+//! requires a client SVID from the trust bundle, and serves `CONNECT` streams to the pod's addresses after
+//! authorization, connecting to the application as the original client.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use http::{Method, Request, Response, StatusCode};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::Instrument;
+
+use super::{ALPN, CONNECTION_WINDOW, H2Stream, MAX_FRAME, STREAM_WINDOW};
+use crate::identity::svid::{self, Svid};
+use crate::identity::verifier::SvidClientVerifier;
+use crate::inpod::PodContext;
+use crate::metrics::Direction;
+use crate::policy;
+use crate::proxy::{self, MUTUAL_TLS};
+use crate::state::AgentState;
+use crate::tunnels::TunnelView;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Streams a peer may open at once on one connection (its pool opens more connections beyond its own limit).
+const MAX_CONCURRENT_STREAMS: u32 = 1000;
+
+/// Presents the certificate of the pod's current identity (looked up per handshake, so config changes and
+/// rotations apply to the next connection).
+#[derive(Debug)]
+struct PodCert {
+    pod: Arc<PodContext>,
+    state: AgentState,
+}
+
+impl ResolvesServerCert for PodCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let identity = self.pod.identity(&self.state.config())?;
+        Some(self.state.secrets()?.current(&identity)?.certified_key.clone())
+    }
+}
+
+impl std::fmt::Debug for AgentState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AgentState({})", self.node())
+    }
+}
+
+pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, state: AgentState) {
+    let Some(secrets) = state.secrets() else { return };
+    let verifier = Arc::new(SvidClientVerifier { bundle: secrets.bundle(), provider: secrets.provider() });
+    let config = match rustls::ServerConfig::builder_with_provider(secrets.provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+    {
+        Ok(b) => {
+            let mut c = b
+                .with_client_cert_verifier(verifier)
+                .with_cert_resolver(Arc::new(PodCert { pod: pod.clone(), state: state.clone() }));
+            c.alpn_protocols = vec![ALPN.to_vec()];
+            c
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the HBONE TLS configuration");
+            return;
+        }
+    };
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    loop {
+        match listener.accept().await {
+            Ok((tcp, peer)) => {
+                let span = tracing::info_span!("hbone", pod = %pod.name(), %peer);
+                tokio::spawn(connection(tcp, peer, acceptor.clone(), pod.clone(), state.clone()).instrument(span));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "HBONE accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, pod: Arc<PodContext>, state: AgentState) {
+    let metrics = state.metrics();
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            metrics.hbone_failed(Direction::Inbound, "tls");
+            tracing::info!(error = %e, "mTLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            metrics.hbone_failed(Direction::Inbound, "tls_timeout");
+            return;
+        }
+    };
+    // The verifier accepted the chain and the SVID rules; read the identity back out of the leaf.
+    let Some(peer_svid) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| svid::check(c).ok())
+    else {
+        metrics.hbone_failed(Direction::Inbound, "no_peer_identity");
+        return;
+    };
+    let Some(local) = pod.identity(&state.config()) else { return };
+    metrics.hbone_connections.with_label_values(&[Direction::Inbound.as_str()]).inc();
+    let _tunnel = state.tunnels().open(TunnelView::inbound(&pod.name(), &local, &peer_svid, peer));
+    tracing::debug!(peer_identity = %peer_svid.identity, serial = %peer_svid.serial, "HBONE connection");
+
+    let mut h2 = match h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .handshake::<_, Bytes>(tls)
+        .await
+    {
+        Ok(h2) => h2,
+        Err(e) => {
+            metrics.hbone_failed(Direction::Inbound, "http2");
+            tracing::info!(error = %e, "HTTP/2 handshake failed");
+            return;
+        }
+    };
+    let peer_svid = Arc::new(peer_svid);
+    while let Some(next) = h2.accept().await {
+        match next {
+            Ok((request, respond)) => {
+                let (pod, state, svid) = (pod.clone(), state.clone(), peer_svid.clone());
+                tokio::spawn(stream(request, respond, peer, svid, pod, state).in_current_span());
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "HBONE connection ended");
+                break;
+            }
+        }
+    }
+}
+
+fn status(respond: &mut SendResponse<Bytes>, code: StatusCode) {
+    let response = Response::builder().status(code).body(()).unwrap_or_default();
+    let _ = respond.send_response(response, true);
+}
+
+async fn stream(
+    request: Request<h2::RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    peer: SocketAddr,
+    peer_svid: Arc<Svid>,
+    pod: Arc<PodContext>,
+    state: AgentState,
+) {
+    if request.method() != Method::CONNECT {
+        return status(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
+    }
+    let target: Option<SocketAddr> = request.uri().authority().and_then(|a| a.as_str().parse().ok());
+    let Some(target) = target.filter(|t| pod.net.ips.contains(&t.ip().to_canonical())) else {
+        tracing::info!(authority = ?request.uri().authority(), "CONNECT to an address this pod does not own");
+        state.metrics().denied(&pod, Direction::Inbound, "bad_destination");
+        return status(&mut respond, StatusCode::BAD_REQUEST);
+    };
+    let principal = peer_svid.identity.to_string();
+    if let Err(refusal) = policy::check_inbound(&state.config(), &pod, Some(&principal), peer.ip(), target.port()) {
+        refusal.record(&state, &pod, Some(&principal), peer);
+        return status(&mut respond, StatusCode::UNAUTHORIZED);
+    }
+    let app = match proxy::connect_to_app(&state, &pod, target, peer).await {
+        Ok(app) => app,
+        Err(e) => {
+            state.metrics().failed(&pod, Direction::Inbound, "connect");
+            tracing::info!(%target, error = %e, "cannot reach the application");
+            return status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    let send = match respond.send_response(Response::new(()), false) {
+        Ok(send) => send,
+        Err(e) => {
+            tracing::debug!(error = %e, "peer went away before the tunnel opened");
+            return;
+        }
+    };
+    let tunnel = H2Stream::new(send, request.into_body());
+    proxy::forward(&state, &pod, Direction::Inbound, MUTUAL_TLS, tunnel, app).await;
+}

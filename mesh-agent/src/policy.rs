@@ -1,0 +1,59 @@
+//! Applies the config's security policy to one inbound connection of a local pod.
+
+use std::net::{IpAddr, SocketAddr};
+
+use mesh_common::config::NodeConfig;
+use mesh_common::policy::{self as model, Connection, Decision, MtlsMode};
+
+use crate::inpod::PodContext;
+use crate::metrics::Direction;
+use crate::state::AgentState;
+
+/// Why a connection was refused, for logs, metrics and the HBONE status code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: &'static str,
+    pub policy: Option<String>,
+}
+
+impl Refusal {
+    /// Logs the refusal with both identities and counts it.
+    pub fn record(&self, state: &AgentState, pod: &PodContext, principal: Option<&str>, peer: SocketAddr) {
+        state.metrics().denied(pod, Direction::Inbound, self.reason);
+        tracing::info!(
+            source = principal.unwrap_or("plaintext"),
+            %peer,
+            destination = pod.identity_string(&state.config()).as_deref().unwrap_or("unknown"),
+            reason = self.reason,
+            policy = self.policy.as_deref().unwrap_or("-"),
+            "connection refused"
+        );
+    }
+}
+
+/// `principal` is the verified peer SPIFFE ID for mTLS, `None` for plaintext.
+pub fn check_inbound(
+    config: &NodeConfig,
+    pod: &PodContext,
+    principal: Option<&str>,
+    source_ip: IpAddr,
+    port: u16,
+) -> Result<(), Refusal> {
+    let empty = Default::default();
+    let labels = config.workload(&pod.net.namespace, &pod.net.name).map_or(&empty, |w| &w.labels);
+    if principal.is_none()
+        && model::mtls_mode(
+            &config.peer_authentications,
+            config.default_peer_authentication,
+            &pod.net.namespace,
+            labels,
+        ) == MtlsMode::Strict
+    {
+        return Err(Refusal { reason: "peer_authentication_strict", policy: None });
+    }
+    let conn = Connection { principal, source_ip: source_ip.to_canonical(), destination_port: port };
+    match model::authorize(&config.authorization_policies, &pod.net.namespace, labels, &conn) {
+        Decision::Allow => Ok(()),
+        Decision::Deny { reason, policy } => Err(Refusal { reason: reason.as_str(), policy }),
+    }
+}

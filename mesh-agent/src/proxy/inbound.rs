@@ -1,0 +1,40 @@
+//! Plaintext arriving at an enrolled pod (port 15006, steered by `sk_lookup`): from clients outside the mesh,
+//! or meshed clients without an identity. Subject to PeerAuthentication (STRICT refuses it) and authorization
+//! with no principal.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use mesh_common::bpf::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
+use tokio::net::TcpStream;
+
+use super::{PLAINTEXT, forward, reset};
+use crate::inpod::PodContext;
+use crate::metrics::Direction;
+use crate::policy;
+use crate::state::AgentState;
+
+/// Loopback or one of the agent's own ports: never a real destination, and forwarding it would loop.
+fn is_agent_address(a: &SocketAddr) -> bool {
+    a.ip().is_loopback() || [OUTBOUND_PORT, INBOUND_PORT, HBONE_PORT].contains(&a.port())
+}
+
+pub async fn handle(conn: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, state: AgentState) {
+    // sk_lookup delivered the connection unchanged: its local address is what the client dialled.
+    let Some(target) = conn.local_addr().ok().filter(|a| !is_agent_address(a)) else {
+        state.metrics().original_destination_missing.inc();
+        return;
+    };
+    if let Err(refusal) = policy::check_inbound(&state.config(), &pod, None, peer.ip(), target.port()) {
+        refusal.record(&state, &pod, None, peer);
+        return reset(conn);
+    }
+    match super::connect_to_app(&state, &pod, target, peer).await {
+        Ok(app) => forward(&state, &pod, Direction::Inbound, PLAINTEXT, conn, app).await,
+        Err(e) => {
+            state.metrics().failed(&pod, Direction::Inbound, "connect");
+            tracing::info!(%target, error = %e, "cannot reach the application");
+            reset(conn);
+        }
+    }
+}
