@@ -64,7 +64,7 @@ pub struct Cluster {
     pub id: String,
     tmp: PathBuf,
     cgroup_root: PathBuf,
-    fabric: String,
+    pub fabric: String,
     pub nodes: Vec<Node>,
     netns: Vec<String>,
     processes: Vec<Option<Process>>,
@@ -86,6 +86,43 @@ impl ClientReport {
     }
     pub fn ok_connections(&self) -> u64 {
         self.json.get("ok").and_then(Value::as_u64).unwrap_or(0)
+    }
+}
+
+/// A client started with [`Cluster::client_start`].
+pub struct PendingClient {
+    child: Child,
+    log: PathBuf,
+}
+
+impl PendingClient {
+    /// Waits (at most 120 s) for the report.
+    pub fn wait(mut self) -> Result<ClientReport> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let status = loop {
+            if let Some(s) = self.child.try_wait()? {
+                break s;
+            }
+            if Instant::now() > deadline {
+                bail!("client timed out after 120s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let text = std::fs::read_to_string(&self.log)?;
+        let json_line = text.lines().find(|l| l.starts_with('{')).unwrap_or("null");
+        Ok(ClientReport {
+            success: status.success(),
+            json: serde_json::from_str(json_line).unwrap_or(Value::Null),
+            stderr: text.lines().filter(|l| !l.starts_with('{')).collect::<Vec<_>>().join("\n"),
+        })
+    }
+}
+
+impl Drop for PendingClient {
+    fn drop(&mut self) {
+        // Reaped already when `wait` returned; otherwise (timeout, panic) it must not outlive the test.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -234,15 +271,19 @@ impl Cluster {
         Ok(())
     }
 
-    /// A pod (netns + veth on the node's bridge + cgroup), not yet enrolled.
+    /// A pod (netns + veth on the node's bridge + cgroup) in namespace `default`, not yet enrolled.
     pub fn add_pod(&mut self, node: usize, name: &str) -> Result<Pod> {
+        self.add_pod_in(node, name, "default")
+    }
+
+    pub fn add_pod_in(&mut self, node: usize, name: &str, namespace: &str) -> Result<Pod> {
         let n = &mut self.nodes[node];
         n.pods += 1;
         let k = n.pods + 1;
         let i = node as u8 + 1;
         let pod = Pod {
             name: name.to_string(),
-            namespace: "default".into(),
+            namespace: namespace.into(),
             node,
             netns: format!("{}-{name}", n.netns),
             cgroup: n.cgroup.join(format!("pod-{name}")),
@@ -348,40 +389,92 @@ impl Cluster {
 
     /// Runs `mesh-testbin client` in a pod and waits (bounded) for its report.
     pub fn client(&self, pod: &Pod, target: SocketAddr, bytes: u64, conns: usize) -> Result<ClientReport> {
-        self.client_in(&Placement { netns: &pod.netns, cgroup: &pod.cgroup }, target, bytes, conns)
+        self.client_with(pod, target, bytes, conns, &[])
+    }
+
+    /// The same with `MESH_TESTBIN_*` settings (marker payload, hold time).
+    pub fn client_with(
+        &self,
+        pod: &Pod,
+        target: SocketAddr,
+        bytes: u64,
+        conns: usize,
+        env: &[(&str, &str)],
+    ) -> Result<ClientReport> {
+        self.client_in(&Placement { netns: &pod.netns, cgroup: &pod.cgroup }, target, bytes, conns, env)
     }
 
     /// The same from the node itself (its netns, its "host" cgroup), like a kubelet probe.
     pub fn client_from_node(&self, node: usize, target: SocketAddr, bytes: u64) -> Result<ClientReport> {
         let n = &self.nodes[node];
-        self.client_in(&Placement { netns: &n.netns, cgroup: &n.cgroup.join("host") }, target, bytes, 1)
+        self.client_in(&Placement { netns: &n.netns, cgroup: &n.cgroup.join("host") }, target, bytes, 1, &[])
     }
 
-    fn client_in(&self, place: &Placement<'_>, target: SocketAddr, bytes: u64, conns: usize) -> Result<ClientReport> {
+    fn client_in(
+        &self,
+        place: &Placement<'_>,
+        target: SocketAddr,
+        bytes: u64,
+        conns: usize,
+        env: &[(&str, &str)],
+    ) -> Result<ClientReport> {
         let mut cmd = Command::new(&self.testbin);
-        cmd.args(["client", &target.to_string(), &bytes.to_string(), &conns.to_string()]);
-        let seq = SEQUENCE.fetch_add(1, Ordering::Relaxed);
-        let log = self.tmp.join(format!("client-{seq}.log"));
-        let mut child = sys::spawn_in(place, &mut cmd, &log)?;
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let status = loop {
-            if let Some(s) = child.try_wait()? {
-                break s;
-            }
-            if Instant::now() > deadline {
-                child.kill().ok();
-                child.wait().ok();
-                bail!("client timed out after 120s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let text = std::fs::read_to_string(&log)?;
-        let json_line = text.lines().find(|l| l.starts_with('{')).unwrap_or("null");
-        Ok(ClientReport {
-            success: status.success(),
-            json: serde_json::from_str(json_line).unwrap_or(Value::Null),
-            stderr: text.lines().filter(|l| !l.starts_with('{')).collect::<Vec<_>>().join("\n"),
-        })
+        cmd.args(["client", &target.to_string(), &bytes.to_string(), &conns.to_string()]).envs(env.iter().copied());
+        let log = self.tmp.join(format!("client-{}.log", SEQUENCE.fetch_add(1, Ordering::Relaxed)));
+        let child = sys::spawn_in(place, &mut cmd, &log)?;
+        PendingClient { child, log }.wait()
+    }
+
+    /// Starts a client without waiting; [`PendingClient::wait`] collects its report.
+    pub fn client_start(
+        &self,
+        pod: &Pod,
+        target: SocketAddr,
+        bytes: u64,
+        env: &[(&str, &str)],
+    ) -> Result<PendingClient> {
+        let mut cmd = Command::new(&self.testbin);
+        cmd.args(["client", &target.to_string(), &bytes.to_string(), "1"]).envs(env.iter().copied());
+        let log = self.tmp.join(format!("client-{}.log", SEQUENCE.fetch_add(1, Ordering::Relaxed)));
+        let child = sys::spawn_in(&Placement { netns: &pod.netns, cgroup: &pod.cgroup }, &mut cmd, &log)?;
+        Ok(PendingClient { child, log })
+    }
+
+    /// Creates a CA with `mesh-agent ca init`; agents get it with `--ca-dir`.
+    pub fn init_ca(&self) -> Result<PathBuf> {
+        let dir = self.tmp.join("ca");
+        let out = Command::new(self.bin_dir.join("mesh-agent")).arg("ca").arg("init").arg(&dir).output()?;
+        if !out.status.success() {
+            bail!("ca init failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(dir)
+    }
+
+    /// Writes a NodeConfig listing `workloads` (pod, service account) plus `extra` YAML; returns its path.
+    /// Every pod gets the label `app: <pod name>`.
+    pub fn write_config(&self, workloads: &[(&Pod, &str)], extra: &str) -> Result<PathBuf> {
+        let mut yaml = String::from("workloads:\n");
+        for (pod, sa) in workloads {
+            yaml.push_str(&format!(
+                "  - {{namespace: {}, name: {}, serviceAccount: {sa}, ips: [{}, \"{}\"], node: {}, labels: {{app: {}}}}}\n",
+                pod.namespace, pod.name, pod.ipv4, pod.ipv6, self.nodes[pod.node].name, pod.name
+            ));
+        }
+        yaml.push_str(extra);
+        let path = self.tmp.join("node-config.yaml");
+        std::fs::write(&path, yaml)?;
+        Ok(path)
+    }
+
+    /// Sends `signal` to the node's agent (SIGHUP reloads its config).
+    pub fn signal_agent(&self, node: usize, signal: i32) -> Result<()> {
+        let idx = self.nodes[node].agent.context("agent not running")?;
+        let pid = self.processes[idx].as_ref().context("agent gone")?.child.id();
+        // SAFETY: plain kill(2) on our own child.
+        if unsafe { libc::kill(pid as i32, signal) } != 0 {
+            bail!("kill: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// Invokes the real `nodemesh-cni` binary as a container runtime would.

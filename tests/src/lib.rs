@@ -2,6 +2,8 @@
 //! the real CNI plugin, real kernel programs. See `cluster` for the topology.
 
 pub mod cluster;
+pub mod probe;
+pub mod sniff;
 pub mod sys;
 
 pub use cluster::{Cluster, Pod};

@@ -24,7 +24,7 @@ use super::{ALPN, CONNECTION_WINDOW, H2Stream, MAX_FRAME, MAX_STREAMS_PER_CONNEC
 use crate::identity::verifier::SvidServerVerifier;
 use crate::identity::{Identity, SecretManager, WorkloadCert};
 use crate::netns::NetNs;
-use crate::tunnels::{TunnelGuard, TunnelView, Tunnels};
+use crate::tunnels::{TunnelGuard, TunnelView};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -84,14 +84,17 @@ impl Drop for StreamSlot {
 #[derive(Clone, Default)]
 pub struct Pool {
     conns: Arc<Mutex<HashMap<Key, Vec<Arc<Conn>>>>>,
+    /// One dial at a time per key: a burst of new connections waits for the connection being set up and
+    /// shares it, instead of each opening its own.
+    dialing: Arc<Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 /// Everything needed to open a tunnel from one pod.
 pub struct Source<'a> {
+    pub state: &'a crate::state::AgentState,
     pub netns: &'a NetNs,
     pub cert: &'a WorkloadCert,
     pub secrets: &'a SecretManager,
-    pub tunnels: &'a Tunnels,
     pub pod: &'a str,
 }
 
@@ -115,7 +118,7 @@ impl Pool {
         for attempt in 0..2 {
             let conn = match self.checkout(&key, &src.cert.svid.serial) {
                 Some(c) if attempt == 0 => c,
-                _ => self.dial(&key, src).await?,
+                _ => self.checkout_or_dial(&key, src).await?,
             };
             let slot = StreamSlot(conn.clone());
             let sender = match conn.sender.clone().ready().await {
@@ -151,6 +154,15 @@ impl Pool {
                         .is_ok()
             })
             .cloned()
+    }
+
+    async fn checkout_or_dial(&self, key: &Key, src: &Source<'_>) -> Result<Arc<Conn>, HboneError> {
+        let lock = self.dialing.lock().unwrap_or_else(|p| p.into_inner()).entry(key.clone()).or_default().clone();
+        let _dialing = lock.lock().await;
+        if let Some(conn) = self.checkout(key, &src.cert.svid.serial) {
+            return Ok(conn);
+        }
+        self.dial(key, src).await
     }
 
     async fn dial(&self, key: &Key, src: &Source<'_>) -> Result<Arc<Conn>, HboneError> {
@@ -195,8 +207,9 @@ impl Pool {
             .handshake::<_, Bytes>(tls)
             .await
             .map_err(|e| HboneError::H2(dst, e))?;
+        src.state.metrics().hbone_connections.with_label_values(&[crate::metrics::Direction::Outbound.as_str()]).inc();
         let closed = Arc::new(AtomicBool::new(false));
-        let guard: TunnelGuard = src.tunnels.open(TunnelView::outbound(
+        let guard: TunnelGuard = src.state.tunnels().open(TunnelView::outbound(
             src.pod,
             &key.src_identity,
             &src.cert.svid.serial,
@@ -221,6 +234,7 @@ impl Pool {
     /// Drops the pool's connections from one pod (it left); they close once their streams finish.
     pub fn forget_pod(&self, netns_cookie: u64) {
         self.conns.lock().unwrap_or_else(|p| p.into_inner()).retain(|k, _| k.netns_cookie != netns_cookie);
+        self.dialing.lock().unwrap_or_else(|p| p.into_inner()).retain(|k, _| k.netns_cookie != netns_cookie);
     }
 }
 

@@ -75,7 +75,7 @@ pub async fn handle(conn: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, sta
                 }
             };
             let gateway = SocketAddr::new(target.ip(), HBONE_PORT);
-            let source = Source { netns: &pod.netns, cert: &cert, secrets, tunnels: state.tunnels(), pod: &pod.name() };
+            let source = Source { state: &state, netns: &pod.netns, cert: &cert, secrets, pod: &pod.name() };
             match state.pool().open(&source, gateway, &dst, target).await {
                 Ok((stream, _slot)) => forward(&state, &pod, Direction::Outbound, MUTUAL_TLS, conn, stream).await,
                 Err(e) => {

@@ -4,6 +4,8 @@
 //! the server saw), then everything it sends is echoed back until it half-closes.
 //! `client ADDR BYTES [CONNS]`: opens CONNS connections (all held open at once), then on each sends BYTES
 //! pseudo-random bytes while reading the echo, and checks length and CRC32 both ways. Prints one JSON line.
+//! `MESH_TESTBIN_MARKER=text` sends that text repeated instead (to look for it on the wire);
+//! `MESH_TESTBIN_HOLD_MS=n` waits n ms after connecting before sending (a long-lived connection).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -147,15 +149,23 @@ fn transfer(stream: TcpStream, bytes: u64, seed: u64) -> Result<Outcome> {
     let field = |name: &str| -> String {
         header.split(&format!("\"{name}\":\"")).nth(1).and_then(|r| r.split('"').next()).unwrap_or("").to_string()
     };
+    if let Some(ms) = std::env::var("MESH_TESTBIN_HOLD_MS").ok().and_then(|v| v.parse().ok()) {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+    let marker = std::env::var("MESH_TESTBIN_MARKER").ok().filter(|m| !m.is_empty());
     let mut writer = stream;
     let sender = std::thread::Builder::new().stack_size(128 * 1024).spawn(move || -> Result<(u64, u32)> {
         let mut pattern = Pattern(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let mut marker_stream = marker.map(|m| m.into_bytes().into_iter().cycle());
         let mut crc = crc32fast::Hasher::new();
         let mut buf = vec![0u8; CHUNK];
         let mut left = bytes;
         while left > 0 {
             let n = left.min(CHUNK as u64) as usize;
-            pattern.fill(&mut buf[..n]);
+            match marker_stream.as_mut() {
+                Some(m) => buf[..n].iter_mut().for_each(|b| *b = m.next().unwrap_or(b'.')),
+                None => pattern.fill(&mut buf[..n]),
+            }
             writer.write_all(&buf[..n])?;
             crc.update(&buf[..n]);
             left -= n as u64;
