@@ -70,6 +70,8 @@ pub struct Cluster {
     processes: Vec<Option<Process>>,
     bin_dir: PathBuf,
     testbin: PathBuf,
+    /// `RUST_LOG` of the agents: debug for tests (post-mortems), quieter for the bench.
+    pub agent_log: String,
 }
 
 /// What `mesh-testbin client` reported.
@@ -169,8 +171,12 @@ fn bin_dir() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os("NODEMESH_BIN_DIR") {
         return Ok(PathBuf::from(dir));
     }
+    // Tests run from target/<profile>/deps/, binaries (the bench) from target/<profile>/.
     let exe = std::env::current_exe()?;
-    let dir = exe.parent().and_then(Path::parent).context("test executable has no target dir")?.to_path_buf();
+    let mut dir = exe.parent().context("executable has no directory")?.to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
     for bin in ["mesh-agent", "nodemesh-cni"] {
         if !dir.join(bin).is_file() {
             bail!(
@@ -209,6 +215,7 @@ impl Cluster {
             processes: Vec::new(),
             bin_dir: bin_dir()?,
             testbin: PathBuf::from(testbin),
+            agent_log: "info,mesh_agent=debug".into(),
         };
         cluster.build(nodes)?;
         Ok(Some(cluster))
@@ -324,7 +331,7 @@ impl Cluster {
             .arg(&n.state_dir)
             .arg("--cni-socket")
             .arg(&n.cni_socket)
-            .env("RUST_LOG", "info,mesh_agent=debug");
+            .env("RUST_LOG", &self.agent_log);
         cmd
     }
 
@@ -370,10 +377,15 @@ impl Cluster {
         Ok(())
     }
 
-    /// Starts `mesh-testbin serve PORT` in the pod and waits until it listens.
+    /// Starts `mesh-testbin serve PORT` (an echo server) in the pod and waits until it listens.
     pub fn serve(&mut self, pod: &Pod, port: u16) -> Result<()> {
+        self.serve_mode(pod, port, "echo")
+    }
+
+    /// `mode`: `echo`, or `sink` (reads everything, answers with the byte count).
+    pub fn serve_mode(&mut self, pod: &Pod, port: u16, mode: &str) -> Result<()> {
         let mut cmd = Command::new(&self.testbin);
-        cmd.args(["serve", &port.to_string()]);
+        cmd.args(["serve", &port.to_string(), mode]);
         let label = format!("server-{}-{port}", pod.name);
         let idx = self.spawn(&label, &Placement { netns: &pod.netns, cgroup: &pod.cgroup }, &mut cmd)?;
         let log = self.processes[idx].as_ref().map(|p| p.log.clone()).context("server vanished")?;
@@ -438,6 +450,23 @@ impl Cluster {
         let log = self.tmp.join(format!("client-{}.log", SEQUENCE.fetch_add(1, Ordering::Relaxed)));
         let child = sys::spawn_in(&Placement { netns: &pod.netns, cgroup: &pod.cgroup }, &mut cmd, &log)?;
         Ok(PendingClient { child, log })
+    }
+
+    /// Runs `mesh-testbin ARGS...` in a pod; returns its JSON report.
+    pub fn testbin(&self, pod: &Pod, args: &[&str]) -> Result<Value> {
+        let mut cmd = Command::new(&self.testbin);
+        cmd.args(args);
+        let log = self.tmp.join(format!("testbin-{}.log", SEQUENCE.fetch_add(1, Ordering::Relaxed)));
+        let child = sys::spawn_in(&Placement { netns: &pod.netns, cgroup: &pod.cgroup }, &mut cmd, &log)?;
+        let report = PendingClient { child, log }.wait()?;
+        if !report.success {
+            bail!("mesh-testbin {} failed: {}", args.join(" "), report.stderr);
+        }
+        Ok(report.json)
+    }
+
+    pub fn agent_pid(&self, node: usize) -> Option<u32> {
+        Some(self.processes[self.nodes[node].agent?].as_ref()?.child.id())
     }
 
     /// Creates a CA with `mesh-agent ca init`; agents get it with `--ca-dir`.

@@ -332,3 +332,27 @@ fn thousand_streams_share_pooled_connections() {
     // 1000 concurrent streams at 100 per connection: 10 connections (a couple more if a pooled one died).
     assert!((10.0..=12.0).contains(&dialled), "{dialled} HBONE connections for 1000 streams");
 }
+
+/// `outboundTrafficPolicy: REGISTRY_ONLY`: destinations the config does not know are refused, known ones pass.
+#[test]
+fn registry_only_refuses_unknown_destinations() {
+    let mut c = cluster!(1);
+    let client = c.add_pod(0, "client").unwrap();
+    let server = c.add_pod(0, "server").unwrap();
+    let unknown = c.add_pod(0, "unknown").unwrap();
+    let ca = c.init_ca().unwrap();
+    let config = c
+        .write_config(&[(&client, "client-sa"), (&server, "server-sa")], "outboundTrafficPolicy: REGISTRY_ONLY\n")
+        .unwrap();
+    start_mesh(&mut c, &ca, &config, &[]);
+    c.enroll(&client).unwrap();
+    c.enroll(&server).unwrap();
+    c.serve(&server, 8080).unwrap();
+    c.serve(&unknown, 8080).unwrap();
+    let known = c.client(&client, addr(server.ipv4, 8080), 4 * KIB, 1).unwrap();
+    assert!(known.success, "{:?} {}", known.json, known.stderr);
+    let refused = c.client(&client, addr(unknown.ipv4, 8080), 4 * KIB, 1).unwrap();
+    assert!(!refused.success, "unknown destination reached: {:?}", refused.json);
+    let denied = [("pod", "client"), ("direction", "outbound"), ("reason", "registry_only")];
+    assert_eq!(c.metric(0, "nodemesh_tcp_connections_denied_total", &denied).unwrap(), 1.0);
+}

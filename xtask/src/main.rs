@@ -26,11 +26,13 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("setup") => setup(),
         Some("test") => test(&args[1..]),
+        Some("bench") => bench(),
         Some("build-ebpf") => step("build the agent with its eBPF object", cargo(&["build", "-p", "mesh-agent"])),
         _ => {
             eprintln!(
                 "usage: cargo xtask <task>\n\n  setup        install missing build and test prerequisites (Debian, as root)\n  \
                  test         setup, then fmt --check, clippy -D warnings, build, all tests\n  \
+                 bench        direct vs plaintext-via-agents vs mTLS-via-agents; JSON in target/bench/\n  \
                  build-ebpf   build mesh-agent and the eBPF object it embeds"
             );
             std::process::exit(2);
@@ -121,6 +123,14 @@ fn is_bpffs_mounted() -> bool {
     std::fs::read_to_string("/proc/self/mountinfo")
         .map(|m| m.lines().any(|l| l.split_whitespace().nth(4) == Some("/sys/fs/bpf") && l.contains(" - bpf ")))
         .unwrap_or(false)
+}
+
+fn bench() -> Result<()> {
+    setup()?;
+    step("cargo build --release --bins", cargo(&["build", "--release", "--bins", "--locked"]))?;
+    let mut run = Command::new(workspace().join("target/release/mesh-bench"));
+    run.current_dir(workspace()).env("NODEMESH_BENCH_DIR", workspace().join("target/bench"));
+    step("mesh-bench", run)
 }
 
 fn test(extra: &[String]) -> Result<()> {

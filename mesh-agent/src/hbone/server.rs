@@ -72,6 +72,8 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, state: AgentStat
     loop {
         match listener.accept().await {
             Ok((tcp, peer)) => {
+                // HEADERS and the first DATA frame are separate small writes: no Nagle between them.
+                let _ = tcp.set_nodelay(true);
                 let span = tracing::info_span!("hbone", pod = %pod.name(), %peer);
                 tokio::spawn(connection(tcp, peer, acceptor.clone(), pod.clone(), state.clone()).instrument(span));
             }

@@ -36,6 +36,8 @@ pub async fn serve(listener: TcpListener, direction: Direction, pod: Arc<PodCont
     loop {
         match listener.accept().await {
             Ok((conn, peer)) => {
+                // Small writes (protocol headers, request/response traffic) must not wait for delayed ACKs.
+                let _ = conn.set_nodelay(true);
                 let span = tracing::info_span!(
                     "conn",
                     dir = direction.as_str(),

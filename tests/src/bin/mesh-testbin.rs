@@ -17,13 +17,16 @@ const CHUNK: usize = 64 * 1024;
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let result = match args.get(1).map(String::as_str) {
-        Some("serve") => serve(args[2].parse().expect("port")),
+        Some("serve") => serve(args[2].parse().expect("port"), args.get(3).map(String::as_str) == Some("sink")),
+        Some("throughput") => throughput(args[2].parse().expect("address"), args[3].parse().expect("bytes")),
+        Some("rr") => round_trips(args[2].parse().expect("address"), args[3].parse().expect("count")),
+        Some("cps") => connections_per_second(args[2].parse().expect("address"), args[3].parse().expect("seconds")),
         Some("client") => client(
             args[2].parse().expect("address"),
             args[3].parse().expect("bytes"),
             args.get(4).map(|c| c.parse().expect("connections")).unwrap_or(1),
         ),
-        _ => Err("usage: mesh-testbin serve PORT | client ADDR BYTES [CONNS]".into()),
+        _ => Err("usage: mesh-testbin serve PORT [sink] | client ADDR BYTES [CONNS] | throughput ADDR BYTES | rr ADDR COUNT | cps ADDR SECONDS".into()),
     };
     if let Err(e) = result {
         eprintln!("mesh-testbin: {e}");
@@ -33,7 +36,8 @@ fn main() {
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
-fn serve(port: u16) -> Result<()> {
+/// `sink`: read and discard until EOF, then answer with the byte count (for one-way throughput).
+fn serve(port: u16, sink: bool) -> Result<()> {
     let socket = std::net::TcpListener::bind(("::", port)).or_else(|_| TcpListener::bind(("0.0.0.0", port)))?;
     println!("listening {}", socket.local_addr()?);
     for conn in socket.incoming() {
@@ -49,15 +53,20 @@ fn serve(port: u16) -> Result<()> {
                 return;
             }
             let mut buf = vec![0u8; CHUNK];
+            let mut total = 0u64;
             loop {
                 match conn.read(&mut buf) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
-                        if conn.write_all(&buf[..n]).is_err() {
+                        total += n as u64;
+                        if !sink && conn.write_all(&buf[..n]).is_err() {
                             return;
                         }
                     }
                 }
+            }
+            if sink {
+                let _ = conn.write_all(format!("{total}\n").as_bytes());
             }
             let _ = conn.shutdown(Shutdown::Write);
         })?;
@@ -138,6 +147,71 @@ fn client(addr: SocketAddr, bytes: u64, conns: usize) -> Result<()> {
         failures.iter().take(5).collect::<Vec<_>>(),
     );
     if ok == conns { Ok(()) } else { Err(format!("{} of {conns} connections failed", conns - ok).into()) }
+}
+
+fn connect_to(addr: SocketAddr) -> Result<(TcpStream, BufReader<TcpStream>)> {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_nodelay(true)?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut header = String::new();
+    reader.read_line(&mut header)?;
+    Ok((stream, reader))
+}
+
+/// One-way bulk transfer to a `sink` server; prints {"bytes", "seconds", "gbitPerSecond"}.
+fn throughput(addr: SocketAddr, bytes: u64) -> Result<()> {
+    let (mut stream, mut reader) = connect_to(addr)?;
+    let buf = vec![0x5au8; 256 * 1024];
+    let start = std::time::Instant::now();
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        stream.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    stream.shutdown(Shutdown::Write)?;
+    let mut ack = String::new();
+    reader.read_line(&mut ack)?;
+    let seconds = start.elapsed().as_secs_f64();
+    let received: u64 = ack.trim().parse()?;
+    if received != bytes {
+        return Err(format!("sink received {received} of {bytes} bytes").into());
+    }
+    println!("{{\"bytes\":{bytes},\"seconds\":{seconds},\"gbitPerSecond\":{}}}", bytes as f64 * 8.0 / seconds / 1e9);
+    Ok(())
+}
+
+/// `count` 64-byte request/response round trips on one connection to an echo server; prints percentiles in µs.
+fn round_trips(addr: SocketAddr, count: usize) -> Result<()> {
+    let (mut stream, mut reader) = connect_to(addr)?;
+    let request = [7u8; 64];
+    let mut response = [0u8; 64];
+    let mut samples = Vec::with_capacity(count);
+    for _ in 0..count {
+        let start = std::time::Instant::now();
+        stream.write_all(&request)?;
+        reader.read_exact(&mut response)?;
+        samples.push(start.elapsed().as_secs_f64() * 1e6);
+    }
+    samples.sort_by(f64::total_cmp);
+    let pct = |p: f64| samples[((samples.len() - 1) as f64 * p) as usize];
+    println!("{{\"count\":{count},\"p50Us\":{},\"p99Us\":{}}}", pct(0.50), pct(0.99));
+    Ok(())
+}
+
+/// New connections for `seconds`: connect, receive the server's first line (a full round trip through every
+/// hop), close. Prints the rate.
+fn connections_per_second(addr: SocketAddr, seconds: f64) -> Result<()> {
+    let start = std::time::Instant::now();
+    let mut done = 0u64;
+    while start.elapsed().as_secs_f64() < seconds {
+        let (stream, _reader) = connect_to(addr)?;
+        drop(stream);
+        done += 1;
+    }
+    println!("{{\"connections\":{done},\"perSecond\":{}}}", done as f64 / start.elapsed().as_secs_f64());
+    Ok(())
 }
 
 fn transfer(stream: TcpStream, bytes: u64, seed: u64) -> Result<Outcome> {
