@@ -482,6 +482,11 @@ impl Cluster {
     /// Writes a NodeConfig listing `workloads` (pod, service account) plus `extra` YAML; returns its path.
     /// Every pod gets the label `app: <pod name>`.
     pub fn write_config(&self, workloads: &[(&Pod, &str)], extra: &str) -> Result<PathBuf> {
+        self.write_config_as("node-config.yaml", workloads, extra)
+    }
+
+    /// The same under another file name (agents with different views of the mesh).
+    pub fn write_config_as(&self, file: &str, workloads: &[(&Pod, &str)], extra: &str) -> Result<PathBuf> {
         let mut yaml = String::from("workloads:\n");
         for (pod, sa) in workloads {
             yaml.push_str(&format!(
@@ -490,7 +495,7 @@ impl Cluster {
             ));
         }
         yaml.push_str(extra);
-        let path = self.tmp.join("node-config.yaml");
+        let path = self.tmp.join(file);
         std::fs::write(&path, yaml)?;
         Ok(path)
     }

@@ -356,3 +356,26 @@ fn registry_only_refuses_unknown_destinations() {
     let denied = [("pod", "client"), ("direction", "outbound"), ("reason", "registry_only")];
     assert_eq!(c.metric(0, "nodemesh_tcp_connections_denied_total", &denied).unwrap(), 1.0);
 }
+
+/// The source agent insists on the destination identity it expects: a destination presenting another one
+/// (here: the two agents disagree about the server's service account) gets no traffic.
+#[test]
+fn destination_with_unexpected_identity_is_refused() {
+    let mut c = cluster!(2);
+    let client = c.add_pod(0, "client").unwrap();
+    let server = c.add_pod(1, "server").unwrap();
+    let ca = c.init_ca().unwrap();
+    let expected = c.write_config_as("source.yaml", &[(&client, "client-sa"), (&server, "expected-sa")], "").unwrap();
+    let actual =
+        c.write_config_as("destination.yaml", &[(&client, "client-sa"), (&server, "impostor-sa")], "").unwrap();
+    c.start_agent_with(0, &["--ca-dir", ca.to_str().unwrap(), "--config", expected.to_str().unwrap()]).unwrap();
+    c.start_agent_with(1, &["--ca-dir", ca.to_str().unwrap(), "--config", actual.to_str().unwrap()]).unwrap();
+    c.enroll(&client).unwrap();
+    c.enroll(&server).unwrap();
+    c.serve(&server, 8080).unwrap();
+    let r = c.client(&client, addr(server.ipv4, 8080), 4 * KIB, 1).unwrap();
+    assert!(!r.success, "reached a server with the wrong identity: {:?}", r.json);
+    let tls = c.metric(0, "nodemesh_tcp_connection_failures_total", &[("pod", "client"), ("reason", "tls")]).unwrap();
+    assert_eq!(tls, 1.0);
+    assert_eq!(opened(&c, 1, &server, "inbound", "mutual_tls"), 0.0);
+}

@@ -8,7 +8,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
@@ -27,6 +27,8 @@ use crate::netns::NetNs;
 use crate::tunnels::{TunnelGuard, TunnelView};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A pooled connection without streams for this long is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {
@@ -70,6 +72,19 @@ struct Conn {
     serial: String,
     streams: AtomicUsize,
     closed: Arc<AtomicBool>,
+    /// When the last stream ended.
+    idle_since: Mutex<Instant>,
+}
+
+impl Conn {
+    /// Still worth keeping: open, and either busy, recently used, or made with the current certificate.
+    fn keep(&self, now: Instant) -> bool {
+        if self.closed.load(Ordering::Acquire) {
+            return false;
+        }
+        self.streams.load(Ordering::Acquire) > 0
+            || now.duration_since(*self.idle_since.lock().unwrap_or_else(|p| p.into_inner())) < IDLE_TIMEOUT
+    }
 }
 
 /// Keeps a pooled connection's stream slot while a tunnelled connection uses it.
@@ -77,7 +92,9 @@ pub struct StreamSlot(Arc<Conn>);
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
-        self.0.streams.fetch_sub(1, Ordering::AcqRel);
+        if self.0.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.0.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        }
     }
 }
 
@@ -138,12 +155,17 @@ impl Pool {
 
     /// A live connection made with the current certificate and room for one more stream (slot taken).
     fn checkout(&self, key: &Key, serial: &str) -> Option<Arc<Conn>> {
+        let now = Instant::now();
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        let list = conns.get_mut(key)?;
-        // Dead connections, and idle ones made with a rotated certificate, leave the pool.
-        list.retain(|c| {
-            !c.closed.load(Ordering::Acquire) && (c.serial == serial || c.streams.load(Ordering::Acquire) > 0)
+        // Dead and long-idle connections leave the pool (dropping the last handle closes them gracefully), here
+        // for every destination: the pool stays small, so this is cheap.
+        conns.retain(|_, list| {
+            list.retain(|c| c.keep(now));
+            !list.is_empty()
         });
+        let list = conns.get_mut(key)?;
+        // Idle connections made with a rotated certificate leave too.
+        list.retain(|c| c.serial == serial || c.streams.load(Ordering::Acquire) > 0);
         list.iter()
             .find(|c| {
                 c.serial == serial
@@ -225,8 +247,13 @@ impl Pool {
             drop(guard);
         });
         // The dialler's own stream is the first one on the connection.
-        let conn =
-            Arc::new(Conn { sender, serial: src.cert.svid.serial.clone(), streams: AtomicUsize::new(1), closed });
+        let conn = Arc::new(Conn {
+            sender,
+            serial: src.cert.svid.serial.clone(),
+            streams: AtomicUsize::new(1),
+            closed,
+            idle_since: Mutex::new(Instant::now()),
+        });
         self.conns.lock().unwrap_or_else(|p| p.into_inner()).entry(key.clone()).or_default().push(conn.clone());
         Ok(conn)
     }
