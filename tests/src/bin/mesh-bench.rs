@@ -78,7 +78,9 @@ fn main() -> Result<()> {
     let testbin = bin_dir.join("mesh-testbin");
     let testbin = testbin.to_str().context("path")?;
     let mut results = Vec::new();
-    {
+    // NODEMESH_BENCH_ONLY=mtls skips the first two paths (for profiling the tunnel alone).
+    let only_mtls = std::env::var("NODEMESH_BENCH_ONLY").as_deref() == Ok("mtls");
+    if !only_mtls {
         let mut c = Cluster::new(2, testbin)?.context("the bench needs root, cgroup v2 and bpffs")?;
         c.agent_log = "warn".into();
         let (dc, ds) = pair(&mut c, "direct")?;
@@ -108,6 +110,13 @@ fn main() -> Result<()> {
     }
 
     let direct = &results[0];
+    if only_mtls {
+        println!(
+            "mTLS HBONE: {:.2} Gbit/s, RTT p50 {:.0} µs, {:.0} conn/s",
+            direct.gbit_per_second, direct.rr_p50_us, direct.connections_per_second
+        );
+        return Ok(());
+    }
     println!(
         "\n{:<24} {:>14} {:>16} {:>16} {:>14} {:>10}",
         "path", "Gbit/s (1 TCP)", "RTT p50 µs", "RTT p99 µs", "conn/s", "agent MiB"
