@@ -5,6 +5,7 @@ pub mod admin;
 pub mod capture;
 pub mod cni_plugin;
 pub mod cni_server;
+pub mod controller;
 pub mod hbone;
 pub mod identity;
 pub mod inpod;

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use mesh_agent::capture::{self, Capture};
+use mesh_agent::controller::ControllerClient;
 use mesh_agent::identity::{LocalCa, SecretManager};
 use mesh_agent::state::AgentState;
 use mesh_agent::{admin, cni_server, inpod, node};
@@ -22,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent: load and attach capture, serve enrolled pods, the CNI socket, admin API and metrics.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Remove every pin (which detaches all programs) and undo the routing set up in enrolled pods.
     Cleanup(PathArgs),
     /// Manage a local certificate authority.
@@ -70,8 +71,15 @@ struct RunArgs {
     /// Unix socket the nodemesh-cni plugin connects to.
     #[arg(long, env = "NODEMESH_CNI_SOCKET", default_value = DEFAULT_AGENT_SOCKET)]
     cni_socket: PathBuf,
-    /// Directory of a local CA (ca.key, ca.crt, optional root.crt) that signs workload certificates. Without
-    /// it there are no identities and all traffic stays plaintext L4.
+    /// The controller's gRPC address (e.g. `http://mesh-controller.nodemesh-system:15012`): the normal mode.
+    /// Config and certificates then come from it; `--config` only seeds the config until it answers.
+    #[arg(long, env = "NODEMESH_CONTROLLER", conflicts_with = "ca_dir")]
+    controller: Option<String>,
+    /// File with the bootstrap token for the controller.
+    #[arg(long, env = "NODEMESH_TOKEN_FILE", requires = "controller")]
+    token_file: Option<PathBuf>,
+    /// Directory of a local CA (ca.key, ca.crt, optional root.crt) that signs workload certificates (offline
+    /// mode). Without it or a controller there are no identities and all traffic stays plaintext L4.
     #[arg(long, env = "NODEMESH_CA_DIR")]
     ca_dir: Option<PathBuf>,
     /// Lifetime of workload certificates; they are renewed at half of it.
@@ -85,7 +93,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(args) => tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args)),
+        Command::Run(args) => tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(*args)),
         Command::Cleanup(args) => cleanup(&args),
         Command::Ca(CaCommand::Init { dir, trust_domain }) => {
             LocalCa::init(&dir, &trust_domain)?;
@@ -113,18 +121,33 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     std::fs::create_dir_all(&args.paths.state_dir)
         .with_context(|| format!("creating state dir {}", args.paths.state_dir.display()))?;
-    let secrets = match &args.ca_dir {
-        Some(dir) => {
+    let controller = match &args.controller {
+        Some(url) => {
+            let token_file = args.token_file.as_ref().context("--controller needs --token-file")?;
+            let token = std::fs::read_to_string(token_file)
+                .with_context(|| format!("reading the bootstrap token {}", token_file.display()))?;
+            Some(ControllerClient::new(url, token.trim().to_string(), args.node.clone())?)
+        }
+        None => None,
+    };
+    let secrets = match (&controller, &args.ca_dir) {
+        (Some(client), _) => Some(SecretManager::new(std::sync::Arc::new(client.clone()), args.cert_lifetime)?),
+        (None, Some(dir)) => {
             let ca = LocalCa::load(dir).context("loading the CA (create one with `mesh-agent ca init DIR`)")?;
             Some(SecretManager::new(std::sync::Arc::new(ca), args.cert_lifetime)?)
         }
-        None => {
-            tracing::warn!("no --ca-dir: no workload identities, meshed traffic stays plaintext");
+        (None, None) => {
+            tracing::warn!("no --controller or --ca-dir: no workload identities, meshed traffic stays plaintext");
             None
         }
     };
     let state = AgentState::new(args.node, capture, config.clone(), args.paths.state_dir.join("pods.json"), secrets);
     state.set_config(config).context("applying capture exclusions")?;
+    // Config from the controller replaces the seed above once it arrives; until then the agent is not ready.
+    if let Some(client) = controller {
+        state.expect_config();
+        tokio::spawn(client.run_config_stream(state.clone()));
+    }
     state.capture().set_node_addresses(&node::local_addresses()?).context("recording node addresses")?;
 
     let admin = TcpListener::bind(args.admin).await.with_context(|| format!("admin address {}", args.admin))?;

@@ -28,6 +28,8 @@ struct Inner {
     metrics: Metrics,
     state_file: PathBuf,
     capture_ready: AtomicBool,
+    /// False until a controller-fed agent has its first config.
+    config_ready: AtomicBool,
     /// Present when a CA is configured: then meshed traffic travels in mTLS tunnels.
     secrets: Option<SecretManager>,
     pool: Pool,
@@ -73,6 +75,7 @@ impl AgentState {
                 metrics,
                 state_file,
                 capture_ready: AtomicBool::new(false),
+                config_ready: AtomicBool::new(true),
                 secrets,
                 pool: Pool::default(),
                 tunnels: Tunnels::default(),
@@ -142,9 +145,18 @@ impl AgentState {
         self.inner.capture_ready.store(true, Ordering::Release);
     }
 
+    /// For an agent fed by the controller: not ready until the first config arrives.
+    pub fn expect_config(&self) {
+        self.inner.config_ready.store(false, Ordering::Release);
+    }
+
+    pub fn set_config_ready(&self) {
+        self.inner.config_ready.store(true, Ordering::Release);
+    }
+
     /// Ready when the programs are attached, config is loaded and the enrolled pods were re-adopted.
     pub fn ready(&self) -> bool {
-        self.inner.capture_ready.load(Ordering::Acquire)
+        self.inner.capture_ready.load(Ordering::Acquire) && self.inner.config_ready.load(Ordering::Acquire)
     }
 
     pub fn workloads(&self) -> Vec<WorkloadView> {

@@ -13,3 +13,13 @@ pub mod cni;
 pub mod config;
 #[cfg(feature = "user")]
 pub mod policy;
+
+/// The controller <-> agent API (`proto/nodemesh.proto`).
+#[cfg(feature = "grpc")]
+pub mod proto {
+    #![allow(clippy::all)]
+    tonic::include_proto!("nodemesh.v1");
+}
+
+#[cfg(feature = "grpc")]
+pub mod resources;

@@ -26,6 +26,9 @@ static SEQUENCE: AtomicU32 = AtomicU32::new(0);
 static SWEEP: Once = Once::new();
 const PREFIX: &str = "nmt";
 pub const ADMIN: &str = "127.0.0.1:15000";
+/// The controller runs in the fabric netns, reachable from every node.
+pub const CONTROLLER_IP: &str = "10.200.0.254";
+pub const CONTROLLER_PORT: u16 = 15012;
 pub const METRICS: &str = "127.0.0.1:15020";
 
 pub struct Node {
@@ -72,6 +75,7 @@ pub struct Cluster {
     testbin: PathBuf,
     /// `RUST_LOG` of the agents: debug for tests (post-mortems), quieter for the bench.
     pub agent_log: String,
+    controller: Option<usize>,
 }
 
 /// What `mesh-testbin client` reported.
@@ -216,6 +220,7 @@ impl Cluster {
             bin_dir: bin_dir()?,
             testbin: PathBuf::from(testbin),
             agent_log: "info,mesh_agent=debug".into(),
+            controller: None,
         };
         cluster.build(nodes)?;
         Ok(Some(cluster))
@@ -231,6 +236,7 @@ impl Cluster {
         let fabric = self.fabric.clone();
         self.add_netns(&fabric)?;
         ip(&fabric, "link add br0 type bridge")?;
+        ip(&fabric, &format!("addr add {CONTROLLER_IP}/24 dev br0"))?;
         ip(&fabric, "link set br0 up")?;
         for i in 1..=count as u8 {
             let netns = format!("{}-n{i}", self.id);
@@ -498,6 +504,106 @@ impl Cluster {
         let path = self.tmp.join(file);
         std::fs::write(&path, yaml)?;
         Ok(path)
+    }
+
+    /// Directory the controller's `dir:` source watches (created on first use).
+    pub fn objects_dir(&self) -> Result<PathBuf> {
+        let dir = self.tmp.join("objects");
+        std::fs::create_dir_all(&dir)?;
+        Ok(dir)
+    }
+
+    /// Writes (or with `None` removes) one YAML file of Kubernetes objects for the controller.
+    pub fn write_objects(&self, file: &str, yaml: Option<&str>) -> Result<()> {
+        let path = self.objects_dir()?.join(file);
+        match yaml {
+            // Write then rename: the controller never reads half a file.
+            Some(yaml) => {
+                let tmp = path.with_extension("tmp");
+                std::fs::write(&tmp, yaml)?;
+                std::fs::rename(&tmp, &path)?;
+            }
+            None => std::fs::remove_file(&path)?,
+        }
+        Ok(())
+    }
+
+    /// Pod objects as the API server would show them (node, service account, IPs, `app` label).
+    pub fn pod_objects(&self, pods: &[(&Pod, &str)]) -> String {
+        pods.iter()
+            .map(|(p, sa)| {
+                format!(
+                    "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {}, labels: {{app: {}}}}}\n\
+                     spec: {{nodeName: {}, serviceAccountName: {sa}}}\n\
+                     status: {{phase: Running, podIPs: [{{ip: {}}}, {{ip: \"{}\"}}]}}\n",
+                    p.name, p.namespace, p.name, self.nodes[p.node].name, p.ipv4, p.ipv6
+                )
+            })
+            .collect()
+    }
+
+    /// The bootstrap token file agents and controller share.
+    pub fn token_file(&self) -> Result<PathBuf> {
+        let path = self.tmp.join("bootstrap-token");
+        if !path.exists() {
+            std::fs::write(&path, format!("token-{}-0123456789abcdef", self.id))?;
+        }
+        Ok(path)
+    }
+
+    /// Starts `mesh-controller --source dir:<objects>` in the fabric netns and waits until it accepts connections.
+    pub fn start_controller(&mut self) -> Result<()> {
+        let cgroup = self.cgroup_root.join("controller");
+        std::fs::create_dir_all(&cgroup)?;
+        let mut cmd = Command::new(self.bin_dir.join("mesh-controller"));
+        cmd.arg("--source")
+            .arg(format!("dir:{}", self.objects_dir()?.display()))
+            .arg("--listen")
+            .arg(format!("{CONTROLLER_IP}:{CONTROLLER_PORT}"))
+            .arg("--ca-dir")
+            .arg(self.tmp.join("controller-ca"))
+            .arg("--token-file")
+            .arg(self.token_file()?)
+            .env("RUST_LOG", "info,mesh_controller=debug");
+        let label = format!("controller-{}", self.processes.len());
+        let fabric = self.fabric.clone();
+        let idx = self.spawn(&label, &Placement { netns: &fabric, cgroup: &cgroup }, &mut cmd)?;
+        self.controller = Some(idx);
+        let target: SocketAddr = format!("{CONTROLLER_IP}:{CONTROLLER_PORT}").parse()?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let up = sys::in_netns(&fabric, move || {
+                std::net::TcpStream::connect_timeout(&target, Duration::from_millis(200)).is_ok()
+            })?;
+            if up {
+                return Ok(());
+            }
+            if let Some(Some(p)) = self.processes.get_mut(idx) {
+                if let Some(status) = p.child.try_wait()? {
+                    bail!("controller exited during start-up ({status}):\n{}", tail(&p.log, 30));
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("controller not listening after 20s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn kill_controller(&mut self) -> Result<()> {
+        let idx = self.controller.take().context("controller not running")?;
+        if let Some(mut p) = self.processes[idx].take() {
+            p.child.kill()?;
+            p.child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Starts the node's agent fed by the controller.
+    pub fn start_agent_with_controller(&mut self, node: usize) -> Result<()> {
+        let url = format!("http://{CONTROLLER_IP}:{CONTROLLER_PORT}");
+        let token = self.token_file()?;
+        self.start_agent_with(node, &["--controller", &url, "--token-file", token.to_str().context("path")?])
     }
 
     /// Sends `signal` to the node's agent (SIGHUP reloads its config).

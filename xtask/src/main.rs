@@ -18,6 +18,8 @@ const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     // Network namespaces and policy routing in tests and in enrolled pods.
     "iproute2",
+    // protoc, for the gRPC API between controller and agents (tonic-prost-build).
+    "protobuf-compiler",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 

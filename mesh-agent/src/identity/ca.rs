@@ -60,7 +60,8 @@ fn read(dir: &Path, name: &str) -> Result<String, CaError> {
     std::fs::read_to_string(&path).map_err(|e| CaError::Io(path.display().to_string(), e))
 }
 
-fn pem_certs(pem: &str, origin: &str) -> Result<Vec<CertificateDer<'static>>, CaError> {
+/// The CERTIFICATE blocks of a PEM text (`origin` names it in errors).
+pub fn pem_certs(pem: &str, origin: &str) -> Result<Vec<CertificateDer<'static>>, CaError> {
     let certs: Vec<CertificateDer<'static>> = rustls_pemfile_certs(pem);
     if certs.is_empty() {
         return Err(CaError::Material(origin.to_string(), "no CERTIFICATE block".into()));

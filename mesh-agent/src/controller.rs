@@ -1,0 +1,152 @@
+//! The agent's side of the controller API: the config stream (apply, acknowledge, keep the last good config
+//! while the controller is away, reconnect with backoff) and certificate signing through the controller's CA.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use mesh_common::proto::certificate_service_client::CertificateServiceClient;
+use mesh_common::proto::config_discovery_client::ConfigDiscoveryClient;
+use mesh_common::proto::{Ack, ConfigRequest, Hello, SignRequest, config_request};
+use mesh_common::resources::Assembler;
+use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+
+use crate::identity::ca::{SignFuture, pem_certs};
+use crate::identity::{CaError, CertificateAuthority, Identity};
+use crate::state::AgentState;
+
+pub const NODE_HEADER: &str = "x-nodemesh-node";
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// How to reach and authenticate to the controller.
+#[derive(Clone)]
+pub struct ControllerClient {
+    channel: Channel,
+    token: Arc<str>,
+    node: Arc<str>,
+    /// Roots from the config stream, for [`CertificateAuthority::trust_bundle`].
+    bundle: Arc<RwLock<Vec<CertificateDer<'static>>>>,
+}
+
+/// Adds the bootstrap token and node name to every call.
+type AuthInterceptor = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send + Sync>;
+type Authenticated = InterceptedService<Channel, AuthInterceptor>;
+
+impl ControllerClient {
+    /// Connects lazily: the agent starts (and serves its last state) whether or not the controller is up.
+    pub fn new(url: &str, token: String, node: String) -> anyhow::Result<Self> {
+        let channel = Endpoint::from_shared(url.to_string())?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .connect_lazy();
+        Ok(ControllerClient { channel, token: token.into(), node: node.into(), bundle: Default::default() })
+    }
+
+    fn authenticated(&self) -> Result<Authenticated, Status> {
+        let auth: MetadataValue<_> =
+            format!("Bearer {}", self.token).parse().map_err(|_| Status::internal("token is not a header value"))?;
+        let node: MetadataValue<_> =
+            self.node.parse().map_err(|_| Status::internal("node name is not a header value"))?;
+        let interceptor: AuthInterceptor = Box::new(move |mut req: Request<()>| {
+            req.metadata_mut().insert("authorization", auth.clone());
+            req.metadata_mut().insert(NODE_HEADER, node.clone());
+            Ok(req)
+        });
+        Ok(InterceptedService::new(self.channel.clone(), interceptor))
+    }
+
+    /// Keeps the config stream up for as long as the agent runs.
+    pub async fn run_config_stream(self, state: AgentState) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match self.config_stream_once(&state, &mut backoff).await {
+                Ok(()) => tracing::warn!("controller closed the config stream; reconnecting"),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "controller unreachable; keeping the last good config")
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    async fn config_stream_once(&self, state: &AgentState, backoff: &mut Duration) -> Result<(), Status> {
+        let mut client = ConfigDiscoveryClient::new(self.authenticated()?);
+        let (tx, rx) = mpsc::channel(4);
+        let hello = ConfigRequest { kind: Some(config_request::Kind::Hello(Hello { node: self.node.to_string() })) };
+        let _ = tx.send(hello).await;
+        let mut updates = client.stream_config(ReceiverStream::new(rx)).await?.into_inner();
+        let mut assembler = Assembler::default();
+        while let Some(update) = updates.message().await? {
+            if !update.trust_bundle_pem.is_empty() {
+                self.set_trust_bundle(state, &update.trust_bundle_pem);
+            }
+            let result = assembler
+                .apply(update.full, &update.upserts, &update.removals, &update.version)
+                .map_err(|e| e.to_string())
+                .and_then(|config| state.set_config(config).map_err(|e| e.to_string()));
+            let error = match result {
+                Ok(()) => {
+                    tracing::info!(version = %update.version, full = update.full, "config from controller applied");
+                    state.set_config_ready();
+                    *backoff = Duration::from_millis(200);
+                    String::new()
+                }
+                Err(e) => {
+                    tracing::error!(version = %update.version, error = %e, "config from controller rejected; keeping the previous one");
+                    e
+                }
+            };
+            let ack = ConfigRequest { kind: Some(config_request::Kind::Ack(Ack { version: update.version, error })) };
+            if tx.send(ack).await.is_err() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn set_trust_bundle(&self, state: &AgentState, pem: &[u8]) {
+        let roots = match pem_certs(&String::from_utf8_lossy(pem), "controller") {
+            Ok(r) => r,
+            Err(e) => return tracing::error!(error = %e, "bad trust bundle from controller"),
+        };
+        if let Some(secrets) = state.secrets() {
+            if let Err(e) = secrets.bundle().set(&roots) {
+                return tracing::error!(error = %e, "cannot use the controller's trust bundle");
+            }
+        }
+        *self.bundle.write().unwrap_or_else(|p| p.into_inner()) = roots;
+    }
+}
+
+impl CertificateAuthority for ControllerClient {
+    fn sign<'a>(
+        &'a self,
+        identity: &'a Identity,
+        csr: CertificateSigningRequestDer<'a>,
+        lifetime: Duration,
+    ) -> SignFuture<'a> {
+        Box::pin(async move {
+            let fail = |e: Status| CaError::Sign(identity.to_string(), format!("controller: {}", e.message()));
+            let mut client = CertificateServiceClient::new(self.authenticated().map_err(fail)?);
+            let request = SignRequest {
+                identity: identity.to_string(),
+                csr_der: csr.as_ref().to_vec(),
+                lifetime_seconds: lifetime.as_secs(),
+            };
+            let response = client.sign(request).await.map_err(fail)?.into_inner();
+            Ok(response.chain_der.into_iter().map(CertificateDer::from).collect())
+        })
+    }
+
+    fn trust_bundle(&self) -> Vec<CertificateDer<'static>> {
+        self.bundle.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}

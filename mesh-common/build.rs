@@ -1,0 +1,11 @@
+//! Compiles the gRPC API when the `grpc` feature is on (never for the eBPF build, which has no use for it).
+
+fn main() {
+    println!("cargo:rerun-if-changed=proto/nodemesh.proto");
+    #[cfg(feature = "grpc")]
+    if let Err(e) = tonic_prost_build::configure().compile_protos(&["proto/nodemesh.proto"], &["proto"]) {
+        panic!(
+            "\n\ncompiling proto/nodemesh.proto failed: {e}\nprotoc comes with Debian's protobuf-compiler (`cargo xtask setup` installs it)\n\n"
+        );
+    }
+}

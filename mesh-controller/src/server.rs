@@ -1,0 +1,206 @@
+//! The gRPC API agents talk to: the config stream (versioned, acknowledged, deltas after the first update) and
+//! the certificate service (node-bound signing).
+//!
+//! Authentication today: a bootstrap token shared by the agents (`--token-file`), sent as
+//! `authorization: Bearer <token>` with the node name in `x-nodemesh-node`. The token proves membership, not the
+//! node: a holder can claim any node, as with kubelet bootstrap tokens. Kubernetes mode replaces it with
+//! service-account tokens checked through TokenReview.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use mesh_agent::identity::{CertificateAuthority, Identity};
+use mesh_common::proto::certificate_service_server::{CertificateService, CertificateServiceServer};
+use mesh_common::proto::config_discovery_server::{ConfigDiscovery, ConfigDiscoveryServer};
+use mesh_common::proto::{ConfigRequest, ConfigUpdate, ResourceKey, SignRequest, SignResponse, config_request};
+use mesh_common::resources::{self, Key};
+use rustls::pki_types::CertificateSigningRequestDer;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::source::Snapshots;
+
+pub const NODE_HEADER: &str = "x-nodemesh-node";
+const MIN_LIFETIME: Duration = Duration::from_secs(60);
+const MAX_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
+const DEFAULT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Clone)]
+pub struct Controller {
+    snapshots: Snapshots,
+    ca: Arc<dyn CertificateAuthority>,
+    trust_domain: String,
+    /// One counter for every update sent: versions are unique and increase.
+    versions: Arc<AtomicU64>,
+}
+
+impl Controller {
+    pub fn new(snapshots: Snapshots, ca: Arc<dyn CertificateAuthority>, trust_domain: String) -> Self {
+        Controller { snapshots, ca, trust_domain, versions: Arc::new(AtomicU64::new(0)) }
+    }
+
+    /// Both services, behind the bootstrap-token check.
+    pub fn router(self, token: String) -> tonic::service::Routes {
+        let token = Arc::new(format!("Bearer {token}"));
+        let check = move |req: Request<()>| -> Result<Request<()>, Status> {
+            let presented = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
+            if presented != Some(token.as_str()) {
+                return Err(Status::unauthenticated("a valid bootstrap token is required"));
+            }
+            Ok(req)
+        };
+        tonic::service::Routes::new(ConfigDiscoveryServer::with_interceptor(self.clone(), check.clone()))
+            .add_service(CertificateServiceServer::with_interceptor(self, check))
+    }
+
+    fn trust_bundle_pem(&self) -> Vec<u8> {
+        let blocks: Vec<pem::Pem> =
+            self.ca.trust_bundle().iter().map(|der| pem::Pem::new("CERTIFICATE", der.to_vec())).collect();
+        pem::encode_many(&blocks).into_bytes()
+    }
+}
+
+fn node_of<T>(req: &Request<T>) -> Result<String, Status> {
+    req.metadata()
+        .get(NODE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|n| !n.is_empty())
+        .map(String::from)
+        .ok_or_else(|| Status::invalid_argument(format!("the {NODE_HEADER} header names the calling node")))
+}
+
+type UpdateStream = Pin<Box<dyn Stream<Item = Result<ConfigUpdate, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ConfigDiscovery for Controller {
+    type StreamConfigStream = UpdateStream;
+
+    async fn stream_config(
+        &self,
+        request: Request<Streaming<ConfigRequest>>,
+    ) -> Result<Response<UpdateStream>, Status> {
+        let header_node = node_of(&request)?;
+        let mut inbound = request.into_inner();
+        let node = match inbound.message().await? {
+            Some(ConfigRequest { kind: Some(config_request::Kind::Hello(hello)) }) => hello.node,
+            _ => return Err(Status::invalid_argument("the stream must start with Hello")),
+        };
+        if node != header_node {
+            return Err(Status::permission_denied(format!("Hello names {node} but the caller is {header_node}")));
+        }
+        let (tx, rx) = mpsc::channel(8);
+        tokio::spawn(serve_node(self.clone(), node, inbound, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Feeds one agent: a full update first, then deltas whenever its node's config changes.
+async fn serve_node(
+    controller: Controller,
+    node: String,
+    mut inbound: Streaming<ConfigRequest>,
+    tx: mpsc::Sender<Result<ConfigUpdate, Status>>,
+) {
+    tracing::info!(%node, "agent connected");
+    let mut snapshots = controller.snapshots.clone();
+    let mut sent: Option<BTreeMap<Key, Vec<u8>>> = None;
+    loop {
+        let mesh = snapshots.borrow_and_update().clone();
+        let now = resources::split(&mesh.node_config(&node, &controller.trust_domain));
+        if let Some(update) = diff(sent.as_ref(), &now) {
+            let version = controller.versions.fetch_add(1, Ordering::Relaxed) + 1;
+            let update = ConfigUpdate {
+                version: version.to_string(),
+                trust_bundle_pem: if sent.is_none() { controller.trust_bundle_pem() } else { Vec::new() },
+                ..update
+            };
+            tracing::debug!(%node, version, upserts = update.upserts.len(), removals = update.removals.len(), "sending config");
+            if tx.send(Ok(update)).await.is_err() {
+                break;
+            }
+            sent = Some(now);
+        }
+        tokio::select! {
+            changed = snapshots.changed() => if changed.is_err() { break },
+            message = inbound.message() => match message {
+                Ok(Some(ConfigRequest { kind: Some(config_request::Kind::Ack(ack)) })) => {
+                    if ack.error.is_empty() {
+                        tracing::debug!(%node, version = %ack.version, "config applied");
+                    } else {
+                        tracing::warn!(%node, version = %ack.version, error = %ack.error, "agent rejected config");
+                    }
+                }
+                Ok(Some(_)) => tracing::debug!(%node, "ignoring unexpected message"),
+                Ok(None) | Err(_) => break,
+            },
+        }
+    }
+    tracing::info!(%node, "agent disconnected");
+}
+
+/// What changed between what the agent has (`None`: nothing yet) and `now`; `None` when nothing did.
+fn diff(sent: Option<&BTreeMap<Key, Vec<u8>>>, now: &BTreeMap<Key, Vec<u8>>) -> Option<ConfigUpdate> {
+    let Some(sent) = sent else {
+        let upserts = now.iter().map(|(k, v)| resources::to_proto(k, v)).collect();
+        return Some(ConfigUpdate { full: true, upserts, ..Default::default() });
+    };
+    let upserts: Vec<_> =
+        now.iter().filter(|(k, v)| sent.get(*k) != Some(*v)).map(|(k, v)| resources::to_proto(k, v)).collect();
+    let removals: Vec<_> = sent
+        .keys()
+        .filter(|k| !now.contains_key(*k))
+        .map(|(kind, name)| ResourceKey { kind: kind.clone(), name: name.clone() })
+        .collect();
+    (!upserts.is_empty() || !removals.is_empty()).then(|| ConfigUpdate { upserts, removals, ..Default::default() })
+}
+
+#[tonic::async_trait]
+impl CertificateService for Controller {
+    async fn sign(&self, request: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
+        let node = node_of(&request)?;
+        let req = request.into_inner();
+        let identity: Identity = req.identity.parse().map_err(|e| Status::invalid_argument(format!("{e}")))?;
+        if identity.trust_domain != self.trust_domain {
+            return Err(Status::permission_denied(format!("trust domain is {}", self.trust_domain)));
+        }
+        if !self.snapshots.borrow().has_pod(&node, &identity.namespace, &identity.service_account) {
+            tracing::warn!(%node, %identity, "refused to sign: no running meshed pod with this identity on the node");
+            return Err(Status::permission_denied(format!("{node} runs no meshed pod with identity {identity}")));
+        }
+        let lifetime = match req.lifetime_seconds {
+            0 => DEFAULT_LIFETIME,
+            s => Duration::from_secs(s).clamp(MIN_LIFETIME, MAX_LIFETIME),
+        };
+        let chain = self
+            .ca
+            .sign(&identity, CertificateSigningRequestDer::from(req.csr_der.as_slice()), lifetime)
+            .await
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        tracing::info!(%node, %identity, "signed workload certificate");
+        Ok(Response::new(SignResponse { chain_der: chain.iter().map(|c| c.to_vec()).collect() }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diffs_are_full_then_deltas() {
+        let a = BTreeMap::from([(("workload".into(), "x/a".into()), b"1".to_vec())]);
+        let mut b = a.clone();
+        b.insert(("workload".into(), "x/b".into()), b"2".to_vec());
+        let first = diff(None, &a).unwrap();
+        assert!(first.full && first.upserts.len() == 1);
+        assert!(diff(Some(&a), &a).is_none());
+        let added = diff(Some(&a), &b).unwrap();
+        assert!(!added.full && added.upserts.len() == 1 && added.removals.is_empty());
+        let removed = diff(Some(&b), &a).unwrap();
+        assert_eq!(removed.removals[0].name, "x/b");
+    }
+}

@@ -1,0 +1,12 @@
+//! Where cluster objects come from. Every source publishes complete snapshots on a watch channel; the rest of
+//! the controller only ever sees [`Mesh`] values.
+
+pub mod dir;
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::mesh::Mesh;
+
+pub type Snapshots = watch::Receiver<Arc<Mesh>>;

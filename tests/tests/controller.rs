@@ -1,0 +1,170 @@
+//! The controller (directory source) feeding real agents over gRPC, and its CA.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use mesh_common::proto::SignRequest;
+use mesh_common::proto::certificate_service_client::CertificateServiceClient;
+use mesh_tests::Cluster;
+use mesh_tests::cluster::{CONTROLLER_IP, CONTROLLER_PORT};
+
+const KIB: u64 = 1024;
+
+macro_rules! cluster {
+    ($nodes:expr) => {
+        match Cluster::new($nodes, env!("CARGO_BIN_EXE_mesh-testbin")).expect("creating the test cluster") {
+            Some(c) => c,
+            None => return,
+        }
+    };
+}
+
+fn addr(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}
+
+const NAMESPACES: &str = "\
+apiVersion: v1
+kind: Namespace
+metadata: {name: default, labels: {nodemesh.io/mesh: enabled}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {nodemesh.io/mesh: enabled}}
+";
+
+const DENY_CLIENT: &str = "\
+apiVersion: nodemesh.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: no-client, namespace: shop}
+spec:
+  selector: {matchLabels: {app: server}}
+  action: DENY
+  rules: [{from: [{principals: [cluster.local/ns/default/sa/client-sa]}]}]
+";
+
+fn policies_on(c: &Cluster, node: usize) -> usize {
+    c.admin(node, "/config_dump").unwrap()["config"]["authorizationPolicies"].as_array().map_or(0, Vec::len)
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Config and certificates come from the controller; a policy file added to (and removed from) the directory
+/// reaches the agent whose pods it concerns, and only that one.
+#[test]
+fn directory_source_drives_agents_over_grpc() {
+    let mut c = cluster!(2);
+    let client = c.add_pod(0, "client").unwrap();
+    let server = c.add_pod_in(1, "server", "shop").unwrap();
+    c.write_objects("namespaces.yaml", Some(NAMESPACES)).unwrap();
+    c.write_objects("pods.yaml", Some(&c.pod_objects(&[(&client, "client-sa"), (&server, "server-sa")]))).unwrap();
+    c.start_controller().unwrap();
+    c.start_agent_with_controller(0).unwrap();
+    c.start_agent_with_controller(1).unwrap();
+    c.enroll(&client).unwrap();
+    c.enroll(&server).unwrap();
+    c.serve(&server, 8080).unwrap();
+    let target = addr(server.ipv4, 8080);
+
+    let r = c.client(&client, target, 256 * KIB, 1).unwrap();
+    assert!(r.success && r.ok_connections() == 1, "{:?} {}", r.json, r.stderr);
+    let mtls = [("pod", "server"), ("direction", "inbound"), ("security", "mutual_tls")];
+    assert_eq!(c.metric(1, "nodemesh_tcp_connections_opened_total", &mtls).unwrap(), 1.0);
+    let certs = c.admin(0, "/certs").unwrap();
+    assert_eq!(certs["certificates"][0]["identity"], "spiffe://cluster.local/ns/default/sa/client-sa", "{certs}");
+
+    c.write_objects("policy.yaml", Some(DENY_CLIENT)).unwrap();
+    wait_for("the policy to reach the server's agent", || policies_on(&c, 1) == 1);
+    assert_eq!(policies_on(&c, 0), 0, "node 1 has no pod in namespace shop: it must not get shop's policies");
+    let denied = c.client(&client, target, 4 * KIB, 1).unwrap();
+    assert!(!denied.success, "the DENY policy from the controller did not apply: {:?}", denied.json);
+
+    c.write_objects("policy.yaml", None).unwrap();
+    wait_for("the policy to be withdrawn", || policies_on(&c, 1) == 0);
+    let r = c.client(&client, target, 4 * KIB, 1).unwrap();
+    assert!(r.success, "{:?} {}", r.json, r.stderr);
+}
+
+/// While the controller is away agents keep their config, certificates and traffic; when it returns they
+/// resync, including what changed in the meantime.
+#[test]
+fn agents_keep_forwarding_while_the_controller_is_away() {
+    let mut c = cluster!(2);
+    let client = c.add_pod(0, "client").unwrap();
+    let server = c.add_pod_in(1, "server", "shop").unwrap();
+    c.write_objects("namespaces.yaml", Some(NAMESPACES)).unwrap();
+    c.write_objects("pods.yaml", Some(&c.pod_objects(&[(&client, "client-sa"), (&server, "server-sa")]))).unwrap();
+    c.start_controller().unwrap();
+    c.start_agent_with_controller(0).unwrap();
+    c.start_agent_with_controller(1).unwrap();
+    c.enroll(&client).unwrap();
+    c.enroll(&server).unwrap();
+    c.serve(&server, 8080).unwrap();
+    let target = addr(server.ipv4, 8080);
+    assert!(c.client(&client, target, 64 * KIB, 1).unwrap().success);
+
+    c.kill_controller().unwrap();
+    for _ in 0..3 {
+        let r = c.client(&client, target, 64 * KIB, 1).unwrap();
+        assert!(r.success, "traffic must not depend on the controller being up: {:?} {}", r.json, r.stderr);
+    }
+    c.write_objects("policy.yaml", Some(DENY_CLIENT)).unwrap();
+    c.start_controller().unwrap();
+    wait_for("the agents to resync", || policies_on(&c, 1) == 1);
+    assert!(!c.client(&client, target, 4 * KIB, 1).unwrap().success, "the change made while away now applies");
+}
+
+fn sign(c: &Cluster, token: Option<String>, node: &str, identity: &str) -> Result<Vec<Vec<u8>>, tonic::Status> {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::default().serialize_request(&key).unwrap().der().to_vec();
+    let (node, identity) = (node.to_string(), identity.to_string());
+    mesh_tests::sys::in_netns(&c.fabric, move || {
+        // The socket must be created inside the fabric netns: a runtime on this very thread does that.
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async move {
+            let url = format!("http://{CONTROLLER_IP}:{CONTROLLER_PORT}");
+            let channel = tonic::transport::Endpoint::from_shared(url).unwrap().connect().await.unwrap();
+            let mut client = CertificateServiceClient::new(channel);
+            let mut request = tonic::Request::new(SignRequest { identity, csr_der: csr, lifetime_seconds: 3600 });
+            if let Some(token) = token {
+                request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+            }
+            request.metadata_mut().insert("x-nodemesh-node", node.parse().unwrap());
+            client.sign(request).await.map(|r| r.into_inner().chain_der)
+        })
+    })
+    .unwrap()
+}
+
+#[test]
+fn controller_ca_signs_only_for_pods_on_the_calling_node() {
+    let mut c = cluster!(2);
+    let client = c.add_pod(0, "client").unwrap();
+    c.write_objects("namespaces.yaml", Some(NAMESPACES)).unwrap();
+    c.write_objects("pods.yaml", Some(&c.pod_objects(&[(&client, "client-sa")]))).unwrap();
+    c.start_controller().unwrap();
+    let token = std::fs::read_to_string(c.token_file().unwrap()).unwrap();
+    let identity = "spiffe://cluster.local/ns/default/sa/client-sa";
+    let node1 = c.nodes[0].name.clone();
+    let node2 = c.nodes[1].name.clone();
+
+    let unauthenticated = sign(&c, None, &node1, identity).unwrap_err();
+    assert_eq!(unauthenticated.code(), tonic::Code::Unauthenticated, "{unauthenticated:?}");
+    let wrong_token = sign(&c, Some("not-the-token".into()), &node1, identity).unwrap_err();
+    assert_eq!(wrong_token.code(), tonic::Code::Unauthenticated);
+    let other_node = sign(&c, Some(token.clone()), &node2, identity).unwrap_err();
+    assert_eq!(other_node.code(), tonic::Code::PermissionDenied, "{other_node:?}");
+    let unknown_sa = sign(&c, Some(token.clone()), &node1, "spiffe://cluster.local/ns/default/sa/nobody").unwrap_err();
+    assert_eq!(unknown_sa.code(), tonic::Code::PermissionDenied);
+
+    let chain = sign(&c, Some(token), &node1, identity).unwrap();
+    let leaf = rustls::pki_types::CertificateDer::from(chain[0].clone());
+    let svid = mesh_agent::identity::svid::check(&leaf).unwrap();
+    assert_eq!(svid.identity.to_string(), identity);
+}
