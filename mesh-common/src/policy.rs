@@ -9,6 +9,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum MtlsMode {
     /// Plaintext inbound (port 15006) is accepted as well as mTLS.
@@ -32,6 +33,7 @@ pub struct PeerAuthentication {
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Action {
     #[default]
@@ -57,6 +59,7 @@ pub struct AuthorizationPolicy {
 
 /// Matches when any `from` entry matches (or there is none) and any `to` entry matches (or there is none).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Rule {
     #[serde(default)]
@@ -67,6 +70,7 @@ pub struct Rule {
 
 /// Every field given must match; a list matches when any entry does, a `not` list when none does.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Source {
     /// `cluster.local/ns/shop/sa/cart` (a `spiffe://` prefix is accepted); `*` any authenticated peer;
@@ -79,13 +83,17 @@ pub struct Source {
     pub namespaces: Vec<String>,
     #[serde(default)]
     pub not_namespaces: Vec<String>,
+    /// CIDRs of the source IP, e.g. `10.0.0.0/8`.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(with = "Vec<String>"))]
     pub ip_blocks: Vec<IpNet>,
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(with = "Vec<String>"))]
     pub not_ip_blocks: Vec<IpNet>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Operation {
     #[serde(default)]

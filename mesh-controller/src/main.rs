@@ -10,7 +10,15 @@ use mesh_controller::source;
 
 #[derive(Parser)]
 #[command(name = "mesh-controller", version, about = "nodemesh controller")]
-struct Cli {
+enum Cli {
+    /// Serve config and certificates to the agents.
+    Serve(ServeArgs),
+    /// Write the CustomResourceDefinitions of nodemesh.io as YAML files into DIR.
+    Crds { out: PathBuf },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
     /// Where cluster objects come from: `dir:PATH` (YAML files, watched). Kubernetes is the next source.
     #[arg(long, env = "NODEMESH_SOURCE")]
     source: String,
@@ -31,11 +39,20 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
-    let cli = Cli::parse();
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(cli))
+    match Cli::parse() {
+        Cli::Serve(args) => tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args)),
+        Cli::Crds { out } => {
+            std::fs::create_dir_all(&out)?;
+            for (file, yaml) in mesh_controller::crds::all() {
+                std::fs::write(out.join(&file), yaml)?;
+                println!("wrote {}", out.join(file).display());
+            }
+            Ok(())
+        }
+    }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: ServeArgs) -> anyhow::Result<()> {
     let token = std::fs::read_to_string(&cli.token_file)
         .with_context(|| format!("reading the bootstrap token {}", cli.token_file.display()))?
         .trim()

@@ -6,9 +6,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use mesh_common::config::{Endpoint, NodeConfig, Service, ServicePort, Workload};
-use mesh_common::policy::{Action, AuthorizationPolicy, MtlsMode, PeerAuthentication, Rule};
+use mesh_common::policy::{AuthorizationPolicy, PeerAuthentication};
 use serde::Deserialize;
 use serde_json::Value;
+
+use crate::crds::{AuthorizationPolicySpec, PeerAuthenticationSpec, TrafficPolicySpec};
 
 /// Namespace label that opts a namespace into the mesh, and (with `disabled`) a pod out of it.
 pub const MESH_LABEL: &str = "nodemesh.io/mesh";
@@ -79,10 +81,6 @@ fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
     path.iter().try_fold(v, |v, k| v.get(k))?.as_str()
 }
 
-fn selector(spec: &Value) -> Result<Option<BTreeMap<String, String>>, serde_json::Error> {
-    spec.get("selector").and_then(|s| s.get("matchLabels")).map(|m| serde_json::from_value(m.clone())).transpose()
-}
-
 impl Mesh {
     /// Builds the snapshot. Objects that cannot be understood are returned as errors and left out; everything
     /// else still counts.
@@ -103,29 +101,31 @@ impl Mesh {
                     Ok(s) => mesh.services.push(s),
                     Err(e) => fail(o, e),
                 },
-                ("nodemesh.io/v1alpha1", "PeerAuthentication") => {
-                    let mode = match str_at(&o.spec, &["mode"]).unwrap_or("PERMISSIVE") {
-                        "STRICT" => MtlsMode::Strict,
-                        "PERMISSIVE" => MtlsMode::Permissive,
-                        other => {
-                            fail(o, format!("mode {other:?} is neither STRICT nor PERMISSIVE"));
-                            continue;
-                        }
-                    };
-                    match selector(&o.spec) {
-                        Ok(selector) => mesh.peer_authentications.push(PeerAuthentication {
-                            namespace: o.namespace().into(),
-                            name: o.metadata.name.clone(),
-                            selector,
-                            mode,
-                        }),
-                        Err(e) => fail(o, format!("selector: {e}")),
-                    }
-                }
-                ("nodemesh.io/v1alpha1", "AuthorizationPolicy") => match authorization_policy(o) {
-                    Ok(p) => mesh.authorization_policies.push(p),
+                ("nodemesh.io/v1alpha1", "PeerAuthentication") => match spec::<PeerAuthenticationSpec>(o) {
+                    Ok(spec) => mesh.peer_authentications.push(PeerAuthentication {
+                        namespace: o.namespace().into(),
+                        name: o.metadata.name.clone(),
+                        selector: spec.selector.map(|s| s.match_labels),
+                        mode: spec.mode,
+                    }),
                     Err(e) => fail(o, e),
                 },
+                ("nodemesh.io/v1alpha1", "AuthorizationPolicy") => match spec::<AuthorizationPolicySpec>(o) {
+                    Ok(spec) => mesh.authorization_policies.push(AuthorizationPolicy {
+                        namespace: o.namespace().into(),
+                        name: o.metadata.name.clone(),
+                        selector: spec.selector.map(|s| s.match_labels),
+                        action: spec.action,
+                        rules: spec.rules,
+                    }),
+                    Err(e) => fail(o, e),
+                },
+                // Checked now so mistakes surface early; the agent obeys TrafficPolicy from the L7 milestone on.
+                ("nodemesh.io/v1alpha1", "TrafficPolicy") => {
+                    if let Err(e) = spec::<TrafficPolicySpec>(o) {
+                        fail(o, e);
+                    }
+                }
                 // Other kinds (Deployments, ConfigMaps, later milestones' CRDs) are not the controller's concern.
                 _ => {}
             }
@@ -265,26 +265,9 @@ fn service(o: &Object) -> Result<(Service, BTreeMap<String, String>), String> {
     Ok((svc, selector))
 }
 
-fn authorization_policy(o: &Object) -> Result<AuthorizationPolicy, String> {
-    let action = match str_at(&o.spec, &["action"]).unwrap_or("ALLOW") {
-        "ALLOW" => Action::Allow,
-        "DENY" => Action::Deny,
-        other => return Err(format!("action {other:?} is neither ALLOW nor DENY")),
-    };
-    let rules: Vec<Rule> = o
-        .spec
-        .get("rules")
-        .map(|r| serde_json::from_value(r.clone()))
-        .transpose()
-        .map_err(|e| format!("rules: {e}"))?
-        .unwrap_or_default();
-    Ok(AuthorizationPolicy {
-        namespace: o.namespace().into(),
-        name: o.metadata.name.clone(),
-        selector: selector(&o.spec).map_err(|e| format!("selector: {e}"))?,
-        action,
-        rules,
-    })
+/// The object's spec as its CRD type: the same types that define the CRDs' schemas.
+fn spec<T: serde::de::DeserializeOwned>(o: &Object) -> Result<T, String> {
+    serde_json::from_value(o.spec.clone()).map_err(|e| format!("spec: {e}"))
 }
 
 #[cfg(test)]

@@ -556,7 +556,8 @@ impl Cluster {
         let cgroup = self.cgroup_root.join("controller");
         std::fs::create_dir_all(&cgroup)?;
         let mut cmd = Command::new(self.bin_dir.join("mesh-controller"));
-        cmd.arg("--source")
+        cmd.arg("serve")
+            .arg("--source")
             .arg(format!("dir:{}", self.objects_dir()?.display()))
             .arg("--listen")
             .arg(format!("{CONTROLLER_IP}:{CONTROLLER_PORT}"))

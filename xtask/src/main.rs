@@ -29,11 +29,16 @@ fn main() -> Result<()> {
         Some("setup") => setup(),
         Some("test") => test(&args[1..]),
         Some("bench") => bench(),
+        Some("gen-manifests") => step(
+            "write manifests/crds from the CRD types",
+            cargo(&["run", "--quiet", "-p", "mesh-controller", "--", "crds", "manifests/crds"]),
+        ),
         Some("build-ebpf") => step("build the agent with its eBPF object", cargo(&["build", "-p", "mesh-agent"])),
         _ => {
             eprintln!(
                 "usage: cargo xtask <task>\n\n  setup        install missing build and test prerequisites (Debian, as root)\n  \
                  test         setup, then fmt --check, clippy -D warnings, build, all tests\n  \
+                 gen-manifests  write manifests/crds/*.yaml from the CRD types\n  \
                  bench        direct vs plaintext-via-agents vs mTLS-via-agents; JSON in target/bench/\n  \
                  build-ebpf   build mesh-agent and the eBPF object it embeds"
             );

@@ -1,0 +1,272 @@
+//! nodemesh's custom resources (`nodemesh.io/v1alpha1`). The Rust types are the source of truth:
+//! `mesh-controller crds` prints the CustomResourceDefinitions, `cargo xtask gen-manifests` writes them to
+//! `manifests/crds/`, and a test fails when the committed files are stale.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use mesh_common::policy::{Action, MtlsMode, Rule};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Selects workloads of the policy's namespace by labels; absent: all of them.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadSelector {
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+/// Status written back by the controller in Kubernetes mode.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyStatus {
+    /// `Accepted` (True/False, with reason and message).
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
+
+/// mTLS mode for workloads: STRICT refuses plaintext, PERMISSIVE accepts it.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "nodemesh.io",
+    version = "v1alpha1",
+    kind = "PeerAuthentication",
+    namespaced,
+    status = "PolicyStatus",
+    shortname = "npa",
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerAuthenticationSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
+    pub mode: MtlsMode,
+}
+
+/// Who may connect to workloads: Istio's AuthorizationPolicy semantics (DENY first, then ALLOW).
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "nodemesh.io",
+    version = "v1alpha1",
+    kind = "AuthorizationPolicy",
+    namespaced,
+    status = "PolicyStatus",
+    shortname = "nap",
+    printcolumn = r#"{"name":"Action","type":"string","jsonPath":".spec.action"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizationPolicySpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
+    #[serde(default)]
+    pub action: Action,
+    /// A connection matches when any rule does. An ALLOW policy without rules allows nothing.
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+}
+
+/// Resilience and traffic shaping for calls to one Service (obeyed by the agent from the L7 milestone on).
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "nodemesh.io",
+    version = "v1alpha1",
+    kind = "TrafficPolicy",
+    namespaced,
+    status = "PolicyStatus",
+    shortname = "ntp",
+    printcolumn = r#"{"name":"Service","type":"string","jsonPath":".spec.targetRef.name"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficPolicySpec {
+    pub target_ref: ServiceRef,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_pool: Option<ConnectionPool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LoadBalancer>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_budget: Option<RetryBudget>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault_injection: Option<FaultInjection>,
+}
+
+/// A Service in the policy's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceRef {
+    /// Always `Service` (core group).
+    #[serde(default = "service_kind")]
+    #[schemars(regex(pattern = r"^Service$"))]
+    pub kind: String,
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+}
+
+fn service_kind() -> String {
+    "Service".into()
+}
+
+/// A Go-style duration: `250ms`, `10s`, `1m30s`.
+type Duration = String;
+const DURATION: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionPool {
+    #[schemars(range(min = 1))]
+    pub max_connections: Option<u32>,
+    #[schemars(range(min = 1))]
+    pub max_pending_requests: Option<u32>,
+    #[schemars(range(min = 1))]
+    pub max_requests: Option<u32>,
+    #[schemars(range(min = 1))]
+    pub max_retries: Option<u32>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutlierDetection {
+    #[schemars(range(min = 1))]
+    pub consecutive_5xx_errors: Option<u32>,
+    #[schemars(range(min = 1))]
+    pub consecutive_gateway_errors: Option<u32>,
+    #[schemars(regex(pattern = DURATION))]
+    pub interval: Option<Duration>,
+    #[schemars(regex(pattern = DURATION))]
+    pub base_ejection_time: Option<Duration>,
+    #[schemars(range(min = 0, max = 100))]
+    pub max_ejection_percent: Option<u32>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Default, JsonSchema)]
+pub enum Algorithm {
+    RoundRobin,
+    /// Power of two choices with an EWMA of latency.
+    #[default]
+    LeastRequest,
+    RingHash,
+    Maglev,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadBalancer {
+    #[serde(default)]
+    pub algorithm: Algorithm,
+    /// For RingHash and Maglev: what requests are hashed on.
+    pub hash_key: Option<HashKey>,
+    /// Prefer endpoints on the same node, then zone, then region.
+    #[serde(default)]
+    pub locality_preference: bool,
+}
+
+/// What consistent hashing keys on: set exactly one.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HashKey {
+    /// A request header's value.
+    pub header: Option<String>,
+    /// A cookie's value.
+    pub cookie: Option<String>,
+    /// The client's IP address.
+    #[serde(default)]
+    pub source_ip: bool,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryBudget {
+    /// Retries allowed as a percentage of live requests.
+    #[schemars(range(min = 0, max = 100))]
+    pub percent: u32,
+    /// Retries always allowed per second, whatever the ratio.
+    #[serde(default)]
+    pub min_retries_per_second: u32,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimit {
+    #[schemars(range(min = 1))]
+    pub requests_per_second: u32,
+    #[schemars(range(min = 1))]
+    pub burst: Option<u32>,
+    /// One bucket per source identity instead of one for the Service.
+    #[serde(default)]
+    pub per_source: bool,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultInjection {
+    pub delay: Option<FaultDelay>,
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultDelay {
+    #[schemars(regex(pattern = DURATION))]
+    pub fixed_delay: Duration,
+    #[schemars(range(min = 0.0, max = 100.0))]
+    pub percent: f64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultAbort {
+    #[schemars(range(min = 200, max = 599))]
+    pub http_status: Option<u16>,
+    #[schemars(range(min = 0, max = 16))]
+    pub grpc_status: Option<u8>,
+    #[schemars(range(min = 0.0, max = 100.0))]
+    pub percent: f64,
+}
+
+/// Every CRD, as `(file name, YAML)`.
+pub fn all() -> Vec<(String, String)> {
+    use kube::CustomResourceExt;
+    [PeerAuthentication::crd(), AuthorizationPolicy::crd(), TrafficPolicy::crd()]
+        .into_iter()
+        .map(|crd| {
+            let file = format!("{}.yaml", crd.metadata.name.clone().unwrap_or_default());
+            (file, serde_yaml::to_string(&crd).unwrap_or_default())
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `cargo xtask gen-manifests` regenerates them.
+    #[test]
+    fn committed_crd_manifests_are_current() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/crds");
+        for (file, yaml) in all() {
+            let committed = std::fs::read_to_string(dir.join(&file)).unwrap_or_default();
+            assert!(committed == yaml, "manifests/crds/{file} is stale: run `cargo xtask gen-manifests`");
+        }
+    }
+
+    #[test]
+    fn schemas_carry_validation() {
+        let crds = all();
+        let traffic = &crds.iter().find(|(f, _)| f.starts_with("trafficpolicies")).unwrap().1;
+        assert!(traffic.contains("maximum: 100"), "percentages are bounded");
+        assert!(traffic.contains("pattern:"), "durations have a pattern");
+        let authz = &crds.iter().find(|(f, _)| f.starts_with("authorizationpolicies")).unwrap().1;
+        assert!(authz.contains("notPrincipals") && authz.contains("DENY"), "{authz}");
+    }
+}
