@@ -160,6 +160,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         cni_server::bind(&args.cni_socket).with_context(|| format!("CNI socket {}", args.cni_socket.display()))?;
     tokio::spawn(cni_server::serve(cni, state.clone()));
     state.set_capture_ready();
+    // A config that arrived during re-adoption was not reconciled yet.
+    tokio::spawn(inpod::reconcile(state.clone()));
     tracing::info!(admin = %args.admin, metrics = %args.metrics, cni = %args.cni_socket.display(), "agent ready");
 
     let mut hangup = signal(SignalKind::hangup())?;

@@ -25,6 +25,11 @@ struct Inner {
     capture: Mutex<Capture>,
     config: RwLock<Arc<NodeConfig>>,
     pods: Mutex<BTreeMap<String, PodEntry>>,
+    /// Pods the CNI plugin reported that are not captured (namespace not in the mesh, or opted out): kept so a
+    /// config change can capture them later.
+    parked: Mutex<BTreeMap<String, mesh_common::cni::PodNetwork>>,
+    /// Serializes enrollment changes (CNI requests, re-adoption, reconciliation after config changes).
+    enrollment: tokio::sync::Mutex<()>,
     metrics: Metrics,
     state_file: PathBuf,
     capture_ready: AtomicBool,
@@ -72,6 +77,8 @@ impl AgentState {
                 capture,
                 config: RwLock::new(Arc::new(config)),
                 pods: Mutex::new(BTreeMap::new()),
+                parked: Mutex::new(BTreeMap::new()),
+                enrollment: tokio::sync::Mutex::new(()),
                 metrics,
                 state_file,
                 capture_ready: AtomicBool::new(false),
@@ -96,12 +103,24 @@ impl AgentState {
         self.inner.config.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Swaps in a new config and applies what the kernel side needs of it.
+    /// Swaps in a new config and applies what the kernel side needs of it; pods whose membership in the mesh
+    /// changed are captured or released right after.
     pub fn set_config(&self, config: NodeConfig) -> Result<(), crate::capture::CaptureError> {
         self.capture().set_exclusions(&config.capture)?;
         *self.inner.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
         self.sync_identities();
+        if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::spawn(crate::inpod::reconcile(self.clone()));
+        }
         Ok(())
+    }
+
+    pub fn parked(&self) -> MutexGuard<'_, BTreeMap<String, mesh_common::cni::PodNetwork>> {
+        lock(&self.inner.parked)
+    }
+
+    pub async fn enrollment_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.inner.enrollment.lock().await
     }
 
     pub fn secrets(&self) -> Option<&SecretManager> {
@@ -139,6 +158,11 @@ impl AgentState {
 
     pub fn state_file(&self) -> &PathBuf {
         &self.inner.state_file
+    }
+
+    /// True once capture is attached and the enrolled pods of an earlier agent are re-adopted.
+    pub fn capture_ready(&self) -> bool {
+        self.inner.capture_ready.load(Ordering::Acquire)
     }
 
     pub fn set_capture_ready(&self) {

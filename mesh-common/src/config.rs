@@ -26,6 +26,9 @@ pub struct NodeConfig {
     /// Namespaces whose pods are captured on enrollment. Unset: every pod the CNI plugin reports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mesh_namespaces: Option<Vec<String>>,
+    /// Pods (`namespace/name`) that opted out of the mesh although their namespace is in it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excluded_pods: Vec<String>,
     #[serde(default)]
     pub workloads: Vec<Workload>,
     #[serde(default)]
@@ -206,6 +209,12 @@ impl NodeConfig {
     /// Whether a pod in `namespace` is captured when the CNI plugin reports it.
     pub fn namespace_in_mesh(&self, namespace: &str) -> bool {
         self.mesh_namespaces.as_ref().is_none_or(|list| list.iter().any(|n| n == namespace))
+    }
+
+    /// Whether the pod `namespace/name` should be captured: its namespace is in the mesh and it did not opt out.
+    pub fn pod_in_mesh(&self, namespace: &str, name: &str) -> bool {
+        self.namespace_in_mesh(namespace)
+            && !self.excluded_pods.iter().any(|p| p.split_once('/') == Some((namespace, name)))
     }
 
     pub fn workload(&self, namespace: &str, name: &str) -> Option<&Workload> {

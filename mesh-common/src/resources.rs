@@ -20,6 +20,8 @@ struct Settings {
     version: String,
     trust_domain: String,
     mesh_namespaces: Option<Vec<String>>,
+    #[serde(default)]
+    excluded_pods: Vec<String>,
     capture: crate::config::CaptureConfig,
     default_peer_authentication: MtlsMode,
     outbound_traffic_policy: OutboundTrafficPolicy,
@@ -52,6 +54,7 @@ pub fn split(config: &NodeConfig) -> BTreeMap<Key, Vec<u8>> {
         version: String::new(),
         trust_domain: config.trust_domain.clone(),
         mesh_namespaces: config.mesh_namespaces.clone(),
+        excluded_pods: config.excluded_pods.clone(),
         capture: config.capture.clone(),
         default_peer_authentication: config.default_peer_authentication,
         outbound_traffic_policy: config.outbound_traffic_policy,
@@ -133,6 +136,7 @@ fn build(resources: &BTreeMap<Key, Vec<u8>>, version: &str) -> Result<NodeConfig
                 let s: Settings = serde_json::from_slice(json).map_err(bad)?;
                 config.trust_domain = s.trust_domain;
                 config.mesh_namespaces = s.mesh_namespaces;
+                config.excluded_pods = s.excluded_pods;
                 config.capture = s.capture;
                 config.default_peer_authentication = s.default_peer_authentication;
                 config.outbound_traffic_policy = s.outbound_traffic_policy;

@@ -155,6 +155,13 @@ impl Mesh {
         NodeConfig {
             trust_domain: trust_domain.to_string(),
             mesh_namespaces: Some(self.meshed_namespaces.iter().cloned().collect()),
+            // The agent decides capture at CNI ADD time, before the pod has an IP the controller could list.
+            excluded_pods: self
+                .pods
+                .iter()
+                .filter(|p| p.node == node && p.labels.get(MESH_LABEL).map(String::as_str) == Some("disabled"))
+                .map(|p| format!("{}/{}", p.namespace, p.name))
+                .collect(),
             workloads: meshed
                 .iter()
                 .map(|p| Workload {
@@ -338,6 +345,7 @@ spec: {action: MAYBE}
         let names: Vec<&str> = n1.workloads.iter().map(|w| w.name.as_str()).collect();
         assert_eq!(names, ["cart-1", "web-1"], "meshed namespace only, opt-out excluded");
         assert_eq!(n1.mesh_namespaces, Some(vec!["shop".to_string()]));
+        assert_eq!(n1.excluded_pods, ["shop/legacy"]);
         assert_eq!(n1.services[0].endpoints.len(), 1);
         assert_eq!(n1.services[0].endpoints[0].ip, "10.244.1.2".parse::<IpAddr>().unwrap());
         assert_eq!(n1.authorization_policies.len(), 1);

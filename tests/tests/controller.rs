@@ -168,3 +168,51 @@ fn controller_ca_signs_only_for_pods_on_the_calling_node() {
     let svid = mesh_agent::identity::svid::check(&leaf).unwrap();
     assert_eq!(svid.identity.to_string(), identity);
 }
+
+fn captured(c: &Cluster, pod: &mesh_tests::Pod, target: SocketAddr) -> bool {
+    let r = c.client(pod, target, 4 * KIB, 1).unwrap();
+    assert!(r.success, "{:?} {}", r.json, r.stderr);
+    r.field("local").starts_with("127.0.0.1:")
+}
+
+fn workload_names(c: &Cluster, node: usize) -> Vec<String> {
+    let list = c.admin(node, "/workloads").unwrap();
+    list.as_array().unwrap().iter().map(|w| w["name"].as_str().unwrap_or("").to_string()).collect()
+}
+
+/// Labelling a namespace captures its pods, unlabelling releases them; a pod with the opt-out label stays out.
+#[test]
+fn namespace_label_controls_capture() {
+    let mut c = cluster!(1);
+    let app = c.add_pod_in(0, "app", "apps").unwrap();
+    let optout = c.add_pod_in(0, "optout", "apps").unwrap();
+    let server = c.add_pod(0, "server").unwrap();
+    let unlabelled = "apiVersion: v1\nkind: Namespace\nmetadata: {name: apps}\n";
+    let labelled = "apiVersion: v1\nkind: Namespace\nmetadata: {name: apps, labels: {nodemesh.io/mesh: enabled}}\n";
+    let optout_pod = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: optout, namespace: apps, labels: {{nodemesh.io/mesh: disabled}}}}\n\
+         spec: {{nodeName: {}}}\nstatus: {{phase: Running, podIP: {}}}\n",
+        c.nodes[0].name, optout.ipv4
+    );
+    c.write_objects("namespaces.yaml", Some(unlabelled)).unwrap();
+    c.write_objects("pods.yaml", Some(&c.pod_objects(&[(&app, "app")]))).unwrap();
+    c.write_objects("optout.yaml", Some(&optout_pod)).unwrap();
+    c.start_controller().unwrap();
+    c.start_agent_with_controller(0).unwrap();
+    c.serve(&server, 8080).unwrap();
+    let target = addr(server.ipv4, 8080);
+
+    c.enroll(&app).unwrap();
+    c.enroll(&optout).unwrap();
+    assert!(workload_names(&c, 0).is_empty(), "nothing is captured in an unlabelled namespace");
+    assert!(!captured(&c, &app, target));
+
+    c.write_objects("namespaces.yaml", Some(labelled)).unwrap();
+    wait_for("the labelled namespace's pod to be captured", || workload_names(&c, 0) == ["app"]);
+    assert!(captured(&c, &app, target));
+    assert!(!captured(&c, &optout, target), "the opted-out pod stays out");
+
+    c.write_objects("namespaces.yaml", Some(unlabelled)).unwrap();
+    wait_for("capture to be released", || workload_names(&c, 0).is_empty());
+    assert!(!captured(&c, &app, target));
+}

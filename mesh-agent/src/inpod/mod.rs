@@ -85,6 +85,13 @@ struct SavedPod {
     #[serde(flatten)]
     net: PodNetwork,
     netns_cookie: u64,
+    /// False for pods reported by the CNI plugin but not in the mesh (yet).
+    #[serde(default = "yes")]
+    captured: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn err(code: u32, msg: impl Into<String>, details: impl ToString) -> AgentError {
@@ -93,13 +100,21 @@ fn err(code: u32, msg: impl Into<String>, details: impl ToString) -> AgentError 
 
 /// CNI ADD. Returns whether the pod is captured; returns only once capture is active.
 pub async fn enroll(state: &AgentState, net: PodNetwork) -> Result<bool, AgentError> {
+    let _serial = state.enrollment_lock().await;
+    enroll_locked(state, net).await
+}
+
+async fn enroll_locked(state: &AgentState, net: PodNetwork) -> Result<bool, AgentError> {
     if state.pods().contains_key(&net.container_id) {
         return Ok(true);
     }
-    if !state.config().namespace_in_mesh(&net.namespace) {
-        tracing::info!(pod = %format!("{}/{}", net.namespace, net.name), "namespace not in the mesh; not captured");
+    if !state.config().pod_in_mesh(&net.namespace, &net.name) {
+        tracing::info!(pod = %format!("{}/{}", net.namespace, net.name), "not in the mesh (namespace or opt-out); not captured");
+        state.parked().insert(net.container_id.clone(), net);
+        persist(state);
         return Ok(false);
     }
+    state.parked().remove(&net.container_id);
     if net.ips.is_empty() {
         return Err(err(
             7,
@@ -122,7 +137,60 @@ pub async fn enroll(state: &AgentState, net: PodNetwork) -> Result<bool, AgentEr
 
 /// CNI DEL. Tolerates pods that are unknown or whose netns is already gone.
 pub async fn unenroll(state: &AgentState, container_id: &str) -> bool {
-    let Some(entry) = state.pods().remove(container_id) else { return false };
+    let _serial = state.enrollment_lock().await;
+    if state.parked().remove(container_id).is_some() {
+        persist(state);
+    }
+    release(state, container_id).await.is_some()
+}
+
+/// Captures pods that joined the mesh and releases those that left it (namespace label, opt-out label), after
+/// a config change.
+pub async fn reconcile(state: AgentState) {
+    // Before re-adoption the state file is the truth; re-adoption applies the config itself.
+    if !state.capture_ready() {
+        return;
+    }
+    let _serial = state.enrollment_lock().await;
+    let config = state.config();
+    let mut changed = false;
+    let leaving: Vec<String> = state
+        .pods()
+        .iter()
+        .filter(|(_, p)| !config.pod_in_mesh(&p.pod.net.namespace, &p.pod.net.name))
+        .map(|(id, _)| id.clone())
+        .collect();
+    for id in leaving {
+        if let Some(net) = release(&state, &id).await {
+            tracing::info!(pod = %format!("{}/{}", net.namespace, net.name), "left the mesh; capture released");
+            state.parked().insert(id, net);
+            changed = true;
+        }
+    }
+    let joining: Vec<PodNetwork> =
+        state.parked().values().filter(|p| config.pod_in_mesh(&p.namespace, &p.name)).cloned().collect();
+    for net in joining {
+        changed = true;
+        let name = format!("{}/{}", net.namespace, net.name);
+        let id = net.container_id.clone();
+        match enroll_locked(&state, net).await {
+            Ok(true) => tracing::info!(pod = %name, "joined the mesh; captured"),
+            Ok(false) => {}
+            Err(e) => {
+                // Its netns is probably gone (DEL never came); forget it.
+                tracing::warn!(pod = %name, error = %e.msg, details = %e.details, "cannot capture a pod that joined the mesh");
+                state.parked().remove(&id);
+            }
+        }
+    }
+    if changed {
+        persist(&state);
+    }
+}
+
+/// Stops capturing one pod; returns what the CNI plugin told us about it.
+async fn release(state: &AgentState, container_id: &str) -> Option<PodNetwork> {
+    let entry = state.pods().remove(container_id)?;
     let pod = entry.pod.clone();
     state.capture().unenroll(pod.netns.cookie(), &pod.net.ips);
     for task in &entry.tasks {
@@ -142,7 +210,7 @@ pub async fn unenroll(state: &AgentState, container_id: &str) -> bool {
     }
     tracing::info!(pod = %format!("{}/{}", entry.pod.net.namespace, entry.pod.net.name), "pod unenrolled");
     persist(state);
-    true
+    Some(entry.pod.net.clone())
 }
 
 /// CNI CHECK.
@@ -152,15 +220,21 @@ pub fn is_enrolled(state: &AgentState, container_id: &str) -> bool {
 
 /// At start-up: takes over the pods an earlier agent enrolled, and forgets those that are gone.
 pub async fn readopt(state: &AgentState) {
+    let _serial = state.enrollment_lock().await;
     let saved = load_saved(state.state_file());
-    for s in &saved {
+    for s in saved.iter().filter(|s| !s.captured) {
+        if NetNs::open(&s.net.netns).is_ok() {
+            state.parked().insert(s.net.container_id.clone(), s.net.clone());
+        }
+    }
+    for s in saved.iter().filter(|s| s.captured) {
         let pod = format!("{}/{}", s.net.namespace, s.net.name);
         let same_netns = NetNs::open(&s.net.netns).map(|ns| ns.cookie() == s.netns_cookie).unwrap_or(false);
-        let outcome = if same_netns { enroll(state, s.net.clone()).await } else { Ok(false) };
+        let outcome = if same_netns { enroll_locked(state, s.net.clone()).await } else { Ok(false) };
         match outcome {
             Ok(true) => tracing::info!(%pod, "re-adopted enrolled pod"),
             Ok(false) => {
-                tracing::info!(%pod, "previously enrolled pod is gone or left the mesh; releasing it");
+                tracing::info!(%pod, "previously enrolled pod is gone or left the mesh; releasing its capture");
                 state.capture().unenroll(s.netns_cookie, &s.net.ips);
             }
             Err(e) => {
@@ -291,11 +365,12 @@ fn load_saved(path: &Path) -> Vec<SavedPod> {
 
 /// Writes the state file atomically (write + rename), so a crash never leaves half a file.
 fn persist(state: &AgentState) {
-    let saved: Vec<SavedPod> = state
+    let mut saved: Vec<SavedPod> = state
         .pods()
         .values()
-        .map(|p| SavedPod { net: p.pod.net.clone(), netns_cookie: p.pod.netns.cookie() })
+        .map(|p| SavedPod { net: p.pod.net.clone(), netns_cookie: p.pod.netns.cookie(), captured: true })
         .collect();
+    saved.extend(state.parked().values().map(|net| SavedPod { net: net.clone(), netns_cookie: 0, captured: false }));
     let path = state.state_file();
     let tmp = path.with_extension("tmp");
     let result = serde_json::to_vec_pretty(&saved)
