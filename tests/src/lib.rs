@@ -7,3 +7,26 @@ pub mod sniff;
 pub mod sys;
 
 pub use cluster::{Cluster, Pod};
+
+use std::net::{IpAddr, SocketAddr};
+
+/// A test cluster of `$nodes` nodes, or an early return (test skipped) where prerequisites are missing outside
+/// CI. For integration tests of this crate (it needs their `mesh-testbin` binary).
+#[macro_export]
+macro_rules! cluster {
+    ($nodes:expr) => {
+        match $crate::Cluster::new($nodes, env!("CARGO_BIN_EXE_mesh-testbin")).expect("creating the test cluster") {
+            Some(c) => c,
+            None => return,
+        }
+    };
+}
+
+pub fn addr(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}
+
+/// The IP of an `ip:port` string from a report.
+pub fn ip_of(endpoint: &str) -> IpAddr {
+    endpoint.parse::<SocketAddr>().unwrap_or_else(|e| panic!("{endpoint:?} is not an endpoint: {e}")).ip()
+}

@@ -1,27 +1,25 @@
 //! End-to-end capture tests on the real kernel: network-namespace nodes and pods, real agents, the real CNI
 //! plugin, real TCP. They need root; without it they are skipped locally and fail in CI (CI=true).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
 use mesh_tests::{Cluster, Pod};
+use mesh_tests::{addr, cluster, ip_of};
 
 const MIB: u64 = 1024 * 1024;
 
-macro_rules! cluster {
-    ($nodes:expr) => {
-        match Cluster::new($nodes, env!("CARGO_BIN_EXE_mesh-testbin")).expect("creating the test cluster") {
-            Some(c) => c,
-            None => return,
-        }
-    };
-}
-
-fn addr(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
-    SocketAddr::new(ip.into(), port)
-}
-
-fn ip_of(endpoint: &str) -> IpAddr {
-    endpoint.parse::<SocketAddr>().unwrap_or_else(|e| panic!("{endpoint:?} is not an endpoint: {e}")).ip()
+/// Pods `client` and `server` on the given nodes, agents started (plain L4: no CA), both enrolled, server
+/// listening on 8080.
+fn enrolled_pair(c: &mut Cluster, client_node: usize, server_node: usize) -> (Pod, Pod) {
+    let client = c.add_pod(client_node, "client").unwrap();
+    let server = c.add_pod(server_node, "server").unwrap();
+    for node in 0..c.nodes.len() {
+        c.start_agent(node).unwrap();
+    }
+    c.enroll(&client).unwrap();
+    c.enroll(&server).unwrap();
+    c.serve(&server, 8080).unwrap();
+    (client, server)
 }
 
 fn pod_labels<'a>(pod: &'a Pod, direction: &'a str) -> [(&'a str, &'a str); 2] {
@@ -32,13 +30,7 @@ fn pod_labels<'a>(pod: &'a Pod, direction: &'a str) -> [(&'a str, &'a str); 2] {
 #[test]
 fn enrolled_pods_on_two_nodes_talk_through_both_agents() {
     let mut c = cluster!(2);
-    let client = c.add_pod(0, "client").unwrap();
-    let server = c.add_pod(1, "server").unwrap();
-    c.start_agent(0).unwrap();
-    c.start_agent(1).unwrap();
-    c.enroll(&client).unwrap();
-    c.enroll(&server).unwrap();
-    c.serve(&server, 8080).unwrap();
+    let (client, server) = enrolled_pair(&mut c, 0, 1);
 
     let r = c.client(&client, addr(server.ipv4, 8080), 64 * MIB, 1).unwrap();
     assert!(r.success, "transfer failed: {:?} {}", r.json, r.stderr);
@@ -120,12 +112,7 @@ fn inbound_is_captured_except_from_the_node() {
 #[test]
 fn agent_connections_are_not_captured_again() {
     let mut c = cluster!(1);
-    let client = c.add_pod(0, "client").unwrap();
-    let server = c.add_pod(0, "server").unwrap();
-    c.start_agent(0).unwrap();
-    c.enroll(&client).unwrap();
-    c.enroll(&server).unwrap();
-    c.serve(&server, 8080).unwrap();
+    let (client, server) = enrolled_pair(&mut c, 0, 0);
     for _ in 0..5 {
         let r = c.client(&client, addr(server.ipv4, 8080), 64 * 1024, 1).unwrap();
         assert!(r.success, "{:?} {}", r.json, r.stderr);
@@ -224,12 +211,7 @@ fn malformed_cni_calls_get_spec_errors_and_harm_nothing() {
 #[test]
 fn restarted_agent_readopts_enrolled_pods() {
     let mut c = cluster!(1);
-    let client = c.add_pod(0, "client").unwrap();
-    let server = c.add_pod(0, "server").unwrap();
-    c.start_agent(0).unwrap();
-    c.enroll(&client).unwrap();
-    c.enroll(&server).unwrap();
-    c.serve(&server, 8080).unwrap();
+    let (client, server) = enrolled_pair(&mut c, 0, 0);
     let target = addr(server.ipv4, 8080);
     assert!(c.client(&client, target, MIB, 1).unwrap().success);
 
@@ -256,13 +238,7 @@ fn restarted_agent_readopts_enrolled_pods() {
 #[test]
 fn thousand_concurrent_connections_arrive_intact() {
     let mut c = cluster!(2);
-    let client = c.add_pod(0, "client").unwrap();
-    let server = c.add_pod(1, "server").unwrap();
-    c.start_agent(0).unwrap();
-    c.start_agent(1).unwrap();
-    c.enroll(&client).unwrap();
-    c.enroll(&server).unwrap();
-    c.serve(&server, 8080).unwrap();
+    let (client, server) = enrolled_pair(&mut c, 0, 1);
     let r = c.client(&client, addr(server.ipv4, 8080), 64 * 1024, 1000).unwrap();
     assert!(r.success, "{:?} {}", r.json, r.stderr);
     assert_eq!(r.ok_connections(), 1000, "{:?}", r.json);
@@ -273,13 +249,7 @@ fn thousand_concurrent_connections_arrive_intact() {
 #[test]
 fn ipv6_is_captured_both_ways() {
     let mut c = cluster!(2);
-    let client = c.add_pod(0, "client").unwrap();
-    let server = c.add_pod(1, "server").unwrap();
-    c.start_agent(0).unwrap();
-    c.start_agent(1).unwrap();
-    c.enroll(&client).unwrap();
-    c.enroll(&server).unwrap();
-    c.serve(&server, 8080).unwrap();
+    let (client, server) = enrolled_pair(&mut c, 0, 1);
     let r = c.client(&client, addr(server.ipv6, 8080), 4 * MIB, 1).unwrap();
     assert!(r.success && r.ok_connections() == 1, "{:?} {}", r.json, r.stderr);
     assert_eq!(r.field("peername"), format!("[{}]:8080", server.ipv6));

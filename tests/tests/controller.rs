@@ -1,27 +1,15 @@
 //! The controller (directory source) feeding real agents over gRPC, and its CA.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use mesh_common::proto::SignRequest;
 use mesh_common::proto::certificate_service_client::CertificateServiceClient;
 use mesh_tests::Cluster;
 use mesh_tests::cluster::{CONTROLLER_IP, CONTROLLER_PORT};
+use mesh_tests::{addr, cluster};
 
 const KIB: u64 = 1024;
-
-macro_rules! cluster {
-    ($nodes:expr) => {
-        match Cluster::new($nodes, env!("CARGO_BIN_EXE_mesh-testbin")).expect("creating the test cluster") {
-            Some(c) => c,
-            None => return,
-        }
-    };
-}
-
-fn addr(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
-    SocketAddr::new(ip.into(), port)
-}
 
 const NAMESPACES: &str = "\
 apiVersion: v1

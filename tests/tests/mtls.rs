@@ -1,33 +1,17 @@
 //! End-to-end tests of the mTLS (HBONE) tunnel and policy, on the real kernel with real agents.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use mesh_agent::identity::Identity;
 use mesh_tests::sniff::{Sniffer, contains};
 use mesh_tests::{Cluster, Pod, probe};
+use mesh_tests::{addr, cluster, ip_of};
 use serde_json::Value;
 
 const KIB: u64 = 1024;
 const MARKER: &str = "NODEMESH-PLAINTEXT-MARKER-7f3a";
-
-macro_rules! cluster {
-    ($nodes:expr) => {
-        match Cluster::new($nodes, env!("CARGO_BIN_EXE_mesh-testbin")).expect("creating the test cluster") {
-            Some(c) => c,
-            None => return,
-        }
-    };
-}
-
-fn addr(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
-    SocketAddr::new(ip.into(), port)
-}
-
-fn ip_of(endpoint: &str) -> IpAddr {
-    endpoint.parse::<SocketAddr>().unwrap_or_else(|e| panic!("{endpoint:?} is not an endpoint: {e}")).ip()
-}
 
 fn spiffe(ns: &str, sa: &str) -> String {
     format!("spiffe://cluster.local/ns/{ns}/sa/{sa}")
@@ -40,6 +24,27 @@ fn start_mesh(c: &mut Cluster, ca: &Path, config: &Path, extra: &[&str]) {
         args.extend_from_slice(extra);
         c.start_agent_with(node, &args).unwrap();
     }
+}
+
+/// Pods `client` and `server` on the given nodes, listed in the config with service accounts `client-sa` and
+/// `server-sa` (plus `extra` YAML), agents started with the CA (plus `agent_args`), both enrolled, server
+/// listening on 8080.
+fn meshed_pair(
+    c: &mut Cluster,
+    client_node: usize,
+    server_node: usize,
+    extra: &str,
+    agent_args: &[&str],
+) -> (Pod, Pod) {
+    let client = c.add_pod(client_node, "client").unwrap();
+    let server = c.add_pod(server_node, "server").unwrap();
+    let ca = c.init_ca().unwrap();
+    let config = c.write_config(&[(&client, "client-sa"), (&server, "server-sa")], extra).unwrap();
+    start_mesh(c, &ca, &config, agent_args);
+    c.enroll(&client).unwrap();
+    c.enroll(&server).unwrap();
+    c.serve(&server, 8080).unwrap();
+    (client, server)
 }
 
 fn inbound_tunnels(c: &Cluster, node: usize, pod: &Pod) -> Vec<Value> {
@@ -68,15 +73,8 @@ fn opened(c: &Cluster, node: usize, pod: &Pod, direction: &str, security: &str) 
 #[test]
 fn meshed_traffic_is_encrypted_on_the_wire() {
     let mut c = cluster!(2);
-    let client = c.add_pod(0, "client").unwrap();
-    let server = c.add_pod(1, "server").unwrap();
+    let (client, server) = meshed_pair(&mut c, 0, 1, "", &[]);
     let outside = c.add_pod(1, "outside").unwrap();
-    let ca = c.init_ca().unwrap();
-    let config = c.write_config(&[(&client, "client-sa"), (&server, "server-sa")], "").unwrap();
-    start_mesh(&mut c, &ca, &config, &[]);
-    c.enroll(&client).unwrap();
-    c.enroll(&server).unwrap();
-    c.serve(&server, 8080).unwrap();
     c.serve(&outside, 8080).unwrap();
     let marker = [("MESH_TESTBIN_MARKER", MARKER)];
 
@@ -109,14 +107,7 @@ fn meshed_traffic_is_encrypted_on_the_wire() {
 #[test]
 fn same_node_traffic_goes_through_the_tunnel() {
     let mut c = cluster!(1);
-    let client = c.add_pod(0, "client").unwrap();
-    let server = c.add_pod(0, "server").unwrap();
-    let ca = c.init_ca().unwrap();
-    let config = c.write_config(&[(&client, "client-sa"), (&server, "server-sa")], "").unwrap();
-    start_mesh(&mut c, &ca, &config, &[]);
-    c.enroll(&client).unwrap();
-    c.enroll(&server).unwrap();
-    c.serve(&server, 8080).unwrap();
+    let (client, server) = meshed_pair(&mut c, 0, 0, "", &[]);
     for target in [addr(server.ipv4, 8080), addr(server.ipv6, 8080)] {
         let r = c.client(&client, target, 1024 * KIB, 1).unwrap();
         assert!(r.success && r.ok_connections() == 1, "{target}: {:?} {}", r.json, r.stderr);
@@ -268,14 +259,7 @@ fn authorization_by_principal_namespace_cidr_and_port() {
 #[test]
 fn certificate_rotation_keeps_connections_and_renews() {
     let mut c = cluster!(1);
-    let client = c.add_pod(0, "client").unwrap();
-    let server = c.add_pod(0, "server").unwrap();
-    let ca = c.init_ca().unwrap();
-    let config = c.write_config(&[(&client, "client-sa"), (&server, "server-sa")], "").unwrap();
-    start_mesh(&mut c, &ca, &config, &["--cert-lifetime", "6s"]);
-    c.enroll(&client).unwrap();
-    c.enroll(&server).unwrap();
-    c.serve(&server, 8080).unwrap();
+    let (client, server) = meshed_pair(&mut c, 0, 0, "", &["--cert-lifetime", "6s"]);
     let target = addr(server.ipv4, 8080);
     let client_id = spiffe("default", "client-sa");
     let serial = || -> String {
@@ -313,14 +297,7 @@ fn certificate_rotation_keeps_connections_and_renews() {
 #[test]
 fn thousand_streams_share_pooled_connections() {
     let mut c = cluster!(2);
-    let client = c.add_pod(0, "client").unwrap();
-    let server = c.add_pod(1, "server").unwrap();
-    let ca = c.init_ca().unwrap();
-    let config = c.write_config(&[(&client, "client-sa"), (&server, "server-sa")], "").unwrap();
-    start_mesh(&mut c, &ca, &config, &[]);
-    c.enroll(&client).unwrap();
-    c.enroll(&server).unwrap();
-    c.serve(&server, 8080).unwrap();
+    let (client, server) = meshed_pair(&mut c, 0, 1, "", &[]);
     // Each connection waits 3 s after its tunnel is up, so all 1000 streams are open at the same time.
     let r =
         c.client_with(&client, addr(server.ipv4, 8080), 64 * KIB, 1000, &[("MESH_TESTBIN_HOLD_MS", "3000")]).unwrap();
@@ -337,17 +314,8 @@ fn thousand_streams_share_pooled_connections() {
 #[test]
 fn registry_only_refuses_unknown_destinations() {
     let mut c = cluster!(1);
-    let client = c.add_pod(0, "client").unwrap();
-    let server = c.add_pod(0, "server").unwrap();
+    let (client, server) = meshed_pair(&mut c, 0, 0, "outboundTrafficPolicy: REGISTRY_ONLY\n", &[]);
     let unknown = c.add_pod(0, "unknown").unwrap();
-    let ca = c.init_ca().unwrap();
-    let config = c
-        .write_config(&[(&client, "client-sa"), (&server, "server-sa")], "outboundTrafficPolicy: REGISTRY_ONLY\n")
-        .unwrap();
-    start_mesh(&mut c, &ca, &config, &[]);
-    c.enroll(&client).unwrap();
-    c.enroll(&server).unwrap();
-    c.serve(&server, 8080).unwrap();
     c.serve(&unknown, 8080).unwrap();
     let known = c.client(&client, addr(server.ipv4, 8080), 4 * KIB, 1).unwrap();
     assert!(known.success, "{:?} {}", known.json, known.stderr);

@@ -71,6 +71,20 @@ impl TrustBundle {
     }
 }
 
+/// Both verifiers speak TLS 1.3 only.
+fn tls12_refused() -> Result<HandshakeSignatureValid, Error> {
+    Err(Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+}
+
+fn tls13_signature(
+    provider: &CryptoProvider,
+    message: &[u8],
+    cert: &CertificateDer<'_>,
+    dss: &DigitallySignedStruct,
+) -> Result<HandshakeSignatureValid, Error> {
+    rustls::crypto::verify_tls13_signature(message, cert, dss, &provider.signature_verification_algorithms)
+}
+
 fn pki_error(e: webpki::Error) -> Error {
     use webpki::Error as E;
     Error::InvalidCertificate(match e {
@@ -119,7 +133,7 @@ impl ServerCertVerifier for SvidServerVerifier {
         _: &CertificateDer<'_>,
         _: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        Err(Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+        tls12_refused()
     }
 
     fn verify_tls13_signature(
@@ -128,7 +142,7 @@ impl ServerCertVerifier for SvidServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        tls13_signature(&self.provider, message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -171,7 +185,7 @@ impl ClientCertVerifier for SvidClientVerifier {
         _: &CertificateDer<'_>,
         _: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        Err(Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+        tls12_refused()
     }
 
     fn verify_tls13_signature(
@@ -180,7 +194,7 @@ impl ClientCertVerifier for SvidClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        tls13_signature(&self.provider, message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
