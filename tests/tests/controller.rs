@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use mesh_common::proto::SignRequest;
 use mesh_common::proto::certificate_service_client::CertificateServiceClient;
-use mesh_tests::Cluster;
 use mesh_tests::cluster::{CONTROLLER_IP, CONTROLLER_PORT};
+use mesh_tests::{Cluster, Pod};
 use mesh_tests::{addr, cluster};
 
 const KIB: u64 = 1024;
@@ -31,6 +31,22 @@ spec:
   rules: [{from: [{principals: [cluster.local/ns/default/sa/client-sa]}]}]
 ";
 
+/// `default/client` on node 1 and `shop/server` on node 2 as objects in the controller's directory; controller
+/// and agents (fed by it) started; both pods enrolled; server listening on 8080.
+fn controller_pair(c: &mut Cluster) -> (Pod, Pod) {
+    let client = c.add_pod(0, "client").unwrap();
+    let server = c.add_pod_in(1, "server", "shop").unwrap();
+    c.write_objects("namespaces.yaml", Some(NAMESPACES)).unwrap();
+    c.write_objects("pods.yaml", Some(&c.pod_objects(&[(&client, "client-sa"), (&server, "server-sa")]))).unwrap();
+    c.start_controller().unwrap();
+    c.start_agent_with_controller(0).unwrap();
+    c.start_agent_with_controller(1).unwrap();
+    c.enroll(&client).unwrap();
+    c.enroll(&server).unwrap();
+    c.serve(&server, 8080).unwrap();
+    (client, server)
+}
+
 fn policies_on(c: &Cluster, node: usize) -> usize {
     c.admin(node, "/config_dump").unwrap()["config"]["authorizationPolicies"].as_array().map_or(0, Vec::len)
 }
@@ -48,16 +64,7 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
 #[test]
 fn directory_source_drives_agents_over_grpc() {
     let mut c = cluster!(2);
-    let client = c.add_pod(0, "client").unwrap();
-    let server = c.add_pod_in(1, "server", "shop").unwrap();
-    c.write_objects("namespaces.yaml", Some(NAMESPACES)).unwrap();
-    c.write_objects("pods.yaml", Some(&c.pod_objects(&[(&client, "client-sa"), (&server, "server-sa")]))).unwrap();
-    c.start_controller().unwrap();
-    c.start_agent_with_controller(0).unwrap();
-    c.start_agent_with_controller(1).unwrap();
-    c.enroll(&client).unwrap();
-    c.enroll(&server).unwrap();
-    c.serve(&server, 8080).unwrap();
+    let (client, server) = controller_pair(&mut c);
     let target = addr(server.ipv4, 8080);
 
     let r = c.client(&client, target, 256 * KIB, 1).unwrap();
@@ -84,16 +91,7 @@ fn directory_source_drives_agents_over_grpc() {
 #[test]
 fn agents_keep_forwarding_while_the_controller_is_away() {
     let mut c = cluster!(2);
-    let client = c.add_pod(0, "client").unwrap();
-    let server = c.add_pod_in(1, "server", "shop").unwrap();
-    c.write_objects("namespaces.yaml", Some(NAMESPACES)).unwrap();
-    c.write_objects("pods.yaml", Some(&c.pod_objects(&[(&client, "client-sa"), (&server, "server-sa")]))).unwrap();
-    c.start_controller().unwrap();
-    c.start_agent_with_controller(0).unwrap();
-    c.start_agent_with_controller(1).unwrap();
-    c.enroll(&client).unwrap();
-    c.enroll(&server).unwrap();
-    c.serve(&server, 8080).unwrap();
+    let (client, server) = controller_pair(&mut c);
     let target = addr(server.ipv4, 8080);
     assert!(c.client(&client, target, 64 * KIB, 1).unwrap().success);
 
@@ -157,7 +155,7 @@ fn controller_ca_signs_only_for_pods_on_the_calling_node() {
     assert_eq!(svid.identity.to_string(), identity);
 }
 
-fn captured(c: &Cluster, pod: &mesh_tests::Pod, target: SocketAddr) -> bool {
+fn captured(c: &Cluster, pod: &Pod, target: SocketAddr) -> bool {
     let r = c.client(pod, target, 4 * KIB, 1).unwrap();
     assert!(r.success, "{:?} {}", r.json, r.stderr);
     r.field("local").starts_with("127.0.0.1:")
