@@ -28,6 +28,7 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("setup") => setup(),
         Some("test") => test(&args[1..]),
+        Some("bench") if args.get(1).map(String::as_str) == Some("control-plane") => bench_control_plane(),
         Some("bench") => bench(),
         Some("gen-manifests") => step(
             "write manifests/crds from the CRD types",
@@ -40,6 +41,7 @@ fn main() -> Result<()> {
                  test         setup, then fmt --check, clippy -D warnings, build, all tests\n  \
                  gen-manifests  write manifests/crds/*.yaml from the CRD types\n  \
                  bench        direct vs plaintext-via-agents vs mTLS-via-agents; JSON in target/bench/\n  \
+                 bench control-plane  1000 simulated agents, 10000 pods: change propagation, bytes, CPU, memory\n  \
                  build-ebpf   build mesh-agent and the eBPF object it embeds"
             );
             std::process::exit(2);
@@ -138,6 +140,14 @@ fn bench() -> Result<()> {
     let mut run = Command::new(workspace().join("target/release/mesh-bench"));
     run.current_dir(workspace()).env("NODEMESH_BENCH_DIR", workspace().join("target/bench"));
     step("mesh-bench", run)
+}
+
+fn bench_control_plane() -> Result<()> {
+    setup()?;
+    step("cargo build --release --bins", cargo(&["build", "--release", "--bins", "--locked"]))?;
+    let mut run = Command::new(workspace().join("target/release/mesh-cp-bench"));
+    run.current_dir(workspace()).env("NODEMESH_BENCH_DIR", workspace().join("target/bench"));
+    step("mesh-cp-bench", run)
 }
 
 fn test(extra: &[String]) -> Result<()> {
