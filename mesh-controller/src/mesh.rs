@@ -146,22 +146,19 @@ impl Mesh {
         })
     }
 
-    /// What one node's agent needs: every meshed workload (any local pod may call any of them), services, and
-    /// the policies of the namespaces its local workloads live in.
+    /// What one node's agent needs: the cluster-wide part ([`Mesh::shared_config`]) plus its own part
+    /// ([`Mesh::local_config`]).
     pub fn node_config(&self, node: &str, trust_domain: &str) -> NodeConfig {
+        let shared = self.shared_config();
+        NodeConfig { workloads: shared.workloads, services: shared.services, ..self.local_config(node, trust_domain) }
+    }
+
+    /// What every node needs alike: every meshed workload (any local pod may call any of them; the agent needs
+    /// their identities to open tunnels) and the services with their meshed endpoints. The controller serializes
+    /// this once per snapshot for all nodes.
+    pub fn shared_config(&self) -> NodeConfig {
         let meshed: Vec<&Pod> = self.pods.iter().filter(|p| self.meshed(p)).collect();
-        let local_namespaces: BTreeSet<&str> =
-            meshed.iter().filter(|p| p.node == node).map(|p| p.namespace.as_str()).collect();
         NodeConfig {
-            trust_domain: trust_domain.to_string(),
-            mesh_namespaces: Some(self.meshed_namespaces.iter().cloned().collect()),
-            // The agent decides capture at CNI ADD time, before the pod has an IP the controller could list.
-            excluded_pods: self
-                .pods
-                .iter()
-                .filter(|p| p.node == node && p.labels.get(MESH_LABEL).map(String::as_str) == Some("disabled"))
-                .map(|p| format!("{}/{}", p.namespace, p.name))
-                .collect(),
             workloads: meshed
                 .iter()
                 .map(|p| Workload {
@@ -197,6 +194,25 @@ impl Mesh {
                         .collect();
                     svc
                 })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    /// What only this node needs: the policies of the namespaces its meshed pods live in (a policy change
+    /// reaches the agents it concerns and no others), its opted-out pods, and the node-wide settings.
+    pub fn local_config(&self, node: &str, trust_domain: &str) -> NodeConfig {
+        let local_namespaces: BTreeSet<&str> =
+            self.pods.iter().filter(|p| p.node == node && self.meshed(p)).map(|p| p.namespace.as_str()).collect();
+        NodeConfig {
+            trust_domain: trust_domain.to_string(),
+            mesh_namespaces: Some(self.meshed_namespaces.iter().cloned().collect()),
+            // The agent decides capture at CNI ADD time, before the pod has an IP the controller could list.
+            excluded_pods: self
+                .pods
+                .iter()
+                .filter(|p| p.node == node && p.labels.get(MESH_LABEL).map(String::as_str) == Some("disabled"))
+                .map(|p| format!("{}/{}", p.namespace, p.name))
                 .collect(),
             peer_authentications: self
                 .peer_authentications

@@ -8,14 +8,16 @@
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mesh_agent::identity::{CertificateAuthority, Identity};
 use mesh_common::proto::certificate_service_server::{CertificateService, CertificateServiceServer};
 use mesh_common::proto::config_discovery_server::{ConfigDiscovery, ConfigDiscoveryServer};
-use mesh_common::proto::{ConfigRequest, ConfigUpdate, ResourceKey, SignRequest, SignResponse, config_request};
+use mesh_common::proto::{
+    ConfigRequest, ConfigUpdate, Resource, ResourceKey, SignRequest, SignResponse, config_request,
+};
 use mesh_common::resources::{self, Key};
 use rustls::pki_types::CertificateSigningRequestDer;
 use tokio::sync::mpsc;
@@ -23,6 +25,7 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::mesh::Mesh;
 use crate::source::Snapshots;
 
 pub const NODE_HEADER: &str = "x-nodemesh-node";
@@ -37,11 +40,58 @@ pub struct Controller {
     trust_domain: String,
     /// One counter for every update sent: versions are unique and increase.
     versions: Arc<AtomicU64>,
+    shared: Arc<Mutex<SharedCache>>,
+}
+
+type Resources = BTreeMap<Key, Vec<u8>>;
+
+/// The cluster-wide part of every node's config for one snapshot, serialized once for all node streams.
+struct Shared {
+    mesh: Arc<Mesh>,
+    resources: Resources,
+}
+
+/// The latest [`Shared`], and the delta from the one before, which most node streams need next.
+#[derive(Default)]
+struct SharedCache {
+    current: Option<Arc<Shared>>,
+    delta: Option<(Arc<Shared>, Arc<Shared>, Arc<Delta>)>,
+}
+
+#[derive(Default, Clone)]
+struct Delta {
+    upserts: Vec<Resource>,
+    removals: Vec<ResourceKey>,
 }
 
 impl Controller {
     pub fn new(snapshots: Snapshots, ca: Arc<dyn CertificateAuthority>, trust_domain: String) -> Self {
-        Controller { snapshots, ca, trust_domain, versions: Arc::new(AtomicU64::new(0)) }
+        Controller { snapshots, ca, trust_domain, versions: Arc::new(AtomicU64::new(0)), shared: Default::default() }
+    }
+
+    fn shared_for(&self, mesh: &Arc<Mesh>) -> Arc<Shared> {
+        let mut cache = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(current) = cache.current.as_ref().filter(|c| Arc::ptr_eq(&c.mesh, mesh)) {
+            return current.clone();
+        }
+        let mut resources = resources::split(&mesh.shared_config());
+        resources.retain(|(kind, _), _| kind != resources::SETTINGS);
+        let shared = Arc::new(Shared { mesh: mesh.clone(), resources });
+        cache.current = Some(shared.clone());
+        shared
+    }
+
+    /// What changed in the cluster-wide part between two snapshots; computed once per change.
+    fn shared_delta(&self, old: &Arc<Shared>, new: &Arc<Shared>) -> Arc<Delta> {
+        let mut cache = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((o, n, delta)) = &cache.delta {
+            if Arc::ptr_eq(o, old) && Arc::ptr_eq(n, new) {
+                return delta.clone();
+            }
+        }
+        let delta = Arc::new(diff(&old.resources, &new.resources));
+        cache.delta = Some((old.clone(), new.clone(), delta.clone()));
+        delta
     }
 
     /// Both services, behind the bootstrap-token check.
@@ -108,22 +158,46 @@ async fn serve_node(
 ) {
     tracing::info!(%node, "agent connected");
     let mut snapshots = controller.snapshots.clone();
-    let mut sent: Option<BTreeMap<Key, Vec<u8>>> = None;
+    // What the agent has: the shared part (by snapshot) and its own part.
+    let mut sent: Option<(Arc<Shared>, Resources)> = None;
     loop {
         let mesh = snapshots.borrow_and_update().clone();
-        let now = resources::split(&mesh.node_config(&node, &controller.trust_domain));
-        if let Some(update) = diff(sent.as_ref(), &now) {
+        let shared = controller.shared_for(&mesh);
+        let local = resources::split(&mesh.local_config(&node, &controller.trust_domain));
+        let update = match &sent {
+            None => {
+                let upserts = shared.resources.iter().chain(&local).map(|(k, v)| resources::to_proto(k, v)).collect();
+                Some(ConfigUpdate {
+                    full: true,
+                    upserts,
+                    trust_bundle_pem: controller.trust_bundle_pem(),
+                    ..Default::default()
+                })
+            }
+            Some((old_shared, old_local)) => {
+                let mut delta = if Arc::ptr_eq(old_shared, &shared) {
+                    Delta::default()
+                } else {
+                    (*controller.shared_delta(old_shared, &shared)).clone()
+                };
+                let own = diff(old_local, &local);
+                delta.upserts.extend(own.upserts);
+                delta.removals.extend(own.removals);
+                (!delta.upserts.is_empty() || !delta.removals.is_empty()).then(|| ConfigUpdate {
+                    upserts: delta.upserts,
+                    removals: delta.removals,
+                    ..Default::default()
+                })
+            }
+        };
+        if let Some(update) = update {
             let version = controller.versions.fetch_add(1, Ordering::Relaxed) + 1;
-            let update = ConfigUpdate {
-                version: version.to_string(),
-                trust_bundle_pem: if sent.is_none() { controller.trust_bundle_pem() } else { Vec::new() },
-                ..update
-            };
+            let update = ConfigUpdate { version: version.to_string(), ..update };
             tracing::debug!(%node, version, upserts = update.upserts.len(), removals = update.removals.len(), "sending config");
             if tx.send(Ok(update)).await.is_err() {
                 break;
             }
-            sent = Some(now);
+            sent = Some((shared, local));
         }
         tokio::select! {
             changed = snapshots.changed() => if changed.is_err() { break },
@@ -143,20 +217,16 @@ async fn serve_node(
     tracing::info!(%node, "agent disconnected");
 }
 
-/// What changed between what the agent has (`None`: nothing yet) and `now`; `None` when nothing did.
-fn diff(sent: Option<&BTreeMap<Key, Vec<u8>>>, now: &BTreeMap<Key, Vec<u8>>) -> Option<ConfigUpdate> {
-    let Some(sent) = sent else {
-        let upserts = now.iter().map(|(k, v)| resources::to_proto(k, v)).collect();
-        return Some(ConfigUpdate { full: true, upserts, ..Default::default() });
-    };
-    let upserts: Vec<_> =
-        now.iter().filter(|(k, v)| sent.get(*k) != Some(*v)).map(|(k, v)| resources::to_proto(k, v)).collect();
-    let removals: Vec<_> = sent
-        .keys()
-        .filter(|k| !now.contains_key(*k))
-        .map(|(kind, name)| ResourceKey { kind: kind.clone(), name: name.clone() })
-        .collect();
-    (!upserts.is_empty() || !removals.is_empty()).then(|| ConfigUpdate { upserts, removals, ..Default::default() })
+/// What changed from `old` to `new`.
+fn diff(old: &Resources, new: &Resources) -> Delta {
+    Delta {
+        upserts: new.iter().filter(|(k, v)| old.get(*k) != Some(*v)).map(|(k, v)| resources::to_proto(k, v)).collect(),
+        removals: old
+            .keys()
+            .filter(|k| !new.contains_key(*k))
+            .map(|(kind, name)| ResourceKey { kind: kind.clone(), name: name.clone() })
+            .collect(),
+    }
 }
 
 #[tonic::async_trait]
@@ -191,16 +261,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn diffs_are_full_then_deltas() {
+    fn diffs_list_upserts_and_removals() {
         let a = BTreeMap::from([(("workload".into(), "x/a".into()), b"1".to_vec())]);
         let mut b = a.clone();
         b.insert(("workload".into(), "x/b".into()), b"2".to_vec());
-        let first = diff(None, &a).unwrap();
-        assert!(first.full && first.upserts.len() == 1);
-        assert!(diff(Some(&a), &a).is_none());
-        let added = diff(Some(&a), &b).unwrap();
-        assert!(!added.full && added.upserts.len() == 1 && added.removals.is_empty());
-        let removed = diff(Some(&b), &a).unwrap();
+        let none = diff(&a, &a);
+        assert!(none.upserts.is_empty() && none.removals.is_empty());
+        let added = diff(&a, &b);
+        assert!(added.upserts.len() == 1 && added.removals.is_empty());
+        let removed = diff(&b, &a);
         assert_eq!(removed.removals[0].name, "x/b");
+        let changed = diff(&a, &BTreeMap::from([(("workload".into(), "x/a".into()), b"9".to_vec())]));
+        assert_eq!(changed.upserts.len(), 1);
     }
 }
