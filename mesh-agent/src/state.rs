@@ -189,6 +189,13 @@ impl AgentState {
     }
 }
 
+/// rustls' certificate resolvers must be `Debug`; the node name is all that is worth printing.
+impl std::fmt::Debug for AgentState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AgentState({})", self.node())
+    }
+}
+
 /// A poisoned lock only means another task panicked while holding it; the data is still usable.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())

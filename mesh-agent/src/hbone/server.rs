@@ -44,12 +44,6 @@ impl ResolvesServerCert for PodCert {
     }
 }
 
-impl std::fmt::Debug for AgentState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "AgentState({})", self.node())
-    }
-}
-
 pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, state: AgentState) {
     let Some(secrets) = state.secrets() else { return };
     let verifier = Arc::new(SvidClientVerifier { bundle: secrets.bundle(), provider: secrets.provider() });
