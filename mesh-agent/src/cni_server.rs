@@ -69,7 +69,7 @@ async fn handle(stream: UnixStream, state: AgentState) {
 async fn dispatch(request: AgentRequest, state: &AgentState) -> AgentResponse {
     match request {
         AgentRequest::Add(pod) => {
-            let name = format!("{}/{}", pod.namespace, pod.name);
+            let name = pod.qualified_name();
             match inpod::enroll(state, pod).await {
                 Ok(captured) => AgentResponse { captured, error: None },
                 Err(error) => {

@@ -23,6 +23,13 @@ pub struct PodNetwork {
     pub ips: Vec<IpAddr>,
 }
 
+impl PodNetwork {
+    /// `namespace/name`, for logs and messages.
+    pub fn qualified_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(tag = "command", rename_all = "camelCase")]
 pub enum AgentRequest {

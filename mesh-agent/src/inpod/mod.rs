@@ -36,7 +36,7 @@ pub struct PodContext {
 impl PodContext {
     /// `namespace/name`
     pub fn name(&self) -> String {
-        format!("{}/{}", self.net.namespace, self.net.name)
+        self.net.qualified_name()
     }
 
     pub fn service_account(&self, config: &NodeConfig) -> Option<String> {
@@ -101,17 +101,19 @@ fn err(code: u32, msg: impl Into<String>, details: impl ToString) -> AgentError 
 /// CNI ADD. Returns whether the pod is captured; returns only once capture is active.
 pub async fn enroll(state: &AgentState, net: PodNetwork) -> Result<bool, AgentError> {
     let _serial = state.enrollment_lock().await;
-    enroll_locked(state, net).await
+    let outcome = enroll_locked(state, net).await;
+    persist(state);
+    outcome
 }
 
+/// Enrollment proper; the caller holds the enrollment lock and persists the state file afterwards.
 async fn enroll_locked(state: &AgentState, net: PodNetwork) -> Result<bool, AgentError> {
     if state.pods().contains_key(&net.container_id) {
         return Ok(true);
     }
     if !state.config().pod_in_mesh(&net.namespace, &net.name) {
-        tracing::info!(pod = %format!("{}/{}", net.namespace, net.name), "not in the mesh (namespace or opt-out); not captured");
+        tracing::info!(pod = %net.qualified_name(), "not in the mesh (namespace or opt-out); not captured");
         state.parked().insert(net.container_id.clone(), net);
-        persist(state);
         return Ok(false);
     }
     state.parked().remove(&net.container_id);
@@ -122,7 +124,7 @@ async fn enroll_locked(state: &AgentState, net: PodNetwork) -> Result<bool, Agen
             "prevResult lists no ips; chain nodemesh-cni after the main plugin",
         ));
     }
-    let pod_name = format!("{}/{}", net.namespace, net.name);
+    let pod_name = net.qualified_name();
     let hbone = state.secrets().is_some();
     let prepared = tokio::task::spawn_blocking(move || prepare(net, hbone))
         .await
@@ -131,17 +133,18 @@ async fn enroll_locked(state: &AgentState, net: PodNetwork) -> Result<bool, Agen
     let activated = activate(state, prepared).map_err(|e| err(103, "cannot activate capture", e))?;
     tracing::info!(pod = %pod_name, netns_cookie = activated.netns.cookie(), "pod enrolled");
     state.sync_identities();
-    persist(state);
     Ok(true)
 }
 
 /// CNI DEL. Tolerates pods that are unknown or whose netns is already gone.
 pub async fn unenroll(state: &AgentState, container_id: &str) -> bool {
     let _serial = state.enrollment_lock().await;
-    if state.parked().remove(container_id).is_some() {
+    let parked = state.parked().remove(container_id).is_some();
+    let released = release(state, container_id).await.is_some();
+    if parked || released {
         persist(state);
     }
-    release(state, container_id).await.is_some()
+    released
 }
 
 /// Captures pods that joined the mesh and releases those that left it (namespace label, opt-out label), after
@@ -162,7 +165,7 @@ pub async fn reconcile(state: AgentState) {
         .collect();
     for id in leaving {
         if let Some(net) = release(&state, &id).await {
-            tracing::info!(pod = %format!("{}/{}", net.namespace, net.name), "left the mesh; capture released");
+            tracing::info!(pod = %net.qualified_name(), "left the mesh; capture released");
             state.parked().insert(id, net);
             changed = true;
         }
@@ -171,7 +174,7 @@ pub async fn reconcile(state: AgentState) {
         state.parked().values().filter(|p| config.pod_in_mesh(&p.namespace, &p.name)).cloned().collect();
     for net in joining {
         changed = true;
-        let name = format!("{}/{}", net.namespace, net.name);
+        let name = net.qualified_name();
         let id = net.container_id.clone();
         match enroll_locked(&state, net).await {
             Ok(true) => tracing::info!(pod = %name, "joined the mesh; captured"),
@@ -188,7 +191,8 @@ pub async fn reconcile(state: AgentState) {
     }
 }
 
-/// Stops capturing one pod; returns what the CNI plugin told us about it.
+/// Stops capturing one pod; returns what the CNI plugin told us about it. The caller holds the enrollment lock
+/// and persists the state file afterwards.
 async fn release(state: &AgentState, container_id: &str) -> Option<PodNetwork> {
     let entry = state.pods().remove(container_id)?;
     let pod = entry.pod.clone();
@@ -208,8 +212,7 @@ async fn release(state: &AgentState, container_id: &str) -> Option<PodNetwork> {
     if let Ok(Err(e)) = cleanup.await {
         tracing::debug!(error = %e, "pod netns gone before its routing could be removed");
     }
-    tracing::info!(pod = %format!("{}/{}", entry.pod.net.namespace, entry.pod.net.name), "pod unenrolled");
-    persist(state);
+    tracing::info!(pod = %entry.pod.name(), "pod unenrolled");
     Some(entry.pod.net.clone())
 }
 
@@ -228,7 +231,7 @@ pub async fn readopt(state: &AgentState) {
         }
     }
     for s in saved.iter().filter(|s| s.captured) {
-        let pod = format!("{}/{}", s.net.namespace, s.net.name);
+        let pod = s.net.qualified_name();
         let same_netns = NetNs::open(&s.net.netns).map(|ns| ns.cookie() == s.netns_cookie).unwrap_or(false);
         let outcome = if same_netns { enroll_locked(state, s.net.clone()).await } else { Ok(false) };
         match outcome {
