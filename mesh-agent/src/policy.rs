@@ -51,7 +51,7 @@ pub fn check_inbound(
     {
         return Err(Refusal { reason: "peer_authentication_strict", policy: None });
     }
-    let conn = Connection { principal, source_ip: source_ip.to_canonical(), destination_port: port };
+    let conn = Connection { principal, source_ip: source_ip.to_canonical(), destination_port: port, request: None };
     match model::authorize(&config.authorization_policies, &pod.net.namespace, labels, &conn) {
         Decision::Allow => Ok(()),
         Decision::Deny { reason, policy } => Err(Refusal { reason: reason.as_str(), policy }),

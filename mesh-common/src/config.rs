@@ -11,6 +11,8 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::policy::{AuthorizationPolicy, MtlsMode, PeerAuthentication};
+use crate::route::Route;
+use crate::traffic::TrafficPolicy;
 
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
@@ -42,6 +44,11 @@ pub struct NodeConfig {
     pub peer_authentications: Vec<PeerAuthentication>,
     #[serde(default)]
     pub authorization_policies: Vec<AuthorizationPolicy>,
+    /// HTTPRoutes and GRPCRoutes attached to Services this node's workloads may call.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<Route>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub traffic_policies: Vec<TrafficPolicy>,
     /// What happens to outbound connections to destinations the config does not know.
     #[serde(default)]
     pub outbound_traffic_policy: OutboundTrafficPolicy,

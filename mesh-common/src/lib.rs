@@ -13,6 +13,10 @@ pub mod cni;
 pub mod config;
 #[cfg(feature = "user")]
 pub mod policy;
+#[cfg(feature = "user")]
+pub mod route;
+#[cfg(feature = "user")]
+pub mod traffic;
 
 /// The controller <-> agent API (`proto/nodemesh.proto`).
 #[cfg(feature = "grpc")]

@@ -100,6 +100,19 @@ pub struct Operation {
     pub ports: Vec<u16>,
     #[serde(default)]
     pub not_ports: Vec<u16>,
+    /// HTTP methods (`GET`, `POST`); L7.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_methods: Vec<String>,
+    /// Request paths, with `prefix*`, `*suffix` and `*` wildcards; L7.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_paths: Vec<String>,
+    /// Request headers that must be present with one of the listed values (wildcards as for paths); L7.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, Vec<String>>,
 }
 
 /// What the destination agent knows about one inbound connection.
@@ -109,6 +122,16 @@ pub struct Connection<'a> {
     pub principal: Option<&'a str>,
     pub source_ip: IpAddr,
     pub destination_port: u16,
+    /// The HTTP request, when the decision is taken per request; `None` at connection level.
+    pub request: Option<Request<'a>>,
+}
+
+/// What L7 rules look at. Header names are lower case.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Request<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub headers: &'a [(&'a str, &'a str)],
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -167,11 +190,14 @@ pub fn authorize(
     let selected: Vec<&AuthorizationPolicy> =
         policies.iter().filter(|p| p.namespace == namespace && selector_matches(p.selector.as_ref(), labels)).collect();
     let id = |p: &AuthorizationPolicy| format!("{}/{}", p.namespace, p.name);
-    if let Some(p) = selected.iter().find(|p| p.action == Action::Deny && p.rules.iter().any(|r| r.matches(conn))) {
+    // Without a request, L7 conditions cannot be checked: a DENY rule with them counts as matching and an ALLOW
+    // rule with them as not matching, so missing L7 information never lets a connection through (as ztunnel).
+    let deny_matches = |r: &Rule| r.matches_assuming(conn, true);
+    if let Some(p) = selected.iter().find(|p| p.action == Action::Deny && p.rules.iter().any(deny_matches)) {
         return Decision::Deny { reason: DenyReason::DenyPolicy, policy: Some(id(p)) };
     }
     let allows: Vec<&&AuthorizationPolicy> = selected.iter().filter(|p| p.action == Action::Allow).collect();
-    if allows.is_empty() || allows.iter().any(|p| p.rules.iter().any(|r| r.matches(conn))) {
+    if allows.is_empty() || allows.iter().any(|p| p.rules.iter().any(|r| r.matches_assuming(conn, false))) {
         Decision::Allow
     } else {
         Decision::Deny { reason: DenyReason::NoAllowMatch, policy: None }
@@ -179,9 +205,10 @@ pub fn authorize(
 }
 
 impl Rule {
-    pub fn matches(&self, conn: &Connection<'_>) -> bool {
+    /// `l7_unknown` is the answer for L7 conditions when `conn` carries no request.
+    fn matches_assuming(&self, conn: &Connection<'_>, l7_unknown: bool) -> bool {
         (self.from.is_empty() || self.from.iter().any(|s| s.matches(conn)))
-            && (self.to.is_empty() || self.to.iter().any(|o| o.matches(conn.destination_port)))
+            && (self.to.is_empty() || self.to.iter().any(|o| o.matches(conn, l7_unknown)))
     }
 }
 
@@ -192,15 +219,19 @@ fn principal_name(p: &str) -> &str {
 
 fn principal_matches(pattern: &str, principal: Option<&str>) -> bool {
     let Some(principal) = principal.map(principal_name) else { return false };
-    let pattern = principal_name(pattern);
+    wildcard_matches(principal_name(pattern), principal)
+}
+
+/// Istio's string match: exact, `prefix*`, `*suffix`, or `*` for anything.
+fn wildcard_matches(pattern: &str, value: &str) -> bool {
     if pattern == "*" {
         true
     } else if let Some(suffix) = pattern.strip_prefix('*') {
-        principal.ends_with(suffix)
+        value.ends_with(suffix)
     } else if let Some(prefix) = pattern.strip_suffix('*') {
-        principal.starts_with(prefix)
+        value.starts_with(prefix)
     } else {
-        principal == pattern
+        value == pattern
     }
 }
 
@@ -226,8 +257,30 @@ impl Source {
 }
 
 impl Operation {
-    pub fn matches(&self, port: u16) -> bool {
-        (self.ports.is_empty() || self.ports.contains(&port)) && !self.not_ports.contains(&port)
+    fn has_l7(&self) -> bool {
+        !(self.methods.is_empty()
+            && self.not_methods.is_empty()
+            && self.paths.is_empty()
+            && self.not_paths.is_empty()
+            && self.headers.is_empty())
+    }
+
+    fn matches(&self, conn: &Connection<'_>, l7_unknown: bool) -> bool {
+        let port = conn.destination_port;
+        let l4 = (self.ports.is_empty() || self.ports.contains(&port)) && !self.not_ports.contains(&port);
+        if !l4 || !self.has_l7() {
+            return l4;
+        }
+        let Some(req) = &conn.request else { return l7_unknown };
+        let any = |patterns: &[String], value: &str| patterns.iter().any(|p| wildcard_matches(p, value));
+        let method_is = |m: &String| m.eq_ignore_ascii_case(req.method);
+        (self.methods.is_empty() || self.methods.iter().any(method_is))
+            && !self.not_methods.iter().any(method_is)
+            && (self.paths.is_empty() || any(&self.paths, req.path))
+            && !any(&self.not_paths, req.path)
+            && self.headers.iter().all(|(name, values)| {
+                req.headers.iter().any(|(n, v)| n.eq_ignore_ascii_case(name) && (values.is_empty() || any(values, v)))
+            })
     }
 }
 
@@ -244,7 +297,7 @@ mod tests {
     }
 
     fn conn<'a>(principal: Option<&'a str>, ip: &str, port: u16) -> Connection<'a> {
-        Connection { principal, source_ip: ip.parse().unwrap(), destination_port: port }
+        Connection { principal, source_ip: ip.parse().unwrap(), destination_port: port, request: None }
     }
 
     const FRONT: Option<&str> = Some("spiffe://cluster.local/ns/web/sa/frontend");
@@ -309,7 +362,30 @@ mod tests {
         assert!(!any.matches(&conn(ADMIN, "10.1.0.1", 80)));
         assert!(!any.matches(&conn(None, "10.1.0.1", 80)), "`*` needs an authenticated peer");
         let op: Operation = serde_yaml::from_str("{notPorts: [22]}").unwrap();
-        assert!(op.matches(80) && !op.matches(22));
+        assert!(op.matches(&conn(None, "10.1.0.1", 80), false) && !op.matches(&conn(None, "10.1.0.1", 22), false));
+    }
+
+    #[test]
+    fn l7_rules_per_request_and_fail_closed_without_one() {
+        let p = policies(
+            r#"
+- {namespace: shop, name: public-get, rules: [{to: [{methods: [GET], paths: ["/public/*"]}]}]}
+- {namespace: shop, name: no-admin, action: DENY, rules: [{to: [{paths: ["/admin*"], headers: {x-user: ["*"]}}]}]}
+"#,
+        );
+        let none = BTreeMap::new();
+        let at = |method, path, headers| Connection {
+            request: Some(Request { method, path, headers }),
+            ..conn(FRONT, "10.0.0.1", 80)
+        };
+        assert_eq!(authorize(&p, "shop", &none, &at("GET", "/public/x", &[])), Decision::Allow);
+        assert!(matches!(authorize(&p, "shop", &none, &at("POST", "/public/x", &[])), Decision::Deny { .. }));
+        assert!(matches!(authorize(&p, "shop", &none, &at("GET", "/private", &[])), Decision::Deny { .. }));
+        let admin = authorize(&p, "shop", &none, &at("GET", "/admin", &[("x-user", "bob")]));
+        assert_eq!(admin, Decision::Deny { reason: DenyReason::DenyPolicy, policy: Some("shop/no-admin".into()) });
+        // At connection level the DENY rule's L7 part is unknown and counts as matching.
+        let l4 = authorize(&p, "shop", &none, &conn(FRONT, "10.0.0.1", 80));
+        assert_eq!(l4, Decision::Deny { reason: DenyReason::DenyPolicy, policy: Some("shop/no-admin".into()) });
     }
 
     #[test]

@@ -11,6 +11,8 @@ pub const WORKLOAD: &str = "workload";
 pub const SERVICE: &str = "service";
 pub const PEER_AUTHENTICATION: &str = "peerAuthentication";
 pub const AUTHORIZATION_POLICY: &str = "authorizationPolicy";
+pub const ROUTE: &str = "route";
+pub const TRAFFIC_POLICY: &str = "trafficPolicy";
 pub const SETTINGS: &str = "settings";
 
 /// The node-wide scalars of a NodeConfig, sent as one resource.
@@ -49,6 +51,17 @@ pub fn split(config: &NodeConfig) -> BTreeMap<Key, Vec<u8>> {
     }
     for p in &config.authorization_policies {
         out.insert(key(AUTHORIZATION_POLICY, &p.namespace, &p.name), json(p));
+    }
+    for r in &config.routes {
+        // HTTPRoute and GRPCRoute names live in separate namespaces of names.
+        let kind = match r.kind {
+            crate::route::RouteKind::Http => "httproute",
+            crate::route::RouteKind::Grpc => "grpcroute",
+        };
+        out.insert((ROUTE.to_string(), format!("{}/{}/{}", kind, r.namespace, r.name)), json(r));
+    }
+    for p in &config.traffic_policies {
+        out.insert(key(TRAFFIC_POLICY, &p.namespace, &p.name), json(p));
     }
     let settings = Settings {
         version: String::new(),
@@ -132,6 +145,8 @@ fn build(resources: &BTreeMap<Key, Vec<u8>>, version: &str) -> Result<NodeConfig
             SERVICE => config.services.push(serde_json::from_slice(json).map_err(bad)?),
             PEER_AUTHENTICATION => config.peer_authentications.push(serde_json::from_slice(json).map_err(bad)?),
             AUTHORIZATION_POLICY => config.authorization_policies.push(serde_json::from_slice(json).map_err(bad)?),
+            ROUTE => config.routes.push(serde_json::from_slice(json).map_err(bad)?),
+            TRAFFIC_POLICY => config.traffic_policies.push(serde_json::from_slice(json).map_err(bad)?),
             SETTINGS => {
                 let s: Settings = serde_json::from_slice(json).map_err(bad)?;
                 config.trust_domain = s.trust_domain;
@@ -158,6 +173,8 @@ mod tests {
         let config = NodeConfig::from_yaml(
             "workloads: [{namespace: a, name: p1, serviceAccount: s, ips: [10.0.0.1]}, {namespace: a, name: p2}]\n\
              authorizationPolicies: [{namespace: a, name: deny, action: DENY}]\n\
+             routes: [{namespace: a, name: r, kind: GRPCRoute, parents: [{namespace: a, name: svc}], rules: [{matches: [{path: {type: PathPrefix, value: /pkg.Svc/}}], backends: [{service: {namespace: a, name: svc-v2, port: 80}, weight: 1}]}]}]\n\
+             trafficPolicies: [{namespace: a, name: tp, service: svc, rateLimit: {requestsPerSecond: 10}}]\n\
              defaultPeerAuthentication: STRICT\n",
         )
         .unwrap();

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
 use mesh_common::policy::{Action, MtlsMode, Rule};
+use mesh_common::traffic::{ConnectionPool, FaultInjection, LoadBalancer, OutlierDetection, RateLimit, RetryBudget};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -117,127 +118,12 @@ fn service_kind() -> String {
     "Service".into()
 }
 
-/// A Go-style duration: `250ms`, `10s`, `1m30s`.
-type Duration = String;
-const DURATION: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
-
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ConnectionPool {
-    #[schemars(range(min = 1))]
-    pub max_connections: Option<u32>,
-    #[schemars(range(min = 1))]
-    pub max_pending_requests: Option<u32>,
-    #[schemars(range(min = 1))]
-    pub max_requests: Option<u32>,
-    #[schemars(range(min = 1))]
-    pub max_retries: Option<u32>,
-}
-
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct OutlierDetection {
-    #[schemars(range(min = 1))]
-    pub consecutive_5xx_errors: Option<u32>,
-    #[schemars(range(min = 1))]
-    pub consecutive_gateway_errors: Option<u32>,
-    #[schemars(regex(pattern = DURATION))]
-    pub interval: Option<Duration>,
-    #[schemars(regex(pattern = DURATION))]
-    pub base_ejection_time: Option<Duration>,
-    #[schemars(range(min = 0, max = 100))]
-    pub max_ejection_percent: Option<u32>,
-}
-
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Default, JsonSchema)]
-pub enum Algorithm {
-    RoundRobin,
-    /// Power of two choices with an EWMA of latency.
-    #[default]
-    LeastRequest,
-    RingHash,
-    Maglev,
-}
-
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct LoadBalancer {
-    #[serde(default)]
-    pub algorithm: Algorithm,
-    /// For RingHash and Maglev: what requests are hashed on.
-    pub hash_key: Option<HashKey>,
-    /// Prefer endpoints on the same node, then zone, then region.
-    #[serde(default)]
-    pub locality_preference: bool,
-}
-
-/// What consistent hashing keys on: set exactly one.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct HashKey {
-    /// A request header's value.
-    pub header: Option<String>,
-    /// A cookie's value.
-    pub cookie: Option<String>,
-    /// The client's IP address.
-    #[serde(default)]
-    pub source_ip: bool,
-}
-
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct RetryBudget {
-    /// Retries allowed as a percentage of live requests.
-    #[schemars(range(min = 0, max = 100))]
-    pub percent: u32,
-    /// Retries always allowed per second, whatever the ratio.
-    #[serde(default)]
-    pub min_retries_per_second: u32,
-}
-
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct RateLimit {
-    #[schemars(range(min = 1))]
-    pub requests_per_second: u32,
-    #[schemars(range(min = 1))]
-    pub burst: Option<u32>,
-    /// One bucket per source identity instead of one for the Service.
-    #[serde(default)]
-    pub per_source: bool,
-}
-
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct FaultInjection {
-    pub delay: Option<FaultDelay>,
-    pub abort: Option<FaultAbort>,
-}
-
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct FaultDelay {
-    #[schemars(regex(pattern = DURATION))]
-    pub fixed_delay: Duration,
-    #[schemars(range(min = 0.0, max = 100.0))]
-    pub percent: f64,
-}
-
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct FaultAbort {
-    #[schemars(range(min = 200, max = 599))]
-    pub http_status: Option<u16>,
-    #[schemars(range(min = 0, max = 16))]
-    pub grpc_status: Option<u8>,
-    #[schemars(range(min = 0.0, max = 100.0))]
-    pub percent: f64,
-}
-
-/// Every CRD, as `(file name, YAML)`.
+/// Every CRD the controller reads, as `(file name, YAML)`: nodemesh.io's, and Gateway API's HTTPRoute and
+/// GRPCRoute (experimental channel, which adds GEP-1731 retries) as the `gateway-api` crate defines them.
 pub fn all() -> Vec<(String, String)> {
+    use gateway_api::experimental::{grpcroutes::GRPCRoute, httproutes::HTTPRoute};
     use kube::CustomResourceExt;
-    [PeerAuthentication::crd(), AuthorizationPolicy::crd(), TrafficPolicy::crd()]
+    [PeerAuthentication::crd(), AuthorizationPolicy::crd(), TrafficPolicy::crd(), HTTPRoute::crd(), GRPCRoute::crd()]
         .into_iter()
         .map(|crd| {
             let file = format!("{}.yaml", crd.metadata.name.clone().unwrap_or_default());

@@ -92,9 +92,9 @@ fn reload(dir: &Path, files: &mut BTreeMap<PathBuf, Vec<Object>>, seen: &mut Fin
     }
     *seen = now;
     let all: Vec<Object> = files.values().flatten().cloned().collect();
-    let (mesh, errors) = Mesh::from_objects(&all);
-    for e in errors {
-        tracing::error!(object = %e.object, error = %e.message, "object ignored");
+    let (mesh, verdicts) = Mesh::from_objects(&all);
+    for v in verdicts.iter().filter(|v| v.is_problem()) {
+        tracing::error!("{v}");
     }
     mesh
 }

@@ -1,0 +1,205 @@
+use super::*;
+
+const OBJECTS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {nodemesh.io/mesh: enabled}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: other}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: cart-1, namespace: shop, labels: {app: cart}}
+spec: {nodeName: node-1, serviceAccountName: cart}
+status: {phase: Running, podIPs: [{ip: 10.244.1.2}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+spec: {nodeName: node-2}
+status: {phase: Running, podIP: 10.244.2.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: legacy, namespace: shop, labels: {app: legacy, nodemesh.io/mesh: disabled}}
+spec: {nodeName: node-1}
+status: {phase: Running, podIP: 10.244.1.9}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: outside, namespace: other}
+spec: {nodeName: node-1}
+status: {phase: Running, podIP: 10.244.1.7}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cart, namespace: shop}
+spec: {clusterIP: 10.96.0.10, selector: {app: cart}, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: nodemesh.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: web-only, namespace: shop}
+spec:
+  selector: {matchLabels: {app: cart}}
+  rules: [{from: [{principals: ["cluster.local/ns/shop/sa/default"]}]}]
+---
+apiVersion: nodemesh.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: broken, namespace: shop}
+spec: {action: MAYBE}
+"#;
+
+fn objects() -> Vec<Object> {
+    serde_yaml::Deserializer::from_str(OBJECTS).map(|d| Object::deserialize(d).unwrap()).collect()
+}
+
+#[test]
+fn node_configs_follow_labels_and_locality() {
+    let (mesh, verdicts) = Mesh::from_objects(&objects());
+    let errors: Vec<&Verdict> = verdicts.iter().filter(|v| v.is_problem()).collect();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].key.name, "broken");
+    assert_eq!(errors[0].rejected.as_ref().unwrap().reason, "Invalid");
+    let n1 = mesh.node_config("node-1", "cluster.local");
+    let names: Vec<&str> = n1.workloads.iter().map(|w| w.name.as_str()).collect();
+    assert_eq!(names, ["cart-1", "web-1"], "meshed namespace only, opt-out excluded");
+    assert_eq!(n1.mesh_namespaces, Some(vec!["shop".to_string()]));
+    assert_eq!(n1.excluded_pods, ["shop/legacy"]);
+    assert_eq!(n1.services[0].endpoints.len(), 1);
+    assert_eq!(n1.services[0].endpoints[0].ip, "10.244.1.2".parse::<IpAddr>().unwrap());
+    assert_eq!(n1.authorization_policies.len(), 1);
+    // node-3 runs nothing meshed: it still learns the workloads, but no policies.
+    assert!(mesh.node_config("node-3", "cluster.local").authorization_policies.is_empty());
+    assert!(mesh.has_pod("node-1", "shop", "cart"));
+    assert!(!mesh.has_pod("node-2", "shop", "cart"), "node binding");
+    assert!(!mesh.has_pod("node-1", "shop", "default"), "the opted-out pod has no identity");
+}
+
+const ROUTING: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {nodemesh.io/mesh: enabled}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: web, labels: {nodemesh.io/mesh: enabled}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: cart-1, namespace: shop, labels: {app: cart}}
+spec: {nodeName: node-1}
+status: {podIP: 10.244.1.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: front-1, namespace: web}
+spec: {nodeName: node-2}
+status: {podIP: 10.244.2.2}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cart, namespace: shop}
+spec: {clusterIP: 10.96.0.10, selector: {app: cart}, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cart-v2, namespace: shop}
+spec: {clusterIP: 10.96.0.11, ports: [{port: 80}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: canary, namespace: shop, creationTimestamp: "2026-01-01T00:00:00Z"}
+spec:
+  parentRefs: [{group: "", kind: Service, name: cart, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /api}, headers: [{name: x-beta, value: "1"}], method: GET}]
+    filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-routed, value: canary}]}}]
+    backendRefs: [{name: cart, port: 80, weight: 95}, {name: cart-v2, port: 80, weight: 5}]
+    timeouts: {request: 2s, backendRequest: 500ms}
+    retry: {attempts: 3, codes: [503], backoff: 100ms}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: from-web, namespace: web}
+spec:
+  parentRefs: [{kind: Service, name: cart, namespace: shop}]
+  rules: [{matches: [{method: {service: shop.Cart, method: Get}}], backendRefs: [{name: cart-v2, namespace: shop}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: to-nowhere, namespace: shop}
+spec: {parentRefs: [{kind: Service, name: nowhere}], rules: [{backendRefs: [{name: cart}]}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: dangling, namespace: shop}
+spec: {parentRefs: [{kind: Service, name: cart}], rules: [{backendRefs: [{name: gone}]}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: for-a-gateway, namespace: shop}
+spec: {parentRefs: [{name: ingress}], rules: [{backendRefs: [{name: cart}]}]}
+---
+apiVersion: nodemesh.io/v1alpha1
+kind: TrafficPolicy
+metadata: {name: cart-limits, namespace: shop, creationTimestamp: "2026-01-01T00:00:00Z"}
+spec: {targetRef: {name: cart}, rateLimit: {requestsPerSecond: 100}}
+---
+apiVersion: nodemesh.io/v1alpha1
+kind: TrafficPolicy
+metadata: {name: cart-limits-2, namespace: shop, creationTimestamp: "2026-02-01T00:00:00Z"}
+spec: {targetRef: {name: cart}, rateLimit: {requestsPerSecond: 5}}
+---
+apiVersion: nodemesh.io/v1alpha1
+kind: TrafficPolicy
+metadata: {name: ghost, namespace: shop}
+spec: {targetRef: {name: ghost}}
+"#;
+
+fn parse(yaml: &str) -> Vec<Object> {
+    serde_yaml::Deserializer::from_str(yaml).map(|d| Object::deserialize(d).unwrap()).collect()
+}
+
+fn reason_of<'a>(verdicts: &'a [Verdict], name: &str) -> Option<&'a str> {
+    let v = verdicts.iter().find(|v| v.key.name == name).unwrap_or_else(|| panic!("no verdict for {name}"));
+    v.rejected.as_ref().or(v.unresolved.as_ref()).map(|r| r.reason)
+}
+
+#[test]
+fn routes_and_traffic_policies_are_checked_and_scoped() {
+    use mesh_common::route::{Filter, PathMatch};
+    let (mesh, verdicts) = Mesh::from_objects(&parse(ROUTING));
+    assert_eq!(reason_of(&verdicts, "canary"), None);
+    assert_eq!(reason_of(&verdicts, "from-web"), None);
+    assert_eq!(reason_of(&verdicts, "to-nowhere"), Some("NoMatchingParent"));
+    assert_eq!(reason_of(&verdicts, "dangling"), Some("BackendNotFound"), "accepted, refs unresolved");
+    assert!(verdicts.iter().all(|v| v.key.name != "for-a-gateway"), "Gateway routes are not ours");
+    assert_eq!(reason_of(&verdicts, "cart-limits"), None);
+    assert_eq!(reason_of(&verdicts, "cart-limits-2"), Some("Conflicted"), "the older policy wins");
+    assert_eq!(reason_of(&verdicts, "ghost"), Some("TargetNotFound"));
+
+    let canary = mesh.routes.iter().find(|r| r.name == "canary").unwrap();
+    let rule = &canary.rules[0];
+    assert_eq!(rule.matches[0].path, Some(PathMatch::PathPrefix("/api".into())));
+    assert_eq!(rule.matches[0].method.as_deref(), Some("GET"));
+    assert_eq!(rule.backends.iter().map(|b| b.weight).collect::<Vec<_>>(), [95, 5]);
+    assert_eq!(rule.timeouts.unwrap().backend_request_ms, Some(500));
+    assert_eq!(rule.retry.as_ref().unwrap().codes, [503]);
+    assert!(matches!(&rule.filters[0], Filter::RequestHeaderModifier(m) if m.set[0].1 == "canary"));
+    let grpc = mesh.routes.iter().find(|r| r.name == "from-web").unwrap();
+    assert_eq!(grpc.rules[0].matches[0].path, Some(PathMatch::Exact("/shop.Cart/Get".into())));
+
+    let names = |node: &str| -> Vec<String> {
+        let mut names: Vec<String> =
+            mesh.node_config(node, "cluster.local").routes.iter().map(|r| r.name.clone()).collect();
+        names.sort();
+        names
+    };
+    // The producer routes reach every node with meshed pods; the consumer route in `web` only node-2.
+    assert_eq!(names("node-1"), ["canary", "dangling"]);
+    assert_eq!(names("node-2"), ["canary", "dangling", "from-web"]);
+    assert!(names("node-3").is_empty(), "no meshed pods, no routes");
+    assert_eq!(mesh.node_config("node-1", "cluster.local").traffic_policies.len(), 1);
+}
