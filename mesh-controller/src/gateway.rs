@@ -194,7 +194,9 @@ fn grpc_match(m: &GRPCRouteRulesMatches) -> RouteMatch {
     let regex = method.map(|x| str_of(x, "type")) == Some("RegularExpression");
     let path = match (service, name, regex) {
         (None, None, _) => None,
-        (s, n, true) => Some(PathMatch::RegularExpression(format!("/{}/{}", s.unwrap_or("[^/]+"), n.unwrap_or("[^/]+")))),
+        (s, n, true) => {
+            Some(PathMatch::RegularExpression(format!("/{}/{}", s.unwrap_or("[^/]+"), n.unwrap_or("[^/]+"))))
+        }
         (Some(s), Some(n), false) => Some(PathMatch::Exact(format!("/{s}/{n}"))),
         (Some(s), None, false) => Some(PathMatch::PathPrefix(format!("/{s}"))),
         (None, Some(n), false) => Some(PathMatch::RegularExpression(format!("/[^/]+/{}", regex_escape(n)))),
@@ -254,9 +256,9 @@ fn filter(f: &HTTPRouteRulesFilters, ns: &str) -> Result<Filter, Rejection> {
         })
     };
     Ok(match kind {
-        "RequestHeaderModifier" => {
-            Filter::RequestHeaderModifier(header_modifier(json(f.request_header_modifier.as_ref().ok_or_else(missing)?)))
-        }
+        "RequestHeaderModifier" => Filter::RequestHeaderModifier(header_modifier(json(
+            f.request_header_modifier.as_ref().ok_or_else(missing)?,
+        ))),
         "ResponseHeaderModifier" => Filter::ResponseHeaderModifier(header_modifier(json(
             f.response_header_modifier.as_ref().ok_or_else(missing)?,
         ))),

@@ -2,6 +2,7 @@
 //! the real CNI plugin, real kernel programs. See `cluster` for the topology.
 
 pub mod cluster;
+pub mod fakeapi;
 pub mod probe;
 pub mod sniff;
 pub mod sys;

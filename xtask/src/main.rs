@@ -32,7 +32,17 @@ fn main() -> Result<()> {
         Some("bench") => bench(),
         Some("gen-manifests") => step(
             "write manifests/crds from the CRD types",
-            cargo(&["run", "--quiet", "-p", "mesh-controller", "--bin", "mesh-controller", "--", "crds", "manifests/crds"]),
+            cargo(&[
+                "run",
+                "--quiet",
+                "-p",
+                "mesh-controller",
+                "--bin",
+                "mesh-controller",
+                "--",
+                "crds",
+                "manifests/crds",
+            ]),
         ),
         Some("build-ebpf") => step("build the agent with its eBPF object", cargo(&["build", "-p", "mesh-agent"])),
         _ => {

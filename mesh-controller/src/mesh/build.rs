@@ -72,7 +72,10 @@ impl Mesh {
                             });
                             None
                         } else {
-                            rejected("Conflicted", "an older PeerAuthentication in this namespace has the same selector")
+                            rejected(
+                                "Conflicted",
+                                "an older PeerAuthentication in this namespace has the same selector",
+                            )
                         }
                     }
                 },

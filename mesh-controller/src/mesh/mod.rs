@@ -58,11 +58,7 @@ impl Object {
     }
 
     pub fn key(&self) -> ObjectKey {
-        ObjectKey {
-            kind: self.kind.clone(),
-            namespace: self.namespace().to_string(),
-            name: self.metadata.name.clone(),
-        }
+        ObjectKey { kind: self.kind.clone(), namespace: self.namespace().to_string(), name: self.metadata.name.clone() }
     }
 }
 
@@ -279,4 +275,3 @@ impl Mesh {
         }
     }
 }
-
