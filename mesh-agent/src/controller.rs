@@ -1,6 +1,8 @@
 //! The agent's side of the controller API: the config stream (apply, acknowledge, keep the last good config
 //! while the controller is away, reconnect with backoff) and certificate signing through the controller's CA.
 
+use anyhow::Context;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -27,31 +29,60 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 #[derive(Clone)]
 pub struct ControllerClient {
     channel: Channel,
-    token: Arc<str>,
+    token: Arc<TokenFile>,
     node: Arc<str>,
     /// Roots from the config stream, for [`CertificateAuthority::trust_bundle`].
     bundle: Arc<RwLock<Vec<CertificateDer<'static>>>>,
 }
 
-/// Adds the bootstrap token and node name to every call.
+/// The credential file: a bootstrap token, or in Kubernetes a projected service-account token the kubelet
+/// rotates, hence read again for every call (keeping the last good one if a read fails).
+struct TokenFile {
+    path: PathBuf,
+    last: RwLock<String>,
+}
+
+impl TokenFile {
+    fn open(path: &Path) -> anyhow::Result<Self> {
+        let token = std::fs::read_to_string(path).with_context(|| format!("reading the token {}", path.display()))?;
+        Ok(TokenFile { path: path.to_path_buf(), last: RwLock::new(token.trim().to_string()) })
+    }
+
+    fn current(&self) -> String {
+        if let Ok(fresh) = std::fs::read_to_string(&self.path) {
+            let fresh = fresh.trim();
+            if !fresh.is_empty() {
+                let mut last = self.last.write().unwrap_or_else(|p| p.into_inner());
+                if *last != fresh {
+                    *last = fresh.to_string();
+                }
+            }
+        }
+        self.last.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Adds the token and node name to every call.
 type AuthInterceptor = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send + Sync>;
 type Authenticated = InterceptedService<Channel, AuthInterceptor>;
 
 impl ControllerClient {
     /// Connects lazily: the agent starts (and serves its last state) whether or not the controller is up.
-    pub fn new(url: &str, token: String, node: String) -> anyhow::Result<Self> {
+    pub fn new(url: &str, token_file: &Path, node: String) -> anyhow::Result<Self> {
+        let token = Arc::new(TokenFile::open(token_file)?);
         let channel = Endpoint::from_shared(url.to_string())?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(10))
             .connect_lazy();
-        Ok(ControllerClient { channel, token: token.into(), node: node.into(), bundle: Default::default() })
+        Ok(ControllerClient { channel, token, node: node.into(), bundle: Default::default() })
     }
 
     fn authenticated(&self) -> Result<Authenticated, Status> {
-        let auth: MetadataValue<_> =
-            format!("Bearer {}", self.token).parse().map_err(|_| Status::internal("token is not a header value"))?;
+        let auth: MetadataValue<_> = format!("Bearer {}", self.token.current())
+            .parse()
+            .map_err(|_| Status::internal("token is not a header value"))?;
         let node: MetadataValue<_> =
             self.node.parse().map_err(|_| Status::internal("node name is not a header value"))?;
         let interceptor: AuthInterceptor = Box::new(move |mut req: Request<()>| {

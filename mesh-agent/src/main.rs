@@ -75,7 +75,8 @@ struct RunArgs {
     /// Config and certificates then come from it; `--config` only seeds the config until it answers.
     #[arg(long, env = "NODEMESH_CONTROLLER", conflicts_with = "ca_dir")]
     controller: Option<String>,
-    /// File with the bootstrap token for the controller.
+    /// File with the token for the controller: the bootstrap token, or in Kubernetes the agent's projected
+    /// service-account token (re-read for every call, as the kubelet rotates it).
     #[arg(long, env = "NODEMESH_TOKEN_FILE", requires = "controller")]
     token_file: Option<PathBuf>,
     /// Directory of a local CA (ca.key, ca.crt, optional root.crt) that signs workload certificates (offline
@@ -124,9 +125,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let controller = match &args.controller {
         Some(url) => {
             let token_file = args.token_file.as_ref().context("--controller needs --token-file")?;
-            let token = std::fs::read_to_string(token_file)
-                .with_context(|| format!("reading the bootstrap token {}", token_file.display()))?;
-            Some(ControllerClient::new(url, token.trim().to_string(), args.node.clone())?)
+            Some(ControllerClient::new(url, token_file, args.node.clone())?)
         }
         None => None,
     };

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use clap::Parser;
 use mesh_agent::identity::LocalCa;
+use mesh_controller::auth::Authenticator;
 use mesh_controller::server::Controller;
 use mesh_controller::source;
 
@@ -19,18 +20,26 @@ enum Cli {
 
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// Where cluster objects come from: `dir:PATH` (YAML files, watched). Kubernetes is the next source.
+    /// Where cluster objects come from: `kubernetes` (in-cluster config or $KUBECONFIG) or `dir:PATH` (YAML
+    /// files, watched).
     #[arg(long, env = "NODEMESH_SOURCE")]
     source: String,
     /// gRPC address agents connect to.
     #[arg(long, env = "NODEMESH_LISTEN", default_value = "0.0.0.0:15012")]
     listen: SocketAddr,
-    /// CA directory (ca.key, ca.crt, optional root.crt); a root CA is created there on first start.
+    /// CA directory (ca.key, ca.crt, optional root.crt); a root CA is created there on first start. Directory
+    /// mode only (required there).
     #[arg(long, env = "NODEMESH_CA_DIR")]
-    ca_dir: PathBuf,
-    /// File holding the bootstrap token agents must present.
+    ca_dir: Option<PathBuf>,
+    /// Kubernetes mode: the Secret (`namespace/name`) holding the CA; created on first start.
+    #[arg(long, env = "NODEMESH_CA_SECRET", default_value = "nodemesh-system/nodemesh-ca")]
+    ca_secret: String,
+    /// Kubernetes mode: the agents' service account (`namespace:name`); only its tokens are accepted.
+    #[arg(long, env = "NODEMESH_AGENT_SERVICE_ACCOUNT", default_value = "nodemesh-system:nodemesh-agent")]
+    agent_service_account: String,
+    /// Directory mode: file holding the bootstrap token agents must present.
     #[arg(long, env = "NODEMESH_TOKEN_FILE")]
-    token_file: PathBuf,
+    token_file: Option<PathBuf>,
     #[arg(long, env = "NODEMESH_TRUST_DOMAIN", default_value = mesh_common::config::DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
 }
@@ -53,26 +62,34 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(cli: ServeArgs) -> anyhow::Result<()> {
-    let token = std::fs::read_to_string(&cli.token_file)
-        .with_context(|| format!("reading the bootstrap token {}", cli.token_file.display()))?
-        .trim()
-        .to_string();
-    if token.len() < 16 {
-        bail!("the bootstrap token in {} is shorter than 16 characters", cli.token_file.display());
-    }
-    if !cli.ca_dir.join(mesh_agent::identity::ca::CA_KEY).exists() {
-        LocalCa::init(&cli.ca_dir, &cli.trust_domain)?;
-        tracing::info!(dir = %cli.ca_dir.display(), "created a root CA");
-    }
-    let ca = Arc::new(LocalCa::load(&cli.ca_dir)?);
-    let snapshots = match cli.source.split_once(':') {
-        Some(("dir", path)) => source::dir::watch(PathBuf::from(path))?,
-        _ => bail!("unknown --source {:?}; expected dir:PATH", cli.source),
+    let (snapshots, ca, auth) = if cli.source == "kubernetes" {
+        let client = kube::Client::try_default().await.context("connecting to the Kubernetes API server")?;
+        let (namespace, name) = cli.ca_secret.split_once('/').context("--ca-secret must be namespace/name")?;
+        let ca = mesh_controller::ca_secret::load_or_create(client.clone(), namespace, name, &cli.trust_domain).await?;
+        let snapshots = source::kubernetes::watch(client.clone()).await?;
+        (snapshots, ca, Authenticator::token_review(client, &cli.agent_service_account))
+    } else if let Some(path) = cli.source.strip_prefix("dir:") {
+        let ca_dir = cli.ca_dir.as_ref().context("--ca-dir is required with a dir: source")?;
+        let token_file = cli.token_file.as_ref().context("--token-file is required with a dir: source")?;
+        let token = std::fs::read_to_string(token_file)
+            .with_context(|| format!("reading the bootstrap token {}", token_file.display()))?
+            .trim()
+            .to_string();
+        if token.len() < 16 {
+            bail!("the bootstrap token in {} is shorter than 16 characters", token_file.display());
+        }
+        if !ca_dir.join(mesh_agent::identity::ca::CA_KEY).exists() {
+            LocalCa::init(ca_dir, &cli.trust_domain)?;
+            tracing::info!(dir = %ca_dir.display(), "created a root CA");
+        }
+        (source::dir::watch(PathBuf::from(path))?, LocalCa::load(ca_dir)?, Authenticator::Bootstrap { token })
+    } else {
+        bail!("unknown --source {:?}; expected kubernetes or dir:PATH", cli.source);
     };
-    let controller = Controller::new(snapshots, ca, cli.trust_domain);
+    let controller = Controller::new(snapshots, Arc::new(ca), cli.trust_domain, auth);
     tracing::info!(listen = %cli.listen, source = %cli.source, "controller serving");
     tonic::transport::Server::builder()
-        .add_routes(controller.router(token))
+        .add_routes(controller.router())
         .serve_with_shutdown(cli.listen, async {
             let _ = tokio::signal::ctrl_c().await;
         })

@@ -1,10 +1,7 @@
 //! The gRPC API agents talk to: the config stream (versioned, acknowledged, deltas after the first update) and
 //! the certificate service (node-bound signing).
 //!
-//! Authentication today: a bootstrap token shared by the agents (`--token-file`), sent as
-//! `authorization: Bearer <token>` with the node name in `x-nodemesh-node`. The token proves membership, not the
-//! node: a holder can claim any node, as with kubelet bootstrap tokens. Kubernetes mode replaces it with
-//! service-account tokens checked through TokenReview.
+//! Every call is authenticated first ([`crate::auth`]): it yields the node the caller may act for.
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -28,7 +25,8 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::mesh::Mesh;
 use crate::source::Snapshots;
 
-pub const NODE_HEADER: &str = "x-nodemesh-node";
+use crate::auth::Authenticator;
+pub use crate::auth::NODE_HEADER;
 const MIN_LIFETIME: Duration = Duration::from_secs(60);
 const MAX_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
@@ -41,6 +39,7 @@ pub struct Controller {
     /// One counter for every update sent: versions are unique and increase.
     versions: Arc<AtomicU64>,
     shared: Arc<Mutex<SharedCache>>,
+    auth: Arc<Authenticator>,
 }
 
 type Resources = BTreeMap<Key, Vec<u8>>;
@@ -65,8 +64,20 @@ struct Delta {
 }
 
 impl Controller {
-    pub fn new(snapshots: Snapshots, ca: Arc<dyn CertificateAuthority>, trust_domain: String) -> Self {
-        Controller { snapshots, ca, trust_domain, versions: Arc::new(AtomicU64::new(0)), shared: Default::default() }
+    pub fn new(
+        snapshots: Snapshots,
+        ca: Arc<dyn CertificateAuthority>,
+        trust_domain: String,
+        auth: Authenticator,
+    ) -> Self {
+        Controller {
+            snapshots,
+            ca,
+            trust_domain,
+            versions: Arc::new(AtomicU64::new(0)),
+            shared: Default::default(),
+            auth: Arc::new(auth),
+        }
     }
 
     fn shared_for(&self, mesh: &Arc<Mesh>) -> Arc<Shared> {
@@ -94,18 +105,10 @@ impl Controller {
         delta
     }
 
-    /// Both services, behind the bootstrap-token check.
-    pub fn router(self, token: String) -> tonic::service::Routes {
-        let token = Arc::new(format!("Bearer {token}"));
-        let check = move |req: Request<()>| -> Result<Request<()>, Status> {
-            let presented = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
-            if presented != Some(token.as_str()) {
-                return Err(Status::unauthenticated("a valid bootstrap token is required"));
-            }
-            Ok(req)
-        };
-        tonic::service::Routes::new(ConfigDiscoveryServer::with_interceptor(self.clone(), check.clone()))
-            .add_service(CertificateServiceServer::with_interceptor(self, check))
+    /// Both services.
+    pub fn router(self) -> tonic::service::Routes {
+        tonic::service::Routes::new(ConfigDiscoveryServer::new(self.clone()))
+            .add_service(CertificateServiceServer::new(self))
     }
 
     fn trust_bundle_pem(&self) -> Vec<u8> {
@@ -113,15 +116,6 @@ impl Controller {
             self.ca.trust_bundle().iter().map(|der| pem::Pem::new("CERTIFICATE", der.to_vec())).collect();
         pem::encode_many(&blocks).into_bytes()
     }
-}
-
-fn node_of<T>(req: &Request<T>) -> Result<String, Status> {
-    req.metadata()
-        .get(NODE_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .filter(|n| !n.is_empty())
-        .map(String::from)
-        .ok_or_else(|| Status::invalid_argument(format!("the {NODE_HEADER} header names the calling node")))
 }
 
 type UpdateStream = Pin<Box<dyn Stream<Item = Result<ConfigUpdate, Status>> + Send>>;
@@ -134,7 +128,7 @@ impl ConfigDiscovery for Controller {
         &self,
         request: Request<Streaming<ConfigRequest>>,
     ) -> Result<Response<UpdateStream>, Status> {
-        let header_node = node_of(&request)?;
+        let header_node = self.auth.node_of(&request).await?;
         let mut inbound = request.into_inner();
         let node = match inbound.message().await? {
             Some(ConfigRequest { kind: Some(config_request::Kind::Hello(hello)) }) => hello.node,
@@ -232,7 +226,7 @@ fn diff(old: &Resources, new: &Resources) -> Delta {
 #[tonic::async_trait]
 impl CertificateService for Controller {
     async fn sign(&self, request: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
-        let node = node_of(&request)?;
+        let node = self.auth.node_of(&request).await?;
         let req = request.into_inner();
         let identity: Identity = req.identity.parse().map_err(|e| Status::invalid_argument(format!("{e}")))?;
         if identity.trust_domain != self.trust_domain {

@@ -553,18 +553,30 @@ impl Cluster {
 
     /// Starts `mesh-controller --source dir:<objects>` in the fabric netns and waits until it accepts connections.
     pub fn start_controller(&mut self) -> Result<()> {
-        let cgroup = self.cgroup_root.join("controller");
-        std::fs::create_dir_all(&cgroup)?;
         let mut cmd = Command::new(self.bin_dir.join("mesh-controller"));
         cmd.arg("serve")
             .arg("--source")
             .arg(format!("dir:{}", self.objects_dir()?.display()))
-            .arg("--listen")
-            .arg(format!("{CONTROLLER_IP}:{CONTROLLER_PORT}"))
             .arg("--ca-dir")
             .arg(self.tmp.join("controller-ca"))
             .arg("--token-file")
-            .arg(self.token_file()?)
+            .arg(self.token_file()?);
+        self.run_controller(cmd)
+    }
+
+    /// Starts `mesh-controller --source kubernetes` against the API server in `kubeconfig` (reachable from the
+    /// fabric netns).
+    pub fn start_controller_kubernetes(&mut self, kubeconfig: &Path) -> Result<()> {
+        let mut cmd = Command::new(self.bin_dir.join("mesh-controller"));
+        cmd.args(["serve", "--source", "kubernetes"]).env("KUBECONFIG", kubeconfig);
+        self.run_controller(cmd)
+    }
+
+    fn run_controller(&mut self, mut cmd: Command) -> Result<()> {
+        let cgroup = self.cgroup_root.join("controller");
+        std::fs::create_dir_all(&cgroup)?;
+        cmd.arg("--listen")
+            .arg(format!("{CONTROLLER_IP}:{CONTROLLER_PORT}"))
             .env("RUST_LOG", "info,mesh_controller=debug");
         let label = format!("controller-{}", self.processes.len());
         let fabric = self.fabric.clone();
@@ -602,9 +614,19 @@ impl Cluster {
 
     /// Starts the node's agent fed by the controller.
     pub fn start_agent_with_controller(&mut self, node: usize) -> Result<()> {
-        let url = format!("http://{CONTROLLER_IP}:{CONTROLLER_PORT}");
         let token = self.token_file()?;
-        self.start_agent_with(node, &["--controller", &url, "--token-file", token.to_str().context("path")?])
+        self.start_agent_with_token(node, &token)
+    }
+
+    /// Starts the node's agent fed by the controller, presenting the token in `token_file`.
+    pub fn start_agent_with_token(&mut self, node: usize, token_file: &Path) -> Result<()> {
+        let url = format!("http://{CONTROLLER_IP}:{CONTROLLER_PORT}");
+        self.start_agent_with(node, &["--controller", &url, "--token-file", token_file.to_str().context("path")?])
+    }
+
+    /// Scratch directory of this cluster (removed with it).
+    pub fn tmp_dir(&self) -> &Path {
+        &self.tmp
     }
 
     /// Sends `signal` to the node's agent (SIGHUP reloads its config).

@@ -80,21 +80,30 @@ fn rustls_pemfile_certs(pem: &str) -> Vec<CertificateDer<'static>> {
 
 impl LocalCa {
     pub fn load(dir: &Path) -> Result<Self, CaError> {
+        let root = match read(dir, ROOT_CERT) {
+            Ok(root_pem) => Some(root_pem),
+            Err(CaError::Io(_, e)) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
         let origin = dir.display().to_string();
-        let material = |e: rcgen::Error| CaError::Material(origin.clone(), e.to_string());
-        let cert_pem = read(dir, CA_CERT)?;
-        let issuer_key = KeyPair::from_pem(&read(dir, CA_KEY)?).map_err(material)?;
-        let issuer_der = pem_certs(&cert_pem, &origin)?.remove(0);
+        LocalCa::from_pem(&read(dir, CA_CERT)?, &read(dir, CA_KEY)?, root.as_deref(), &origin)
+    }
+
+    /// From PEM texts (the files of [`LocalCa::load`], or the keys of a Kubernetes Secret); `root_pem` is given
+    /// when the CA is an intermediate. `origin` names the source in errors.
+    pub fn from_pem(cert_pem: &str, key_pem: &str, root_pem: Option<&str>, origin: &str) -> Result<Self, CaError> {
+        let material = |e: rcgen::Error| CaError::Material(origin.to_string(), e.to_string());
+        let issuer_key = KeyPair::from_pem(key_pem).map_err(material)?;
+        let issuer_der = pem_certs(cert_pem, origin)?.remove(0);
         // rcgen signs with a certificate object; rebuilding it from the CA's own DN and key yields the same
         // issuer name and key identifier as the real certificate.
         let issuer = CertificateParams::from_ca_cert_der(&issuer_der)
             .map_err(material)?
             .self_signed(&issuer_key)
             .map_err(material)?;
-        let (intermediates, roots) = match read(dir, ROOT_CERT) {
-            Ok(root_pem) => (vec![issuer_der], pem_certs(&root_pem, &origin)?),
-            Err(CaError::Io(_, e)) if e.kind() == std::io::ErrorKind::NotFound => (Vec::new(), vec![issuer_der]),
-            Err(e) => return Err(e),
+        let (intermediates, roots) = match root_pem {
+            Some(root_pem) => (vec![issuer_der], pem_certs(root_pem, origin)?),
+            None => (Vec::new(), vec![issuer_der]),
         };
         Ok(LocalCa { issuer, issuer_key, intermediates, roots })
     }

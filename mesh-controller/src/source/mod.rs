@@ -2,6 +2,7 @@
 //! the controller only ever sees [`Mesh`] values.
 
 pub mod dir;
+pub mod kubernetes;
 
 use std::sync::Arc;
 

@@ -220,7 +220,9 @@ fn apply_patch(
 ) -> Result<Value, ApiError> {
     match s.get(t, ns, name).cloned() {
         None if !status_only => {
-            let mut obj = patch.clone();
+            // Merging into nothing drops the patch's nulls, as applying to a missing object does.
+            let mut obj = json!({});
+            store::merge(&mut obj, patch);
             obj["metadata"]["name"] = json!(name);
             s.create(t, version, ns, obj)
         }

@@ -1,0 +1,203 @@
+//! The controller in Kubernetes mode: kube-rs watching the fake API server (real REST + watch), real agents fed
+//! by it, agents authenticated by TokenReview, the CA kept in a Secret, status written back.
+
+use std::time::{Duration, Instant};
+
+use mesh_tests::fakeapi::FakeApi;
+use mesh_tests::{Cluster, Pod, addr, cluster};
+use serde_json::{Value, json};
+
+const KIB: u64 = 1024;
+const AGENT_SA: &str = "system:serviceaccount:nodemesh-system:nodemesh-agent";
+
+/// The fake API server, bound inside the fabric netns where the controller runs, on a runtime of its own.
+struct Api {
+    api: FakeApi,
+    _runtime: tokio::runtime::Runtime,
+}
+
+fn start_api(c: &Cluster) -> Api {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let listener =
+        mesh_tests::sys::in_netns(&c.fabric, || std::net::TcpListener::bind("127.0.0.1:0")).unwrap().unwrap();
+    let api = runtime.block_on(async { FakeApi::serve(listener) }).unwrap();
+    for (_, crd) in mesh_controller::crds::all() {
+        api.apply_yaml(&crd).unwrap();
+    }
+    Api { api, _runtime: runtime }
+}
+
+fn namespace(api: &FakeApi, name: &str, meshed: bool) {
+    // A merge patch: null removes the label.
+    let labels = json!({"nodemesh.io/mesh": if meshed { json!("enabled") } else { Value::Null }});
+    api.apply(&json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})).unwrap();
+}
+
+/// The Pod object for a test pod, Running with its IPs, as a kubelet would report it.
+fn pod_object(api: &FakeApi, c: &Cluster, node: usize, pod: &Pod, service_account: &str, app: &str) {
+    let meta = json!({"name": pod.name, "namespace": pod.namespace, "labels": {"app": app}});
+    let spec = json!({"nodeName": c.nodes[node].name, "serviceAccountName": service_account,
+                      "containers": [{"name": "app", "image": "test"}]});
+    api.apply(&json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec})).unwrap();
+    let ips: Vec<Value> = [pod.ipv4.to_string(), pod.ipv6.to_string()].iter().map(|ip| json!({"ip": ip})).collect();
+    let status = json!({"phase": "Running", "podIP": pod.ipv4.to_string(), "podIPs": ips});
+    api.set_status("v1", "Pod", Some(&pod.namespace), &pod.name, status).unwrap();
+}
+
+fn service(api: &FakeApi, namespace: &str, name: &str, ip: &str, app: &str) {
+    api.apply(&json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": namespace},
+        "spec": {"clusterIP": ip, "selector": {"app": app}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}))
+    .unwrap();
+}
+
+/// A token TokenReview maps to the agent's service account on `node`, written to a file for the agent.
+fn agent_token(api: &FakeApi, c: &Cluster, node: usize) -> std::path::PathBuf {
+    let token = format!("agent-token-{node}-0123456789abcdef");
+    api.add_token(&token, AGENT_SA, &[("authentication.kubernetes.io/node-name", &c.nodes[node].name)]);
+    let path = c.tmp_dir().join(format!("agent-token-{node}"));
+    std::fs::write(&path, &token).unwrap();
+    path
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn config_len(c: &Cluster, node: usize, field: &str) -> usize {
+    c.admin(node, "/config_dump").unwrap()["config"][field].as_array().map_or(0, Vec::len)
+}
+
+fn condition(object: &Option<Value>, path: &[&str]) -> (String, String) {
+    let mut v = object.clone().unwrap_or(Value::Null);
+    for p in path {
+        v = match p.parse::<usize>() {
+            Ok(i) => v[i].clone(),
+            Err(_) => v[*p].clone(),
+        };
+    }
+    let accepted = v.as_array().into_iter().flatten().find(|c| c["type"] == "Accepted").cloned().unwrap_or_default();
+    (accepted["status"].as_str().unwrap_or_default().into(), accepted["reason"].as_str().unwrap_or_default().into())
+}
+
+/// Pods, policies and routes come from the API server; agents authenticate with service-account tokens; the
+/// CA lives in a Secret; policy and route changes reach the agents they concern and no others; invalid objects
+/// are reported in their status and change nothing.
+#[test]
+fn kubernetes_source_drives_agents() {
+    let mut c = cluster!(2);
+    let k8s = start_api(&c);
+    let api = &k8s.api;
+    let client = c.add_pod(0, "client").unwrap();
+    let server = c.add_pod_in(1, "server", "shop").unwrap();
+    namespace(api, "nodemesh-system", false);
+    namespace(api, "default", true);
+    namespace(api, "shop", true);
+    pod_object(api, &c, 0, &client, "client-sa", "client");
+    pod_object(api, &c, 1, &server, "server-sa", "server");
+    service(api, "shop", "server", "10.96.0.20", "server");
+    let kubeconfig = c.tmp_dir().join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    c.start_controller_kubernetes(&kubeconfig).unwrap();
+    assert!(api.get("v1", "Secret", Some("nodemesh-system"), "nodemesh-ca").is_some(), "CA Secret created");
+
+    // An agent whose token is not the agent service account's gets nothing (and so never becomes ready).
+    let stranger = c.tmp_dir().join("stranger-token");
+    std::fs::write(&stranger, "not-a-known-token-at-all").unwrap();
+    let err = c.start_agent_with_token(0, &stranger).unwrap_err();
+    assert!(err.to_string().contains("not ready"), "{err:#}");
+    assert!(c.log_of("agent-n1").contains("invalid bearer token"), "{}", c.log_of("agent-n1"));
+    c.kill_agent(0).unwrap();
+
+    let tokens = [agent_token(api, &c, 0), agent_token(api, &c, 1)];
+    c.start_agent_with_token(0, &tokens[0]).unwrap();
+    c.start_agent_with_token(1, &tokens[1]).unwrap();
+    c.enroll(&client).unwrap();
+    c.enroll(&server).unwrap();
+    c.serve(&server, 8080).unwrap();
+    let target = addr(server.ipv4, 8080);
+    let r = c.client(&client, target, 256 * KIB, 1).unwrap();
+    assert!(r.success && r.ok_connections() == 1, "{:?} {}", r.json, r.stderr);
+    let mtls = [("pod", "server"), ("direction", "inbound"), ("security", "mutual_tls")];
+    assert_eq!(c.metric(1, "nodemesh_tcp_connections_opened_total", &mtls).unwrap(), 1.0, "mTLS with SVIDs");
+
+    // A policy in `shop` reaches node 2 (the server's) only, takes effect, and is marked Accepted.
+    api.apply_yaml(
+        "apiVersion: nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-client, namespace: shop}\n\
+         spec: {selector: {matchLabels: {app: server}}, action: DENY, \
+         rules: [{from: [{principals: [cluster.local/ns/default/sa/client-sa]}]}]}\n",
+    )
+    .unwrap();
+    wait_for("the policy to reach node 2", || config_len(&c, 1, "authorizationPolicies") == 1);
+    assert_eq!(config_len(&c, 0, "authorizationPolicies"), 0, "node 1 has no pod in shop");
+    assert!(!c.client(&client, target, 4 * KIB, 1).unwrap().success, "denied");
+    let ap = || api.get("nodemesh.io/v1alpha1", "AuthorizationPolicy", Some("shop"), "no-client");
+    wait_for("Accepted=True on the policy", || condition(&ap(), &["status", "conditions"]).0 == "True");
+
+    // A consumer route (in `default`, for shop/server) reaches node 1 only: node 2 has no caller in `default`.
+    api.apply_yaml(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: server-v2, namespace: default}\n\
+         spec:\n  parentRefs: [{group: \"\", kind: Service, name: server, namespace: shop, port: 80}]\n  \
+         rules: [{matches: [{path: {type: PathPrefix, value: /v2}}], backendRefs: [{name: server, namespace: shop, port: 80}]}]\n",
+    )
+    .unwrap();
+    wait_for("the route to reach node 1", || config_len(&c, 0, "routes") == 1);
+    assert_eq!(config_len(&c, 1, "routes"), 0, "consumer routes go to the consumers' nodes only");
+    let route = || api.get("gateway.networking.k8s.io/v1", "HTTPRoute", Some("default"), "server-v2");
+    wait_for("Accepted=True on the route's Service parent", || {
+        condition(&route(), &["status", "parents", "0", "conditions"]).0 == "True"
+    });
+    assert_eq!(route().unwrap()["status"]["parents"][0]["controllerName"], "nodemesh.io/mesh-controller");
+
+    // Schema-valid but wrong: a TrafficPolicy for a Service that does not exist. Reported, nothing else changes.
+    let before: Vec<Value> = (0..2).map(|n| c.admin(n, "/config_dump").unwrap()["config"].clone()).collect();
+    api.apply_yaml(
+        "apiVersion: nodemesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: ghost, namespace: shop}\n\
+         spec: {targetRef: {name: ghost}, rateLimit: {requestsPerSecond: 5}}\n",
+    )
+    .unwrap();
+    let tp = || api.get("nodemesh.io/v1alpha1", "TrafficPolicy", Some("shop"), "ghost");
+    wait_for("Accepted=False on the bad policy", || condition(&tp(), &["status", "conditions"]).0 == "False");
+    assert_eq!(condition(&tp(), &["status", "conditions"]).1, "TargetNotFound");
+    for (n, before) in before.iter().enumerate() {
+        let mut now = c.admin(n, "/config_dump").unwrap()["config"].clone();
+        now["version"] = before["version"].clone();
+        assert_eq!(&now, before, "node {} config changed by an invalid object", n + 1);
+    }
+
+    // Unlabelling `shop` takes its policies away from node 2; the route stays with node 1's callers.
+    namespace(api, "shop", false);
+    wait_for("shop to leave the mesh", || config_len(&c, 1, "authorizationPolicies") == 0);
+    let meshed = c.admin(1, "/config_dump").unwrap()["config"]["meshNamespaces"].clone();
+    assert_eq!(meshed, json!(["default"]));
+}
+
+/// The CA refuses an agent that claims another node than its token is bound to.
+#[test]
+fn token_review_binds_agents_to_their_node() {
+    let mut c = cluster!(2);
+    let k8s = start_api(&c);
+    let api = &k8s.api;
+    let client = c.add_pod(0, "client").unwrap();
+    namespace(api, "nodemesh-system", false);
+    namespace(api, "default", true);
+    pod_object(api, &c, 0, &client, "client-sa", "client");
+    let kubeconfig = c.tmp_dir().join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    c.start_controller_kubernetes(&kubeconfig).unwrap();
+    // Node 2's agent presents node 1's token: the token names node 1, so node 2's claim is refused.
+    let node1_token = agent_token(api, &c, 0);
+    let err = c.start_agent_with_token(1, &node1_token).unwrap_err();
+    assert!(err.to_string().contains("not ready"), "{err:#}");
+    assert!(c.log_of("agent-n2").contains("belongs to node"), "{}", c.log_of("agent-n2"));
+    c.kill_agent(1).unwrap();
+    // With its own token, node 1's agent gets config and certificates.
+    c.start_agent_with_token(0, &node1_token).unwrap();
+    c.enroll(&client).unwrap();
+    wait_for("the client's certificate", || {
+        c.admin(0, "/certs").unwrap()["certificates"][0]["identity"] == "spiffe://cluster.local/ns/default/sa/client-sa"
+    });
+}
