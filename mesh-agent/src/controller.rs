@@ -100,7 +100,7 @@ impl ControllerClient {
             match self.config_stream_once(&state, &mut backoff).await {
                 Ok(()) => tracing::warn!("controller closed the config stream; reconnecting"),
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "controller unreachable; keeping the last good config")
+                    tracing::warn!(error = %e, retry_in = ?backoff, "config stream from the controller failed; keeping the last good config")
                 }
             }
             tokio::time::sleep(backoff).await;
