@@ -174,7 +174,7 @@ mod tests {
             "workloads: [{namespace: a, name: p1, serviceAccount: s, ips: [10.0.0.1]}, {namespace: a, name: p2}]\n\
              authorizationPolicies: [{namespace: a, name: deny, action: DENY}]\n\
              routes: [{namespace: a, name: r, kind: GRPCRoute, parents: [{namespace: a, name: svc}], rules: [{matches: [{path: {type: PathPrefix, value: /pkg.Svc/}}], backends: [{service: {namespace: a, name: svc-v2, port: 80}, weight: 1}]}]}]\n\
-             trafficPolicies: [{namespace: a, name: tp, service: svc, rateLimit: {requestsPerSecond: 10}}]\n\
+             trafficPolicies: [{namespace: a, name: tp, service: svc, settings: {rateLimit: {requestsPerSecond: 10}}}]\n\
              defaultPeerAuthentication: STRICT\n",
         )
         .unwrap();

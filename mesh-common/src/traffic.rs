@@ -11,6 +11,14 @@ pub struct TrafficPolicy {
     pub name: String,
     /// The Service (in `namespace`) the policy targets.
     pub service: String,
+    pub settings: TrafficSettings,
+}
+
+/// What a TrafficPolicy sets; every part is optional. The CRD's spec is these plus `targetRef`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TrafficSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connection_pool: Option<ConnectionPool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
 use mesh_common::policy::{Action, MtlsMode, Rule};
-use mesh_common::traffic::{ConnectionPool, FaultInjection, LoadBalancer, OutlierDetection, RateLimit, RetryBudget};
+use mesh_common::traffic::TrafficSettings;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -88,18 +88,9 @@ pub struct AuthorizationPolicySpec {
 #[serde(rename_all = "camelCase")]
 pub struct TrafficPolicySpec {
     pub target_ref: ServiceRef,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub connection_pool: Option<ConnectionPool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub outlier_detection: Option<OutlierDetection>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub load_balancer: Option<LoadBalancer>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retry_budget: Option<RetryBudget>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate_limit: Option<RateLimit>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fault_injection: Option<FaultInjection>,
+    /// Flattened: in the CRD the settings sit beside `targetRef`.
+    #[serde(flatten)]
+    pub settings: TrafficSettings,
 }
 
 /// A Service in the policy's namespace.

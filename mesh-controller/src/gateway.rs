@@ -137,20 +137,21 @@ fn http_backend(b: &HTTPRouteRulesBackendRefs, ns: &str) -> Result<Backend, Reje
     backend(&json(b), filters(&json(&b.filters), ns)?, ns)
 }
 
+/// Header and query-parameter matches of both route kinds: `{name, value, type: Exact|RegularExpression}`.
+fn value_matches(list: Option<&Value>) -> Vec<ValueMatch> {
+    list.and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|h| ValueMatch {
+            name: str_of(h, "name").to_string(),
+            value: str_of(h, "value").to_string(),
+            regex: str_of(h, "type") == "RegularExpression",
+        })
+        .collect()
+}
+
 fn http_match(m: &HTTPRouteRulesMatches) -> RouteMatch {
     let m = json(m);
-    let values = |field: &str| -> Vec<ValueMatch> {
-        m.get(field)
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .map(|h| ValueMatch {
-                name: str_of(h, "name").to_string(),
-                value: str_of(h, "value").to_string(),
-                regex: str_of(h, "type") == "RegularExpression",
-            })
-            .collect()
-    };
     let path = m.get("path").map(|p| {
         let value = p.get("value").and_then(Value::as_str).unwrap_or("/").to_string();
         match str_of(p, "type") {
@@ -161,8 +162,8 @@ fn http_match(m: &HTTPRouteRulesMatches) -> RouteMatch {
     });
     RouteMatch {
         path,
-        headers: values("headers"),
-        query_params: values("queryParams"),
+        headers: value_matches(m.get("headers")),
+        query_params: value_matches(m.get("queryParams")),
         method: m.get("method").and_then(Value::as_str).map(String::from),
     }
 }
@@ -199,30 +200,9 @@ fn grpc_match(m: &GRPCRouteRulesMatches) -> RouteMatch {
         }
         (Some(s), Some(n), false) => Some(PathMatch::Exact(format!("/{s}/{n}"))),
         (Some(s), None, false) => Some(PathMatch::PathPrefix(format!("/{s}"))),
-        (None, Some(n), false) => Some(PathMatch::RegularExpression(format!("/[^/]+/{}", regex_escape(n)))),
+        (None, Some(n), false) => Some(PathMatch::RegularExpression(format!("/[^/]+/{}", regex_lite::escape(n)))),
     };
-    let headers = m
-        .get("headers")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .map(|h| ValueMatch {
-            name: str_of(h, "name").to_string(),
-            value: str_of(h, "value").to_string(),
-            regex: str_of(h, "type") == "RegularExpression",
-        })
-        .collect();
-    RouteMatch { path, headers, query_params: Vec::new(), method: None }
-}
-
-fn regex_escape(s: &str) -> String {
-    s.chars().fold(String::new(), |mut out, c| {
-        if "\\.+*?()|[]{}^$".contains(c) {
-            out.push('\\');
-        }
-        out.push(c);
-        out
-    })
+    RouteMatch { path, headers: value_matches(m.get("headers")), query_params: Vec::new(), method: None }
 }
 
 fn str_of<'a>(v: &'a Value, field: &str) -> &'a str {

@@ -53,7 +53,7 @@ async fn watcher_sees_custom_resources_change_and_bad_ones_get_422() {
     };
     policies.create(&PostParams::default(), &tp(10)).await.unwrap();
     let first = next(&mut seen).await;
-    assert_eq!(first.spec.rate_limit.unwrap().requests_per_second, 10);
+    assert_eq!(first.spec.settings.rate_limit.unwrap().requests_per_second, 10);
     policies
         .patch(
             "cart",
@@ -63,7 +63,7 @@ async fn watcher_sees_custom_resources_change_and_bad_ones_get_422() {
         .await
         .unwrap();
     let second = next(&mut seen).await;
-    assert_eq!(second.spec.rate_limit.unwrap().requests_per_second, 20);
+    assert_eq!(second.spec.settings.rate_limit.unwrap().requests_per_second, 20);
     assert_eq!(second.metadata.generation, Some(2));
 
     // Schema validation: requestsPerSecond has minimum 1.
@@ -157,7 +157,7 @@ async fn kubectl_apply_get_patch_delete() {
     let api = FakeApi::spawn().unwrap();
     let dir = std::env::temp_dir().join(format!("nodemesh-kubectl-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let _cleanup = scopeguard(dir.clone());
+    let _cleanup = RemoveDir(dir.clone());
     std::fs::write(dir.join("kubeconfig"), api.kubeconfig()).unwrap();
     let crds_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/crds");
     std::fs::write(
@@ -232,8 +232,4 @@ impl Drop for RemoveDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-fn scopeguard(dir: std::path::PathBuf) -> RemoveDir {
-    RemoveDir(dir)
 }

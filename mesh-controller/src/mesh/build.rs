@@ -106,12 +106,7 @@ impl Mesh {
                                 namespace: o.namespace().into(),
                                 name: o.metadata.name.clone(),
                                 service: spec.target_ref.name,
-                                connection_pool: spec.connection_pool,
-                                outlier_detection: spec.outlier_detection,
-                                load_balancer: spec.load_balancer,
-                                retry_budget: spec.retry_budget,
-                                rate_limit: spec.rate_limit,
-                                fault_injection: spec.fault_injection,
+                                settings: spec.settings,
                             });
                             None
                         }

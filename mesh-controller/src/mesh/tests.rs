@@ -51,13 +51,9 @@ metadata: {name: broken, namespace: shop}
 spec: {action: MAYBE}
 "#;
 
-fn objects() -> Vec<Object> {
-    serde_yaml::Deserializer::from_str(OBJECTS).map(|d| Object::deserialize(d).unwrap()).collect()
-}
-
 #[test]
 fn node_configs_follow_labels_and_locality() {
-    let (mesh, verdicts) = Mesh::from_objects(&objects());
+    let (mesh, verdicts) = Mesh::from_objects(&parse(OBJECTS));
     let errors: Vec<&Verdict> = verdicts.iter().filter(|v| v.is_problem()).collect();
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert_eq!(errors[0].key.name, "broken");
