@@ -277,6 +277,16 @@ capture:
         assert!(c.namespace_in_mesh("anything"));
     }
 
+    /// The example in docs/node-config.md stays a valid config.
+    #[test]
+    fn documented_example_parses() {
+        let doc = include_str!("../../docs/node-config.md");
+        let yaml = doc.split("```yaml\n").nth(1).and_then(|rest| rest.split("```").next()).unwrap();
+        let c = NodeConfig::from_yaml(yaml).unwrap_or_else(|e| panic!("docs/node-config.md example: {e}"));
+        assert_eq!(c.routes[0].rules[0].backends[0].weight, 5);
+        assert!(c.traffic_policies[0].settings.rate_limit.is_some());
+    }
+
     #[test]
     fn empty_file_is_the_default_config() {
         let c = NodeConfig::from_yaml("\n").unwrap();
