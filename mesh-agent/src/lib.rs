@@ -9,6 +9,7 @@ pub mod controller;
 pub mod hbone;
 pub mod identity;
 pub mod inpod;
+pub mod l7;
 pub mod metrics;
 pub mod netns;
 pub mod node;

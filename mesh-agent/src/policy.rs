@@ -31,16 +31,36 @@ impl Refusal {
     }
 }
 
-/// `principal` is the verified peer SPIFFE ID for mTLS, `None` for plaintext.
-pub fn check_inbound(
+fn labels<'a>(config: &'a NodeConfig, pod: &PodContext) -> Option<&'a std::collections::BTreeMap<String, String>> {
+    config.workload(&pod.net.namespace, &pod.net.name).map(|w| &w.labels)
+}
+
+/// Whether the pod's inbound HTTP must be authorized per request (its policies have L7 conditions).
+pub fn needs_request(config: &NodeConfig, pod: &PodContext) -> bool {
+    let empty = Default::default();
+    model::needs_request(&config.authorization_policies, &pod.net.namespace, labels(config, pod).unwrap_or(&empty))
+}
+
+/// Authorizes one HTTP request on a connection already admitted by mTLS mode.
+pub fn check_request(
     config: &NodeConfig,
     pod: &PodContext,
     principal: Option<&str>,
     source_ip: IpAddr,
     port: u16,
+    request: model::Request<'_>,
 ) -> Result<(), Refusal> {
+    authorize(
+        config,
+        pod,
+        Connection { principal, source_ip: source_ip.to_canonical(), destination_port: port, request: Some(request) },
+    )
+}
+
+/// The mTLS-mode check alone: STRICT refuses plaintext.
+pub fn check_mtls_mode(config: &NodeConfig, pod: &PodContext, principal: Option<&str>) -> Result<(), Refusal> {
     let empty = Default::default();
-    let labels = config.workload(&pod.net.namespace, &pod.net.name).map_or(&empty, |w| &w.labels);
+    let labels = labels(config, pod).unwrap_or(&empty);
     if principal.is_none()
         && model::mtls_mode(
             &config.peer_authentications,
@@ -51,7 +71,28 @@ pub fn check_inbound(
     {
         return Err(Refusal { reason: "peer_authentication_strict", policy: None });
     }
-    let conn = Connection { principal, source_ip: source_ip.to_canonical(), destination_port: port, request: None };
+    Ok(())
+}
+
+/// `principal` is the verified peer SPIFFE ID for mTLS, `None` for plaintext.
+pub fn check_inbound(
+    config: &NodeConfig,
+    pod: &PodContext,
+    principal: Option<&str>,
+    source_ip: IpAddr,
+    port: u16,
+) -> Result<(), Refusal> {
+    check_mtls_mode(config, pod, principal)?;
+    authorize(
+        config,
+        pod,
+        Connection { principal, source_ip: source_ip.to_canonical(), destination_port: port, request: None },
+    )
+}
+
+fn authorize(config: &NodeConfig, pod: &PodContext, conn: Connection<'_>) -> Result<(), Refusal> {
+    let empty = Default::default();
+    let labels = labels(config, pod).unwrap_or(&empty);
     match model::authorize(&config.authorization_policies, &pod.net.namespace, labels, &conn) {
         Decision::Allow => Ok(()),
         Decision::Deny { reason, policy } => Err(Refusal { reason: reason.as_str(), policy }),

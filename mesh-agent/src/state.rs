@@ -39,6 +39,7 @@ struct Inner {
     secrets: Option<SecretManager>,
     pool: Pool,
     tunnels: Tunnels,
+    l7: crate::l7::L7,
 }
 
 /// What `/workloads` reports for each enrolled pod.
@@ -86,6 +87,7 @@ impl AgentState {
                 secrets,
                 pool: Pool::default(),
                 tunnels: Tunnels::default(),
+                l7: Default::default(),
             }
         });
         AgentState { inner }
@@ -129,6 +131,10 @@ impl AgentState {
 
     pub fn pool(&self) -> &Pool {
         &self.inner.pool
+    }
+
+    pub fn l7(&self) -> &crate::l7::L7 {
+        &self.inner.l7
     }
 
     pub fn tunnels(&self) -> &Tunnels {

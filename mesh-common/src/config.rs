@@ -142,6 +142,13 @@ pub struct Endpoint {
     pub ready: bool,
 }
 
+impl ServicePort {
+    /// The port the endpoints listen on.
+    pub fn endpoint_port(&self) -> u16 {
+        self.target_port.unwrap_or(self.port)
+    }
+}
+
 fn default_true() -> bool {
     true
 }
@@ -232,6 +239,19 @@ impl NodeConfig {
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
         let ip = ip.to_canonical();
         self.workloads.iter().find(|w| w.ips.contains(&ip))
+    }
+
+    /// The Service whose cluster IP and port a client dialled.
+    pub fn service_by_address(&self, ip: IpAddr, port: u16) -> Option<(&Service, &ServicePort)> {
+        let ip = ip.to_canonical();
+        self.services
+            .iter()
+            .filter(|s| s.ips.contains(&ip))
+            .find_map(|s| s.ports.iter().find(|p| p.port == port).map(|p| (s, p)))
+    }
+
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&Service> {
+        self.services.iter().find(|s| s.namespace == namespace && s.name == name)
     }
 
     /// Whether `ip` belongs to a workload or a service the config knows.

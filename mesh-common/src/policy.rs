@@ -204,6 +204,17 @@ pub fn authorize(
     }
 }
 
+/// Whether a policy selecting the workload has L7 conditions, so decisions need the request (the agent then
+/// parses HTTP on the workload's inbound connections).
+pub fn needs_request(policies: &[AuthorizationPolicy], namespace: &str, labels: &BTreeMap<String, String>) -> bool {
+    policies
+        .iter()
+        .filter(|p| p.namespace == namespace && selector_matches(p.selector.as_ref(), labels))
+        .flat_map(|p| &p.rules)
+        .flat_map(|r| &r.to)
+        .any(Operation::has_l7)
+}
+
 impl Rule {
     /// `l7_unknown` is the answer for L7 conditions when `conn` carries no request.
     fn matches_assuming(&self, conn: &Connection<'_>, l7_unknown: bool) -> bool {

@@ -37,6 +37,29 @@ pub struct TrafficSettings {
 pub type Duration = String;
 pub const DURATION: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
 
+/// Parses a [`Duration`] string (`1m30s`, `0.5s`, `250ms`).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("{s:?} is not a duration like 250ms, 10s or 1m30s");
+    let mut total = 0f64;
+    let mut rest = s;
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let number_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(bad)?;
+        let value: f64 = rest[..number_end].parse().map_err(|_| bad())?;
+        rest = &rest[number_end..];
+        let (unit, len) = [("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)]
+            .into_iter()
+            .find(|(u, _)| rest.starts_with(u))
+            .map(|(u, f)| (f, u.len()))
+            .ok_or_else(bad)?;
+        total += value * unit;
+        rest = &rest[len..];
+    }
+    Ok(std::time::Duration::from_secs_f64(total))
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
@@ -158,4 +181,20 @@ pub struct FaultAbort {
     pub grpc_status: Option<u8>,
     #[cfg_attr(feature = "schema", schemars(range(min = 0.0, max = 100.0)))]
     pub percent: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_like_go() {
+        assert_eq!(parse_duration("250ms").unwrap().as_millis(), 250);
+        assert_eq!(parse_duration("1m30s").unwrap().as_secs(), 90);
+        assert_eq!(parse_duration("0.5s").unwrap().as_millis(), 500);
+        assert_eq!(parse_duration("2h").unwrap().as_secs(), 7200);
+        for bad in ["", "10", "5x", "ms", "1.2.3s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -117,13 +117,15 @@ pub struct Source<'a> {
 
 impl Pool {
     /// Opens a tunnelled connection to `authority` through the agent at `dst` (the destination pod's 15008),
-    /// which must prove `dst_identity`.
+    /// which must prove `dst_identity`. `l7` marks a stream that carries agent-to-agent HTTP/2 (see
+    /// [`super::L7_HEADER`]).
     pub async fn open(
         &self,
         src: &Source<'_>,
         dst: SocketAddr,
         dst_identity: &Identity,
         authority: SocketAddr,
+        l7: Option<&'static str>,
     ) -> Result<(H2Stream, StreamSlot), HboneError> {
         let key = Key {
             netns_cookie: src.netns.cookie(),
@@ -148,7 +150,7 @@ impl Pool {
                     return Err(HboneError::H2(dst, e));
                 }
             };
-            return connect_stream(sender, dst, authority).await.map(|stream| (stream, slot));
+            return connect_stream(sender, dst, authority, l7).await.map(|stream| (stream, slot));
         }
         Err(HboneError::Setup("no usable connection".into()))
     }
@@ -269,13 +271,13 @@ async fn connect_stream(
     mut sender: SendRequest<Bytes>,
     dst: SocketAddr,
     authority: SocketAddr,
+    l7: Option<&'static str>,
 ) -> Result<H2Stream, HboneError> {
-    let request = Request::builder()
-        .method(Method::CONNECT)
-        .uri(authority.to_string())
-        .version(Version::HTTP_2)
-        .body(())
-        .map_err(|e| HboneError::Setup(e.to_string()))?;
+    let mut request = Request::builder().method(Method::CONNECT).uri(authority.to_string()).version(Version::HTTP_2);
+    if let Some(protocol) = l7 {
+        request = request.header(super::L7_HEADER, protocol);
+    }
+    let request = request.body(()).map_err(|e| HboneError::Setup(e.to_string()))?;
     let (response, send) = sender.send_request(request, false).map_err(|e| HboneError::H2(dst, e))?;
     let response = response.await.map_err(|e| HboneError::H2(dst, e))?;
     if response.status() != StatusCode::OK {

@@ -9,6 +9,11 @@ mod stream;
 
 pub use stream::H2Stream;
 
+/// Set on a CONNECT between nodemesh agents whose stream carries the calling agent's HTTP/2 (many requests of one
+/// source workload) rather than the workload's own bytes. The value is the protocol the destination application
+/// speaks (`http1` or `http2`), which the receiving agent uses towards it. Other HBONE peers never see it.
+pub const L7_HEADER: &str = "nodemesh-l7";
+
 /// ALPN protocol of HBONE.
 pub const ALPN: &[u8] = b"h2";
 /// HTTP/2 flow-control windows. A 64 KiB default window caps a stream at window/RTT; these let one stream fill

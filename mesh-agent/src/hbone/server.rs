@@ -19,6 +19,8 @@ use super::{ALPN, CONNECTION_WINDOW, H2Stream, MAX_FRAME, STREAM_WINDOW};
 use crate::identity::svid::{self, Svid};
 use crate::identity::verifier::SvidClientVerifier;
 use crate::inpod::PodContext;
+use crate::l7::detect::{self, Hint, Protocol};
+use crate::l7::inbound::{self as l7_inbound, Session};
 use crate::metrics::Direction;
 use crate::policy;
 use crate::proxy::{self, MUTUAL_TLS};
@@ -157,25 +159,58 @@ async fn stream(
         return status(&mut respond, StatusCode::BAD_REQUEST);
     };
     let principal = peer_svid.identity.to_string();
-    if let Err(refusal) = policy::check_inbound(&state.config(), &pod, Some(&principal), peer.ip(), target.port()) {
-        refusal.record(&state, &pod, Some(&principal), peer);
-        return status(&mut respond, StatusCode::UNAUTHORIZED);
+    let config = state.config();
+    // Agent-to-agent HTTP/2 (the calling agent routed the requests), or policies that need each request: the
+    // decision moves from the tunnel to the requests inside it.
+    let l7 = request.headers().get(super::L7_HEADER).and_then(|v| v.to_str().ok()).and_then(Protocol::parse);
+    let per_request = l7.is_some() || policy::needs_request(&config, &pod);
+    if !per_request {
+        if let Err(refusal) = policy::check_inbound(&config, &pod, Some(&principal), peer.ip(), target.port()) {
+            refusal.record(&state, &pod, Some(&principal), peer);
+            return status(&mut respond, StatusCode::UNAUTHORIZED);
+        }
+        // Connect first, so an unreachable application is a 503 on the CONNECT (as ztunnel answers).
+        let app = match proxy::connect_to_app(&state, &pod, target, peer).await {
+            Ok(app) => app,
+            Err(e) => {
+                state.metrics().failed(&pod, Direction::Inbound, "connect");
+                tracing::info!(%target, error = %e, "cannot reach the application");
+                return status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+            }
+        };
+        let Some(tunnel) = accept(respond, request) else { return };
+        return proxy::forward(&state, &pod, Direction::Inbound, MUTUAL_TLS, tunnel, app).await;
     }
-    let app = match proxy::connect_to_app(&state, &pod, target, peer).await {
-        Ok(app) => app,
+    let Some(tunnel) = accept(respond, request) else { return };
+    let session = |app| Session::new(state.clone(), pod.clone(), Some(principal.clone()), peer, target, app);
+    if let Some(app) = l7 {
+        return l7_inbound::serve(tunnel, Protocol::Http2, session(app)).await;
+    }
+    let Ok((protocol, io)) = detect::detect(tunnel, Hint::Detect).await else { return };
+    if protocol != Protocol::Opaque {
+        return l7_inbound::serve(io, protocol, session(protocol)).await;
+    }
+    // Not HTTP: the connection-level decision, where request conditions fail closed.
+    if let Err(refusal) = policy::check_inbound(&config, &pod, Some(&principal), peer.ip(), target.port()) {
+        refusal.record(&state, &pod, Some(&principal), peer);
+        return;
+    }
+    match proxy::connect_to_app(&state, &pod, target, peer).await {
+        Ok(app) => proxy::forward(&state, &pod, Direction::Inbound, MUTUAL_TLS, io, app).await,
         Err(e) => {
             state.metrics().failed(&pod, Direction::Inbound, "connect");
             tracing::info!(%target, error = %e, "cannot reach the application");
-            return status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
         }
-    };
-    let send = match respond.send_response(Response::new(()), false) {
-        Ok(send) => send,
+    }
+}
+
+/// Answers 200 to the CONNECT: from here on the stream is the tunnel.
+fn accept(mut respond: SendResponse<Bytes>, request: Request<h2::RecvStream>) -> Option<H2Stream> {
+    match respond.send_response(Response::new(()), false) {
+        Ok(send) => Some(H2Stream::new(send, request.into_body())),
         Err(e) => {
             tracing::debug!(error = %e, "peer went away before the tunnel opened");
-            return;
+            None
         }
-    };
-    let tunnel = H2Stream::new(send, request.into_body());
-    proxy::forward(&state, &pod, Direction::Inbound, MUTUAL_TLS, tunnel, app).await;
+    }
 }

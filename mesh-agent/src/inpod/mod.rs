@@ -201,6 +201,7 @@ async fn release(state: &AgentState, container_id: &str) -> Option<PodNetwork> {
         task.abort();
     }
     state.pool().forget_pod(pod.netns.cookie());
+    state.l7().forget_pod(pod.netns.cookie());
     state.sync_identities();
     state.metrics().enrolled_pods.set(state.pods().len() as i64);
     let cleanup = tokio::task::spawn_blocking(move || {

@@ -10,6 +10,11 @@ use tokio::net::TcpStream;
 
 use super::{PLAINTEXT, forward, reset};
 use crate::inpod::PodContext;
+use crate::l7::{
+    self,
+    detect::{self, Hint, Protocol, Rewind},
+    inbound::Session,
+};
 use crate::metrics::Direction;
 use crate::policy;
 use crate::state::AgentState;
@@ -25,16 +30,35 @@ pub async fn handle(conn: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, sta
         state.metrics().original_destination_missing.inc();
         return;
     };
-    if let Err(refusal) = policy::check_inbound(&state.config(), &pod, None, peer.ip(), target.port()) {
+    let config = state.config();
+    if let Err(refusal) = policy::check_mtls_mode(&config, &pod, None) {
         refusal.record(&state, &pod, None, peer);
         return reset(conn);
+    }
+    // Policies that look at requests: serve HTTP here and decide per request.
+    let conn = if policy::needs_request(&config, &pod) {
+        let (protocol, io) = match detect::detect(conn, Hint::Detect).await {
+            Ok(detected) => detected,
+            Err(_) => return,
+        };
+        if protocol != Protocol::Opaque {
+            let session = Session::new(state.clone(), pod.clone(), None, peer, target, protocol);
+            return l7::inbound::serve(io, protocol, session).await;
+        }
+        io
+    } else {
+        Rewind::new(Default::default(), conn)
+    };
+    if let Err(refusal) = policy::check_inbound(&config, &pod, None, peer.ip(), target.port()) {
+        refusal.record(&state, &pod, None, peer);
+        return reset(conn.into_inner());
     }
     match super::connect_to_app(&state, &pod, target, peer).await {
         Ok(app) => forward(&state, &pod, Direction::Inbound, PLAINTEXT, conn, app).await,
         Err(e) => {
             state.metrics().failed(&pod, Direction::Inbound, "connect");
             tracing::info!(%target, error = %e, "cannot reach the application");
-            reset(conn);
+            reset(conn.into_inner());
         }
     }
 }

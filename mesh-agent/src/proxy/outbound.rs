@@ -7,11 +7,13 @@ use std::sync::Arc;
 use mesh_common::bpf::HBONE_PORT;
 use mesh_common::config::{NodeConfig, OutboundTrafficPolicy};
 use tokio::net::TcpStream;
+use tracing::Instrument;
 
 use super::{MUTUAL_TLS, PLAINTEXT, forward, reset};
 use crate::hbone::client::Source;
 use crate::identity::Identity;
 use crate::inpod::PodContext;
+use crate::l7::detect::Rewind;
 use crate::metrics::Direction;
 use crate::state::AgentState;
 
@@ -48,20 +50,30 @@ pub async fn handle(conn: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, sta
         return;
     };
     let span = tracing::debug_span!("outbound", %target);
-    let _enter = span.enter();
+    let config = state.config();
+    // A Service address: L7 when the connection speaks HTTP, an endpoint picked by the balancer otherwise.
+    if let Some((service, port)) = config.service_by_address(target.ip(), target.port()) {
+        let (service, port) = (service.clone(), port.clone());
+        return crate::l7::outbound::serve(conn, peer, pod, state, &service, &port).instrument(span).await;
+    }
+    to_endpoint(Rewind::new(Default::default(), conn), target, pod, state).instrument(span).await
+}
+
+/// L4 to one address: HBONE when it is a meshed workload, plaintext (or refused) otherwise.
+pub async fn to_endpoint(conn: Rewind<TcpStream>, target: SocketAddr, pod: Arc<PodContext>, state: AgentState) {
     let config = state.config();
     match route(&config, &state, &pod, target) {
         Route::Refuse => {
             state.metrics().denied(&pod, Direction::Outbound, "registry_only");
             tracing::info!(%target, "refused: destination unknown and outboundTrafficPolicy is REGISTRY_ONLY");
-            reset(conn);
+            reset(conn.into_inner());
         }
         Route::Passthrough => match super::connect_from_pod(&pod, target).await {
             Ok(upstream) => forward(&state, &pod, Direction::Outbound, PLAINTEXT, conn, upstream).await,
             Err(e) => {
                 state.metrics().failed(&pod, Direction::Outbound, "connect");
                 tracing::info!(%target, error = %e, "upstream connect failed");
-                reset(conn);
+                reset(conn.into_inner());
             }
         },
         Route::Hbone { src, dst } => {
@@ -71,17 +83,17 @@ pub async fn handle(conn: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, sta
                 Err(e) => {
                     state.metrics().failed(&pod, Direction::Outbound, "no_certificate");
                     tracing::warn!(error = %e, "no certificate for the source workload");
-                    return reset(conn);
+                    return reset(conn.into_inner());
                 }
             };
             let gateway = SocketAddr::new(target.ip(), HBONE_PORT);
             let source = Source { state: &state, netns: &pod.netns, cert: &cert, secrets, pod: &pod.name() };
-            match state.pool().open(&source, gateway, &dst, target).await {
+            match state.pool().open(&source, gateway, &dst, target, None).await {
                 Ok((stream, _slot)) => forward(&state, &pod, Direction::Outbound, MUTUAL_TLS, conn, stream).await,
                 Err(e) => {
                     state.metrics().failed(&pod, Direction::Outbound, e.reason());
                     tracing::info!(%target, peer_identity = %dst, error = %e, "HBONE tunnel failed");
-                    reset(conn);
+                    reset(conn.into_inner());
                 }
             }
         }

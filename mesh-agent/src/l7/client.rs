@@ -1,0 +1,214 @@
+//! HTTP connections to upstreams, pooled by key: HTTP/2 connections are shared by concurrent requests, HTTP/1
+//! connections are used by one request at a time and come back once ready. The caller says how to dial (a
+//! plaintext socket from the pod, an HBONE stream, a transparent connection to the local application); this
+//! module only does HTTP over it.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::Hash;
+use std::io;
+use std::sync::Mutex;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::body::Body;
+use super::detect::Protocol;
+use crate::hbone::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
+
+/// Idle HTTP/1 connections kept per key.
+const MAX_IDLE_HTTP1: usize = 64;
+
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+/// Kept alive as long as the connection (an HBONE stream slot, a circuit-breaker permit).
+pub type Guard = Box<dyn Send>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// No connection could be made (nothing was sent).
+    #[error("connecting: {0}")]
+    Connect(String),
+    /// The circuit breaker allows no more connections.
+    #[error("connection limit reached")]
+    Overflow,
+    #[error("HTTP: {0}")]
+    Http(#[from] hyper::Error),
+}
+
+enum Sender {
+    H1(http1::SendRequest<Body>),
+    H2(http2::SendRequest<Body>),
+}
+
+impl Sender {
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+}
+
+/// Performs the HTTP handshake of `protocol` over `io` and runs the connection in its own task.
+pub async fn handshake(io: Box<dyn Io>, protocol: Protocol, guard: Guard) -> Result<SenderHandle, UpstreamError> {
+    let io = TokioIo::new(io);
+    let sender = match protocol {
+        Protocol::Http2 => {
+            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                .initial_stream_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
+                .max_frame_size(MAX_FRAME)
+                .handshake(io)
+                .await?;
+            tokio::spawn(async move {
+                let _guard = guard;
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+                }
+            });
+            Sender::H2(sender)
+        }
+        _ => {
+            let (sender, conn) = http1::Builder::new().handshake(io).await?;
+            tokio::spawn(async move {
+                let _guard = guard;
+                if let Err(e) = conn.with_upgrades().await {
+                    tracing::debug!(error = %e, "upstream HTTP/1 connection ended");
+                }
+            });
+            Sender::H1(sender)
+        }
+    };
+    Ok(SenderHandle(sender))
+}
+
+/// A connection ready for a request.
+pub struct SenderHandle(Sender);
+
+impl SenderHandle {
+    /// Sends one request on a connection of its own (upgrades: the connection leaves with the response).
+    pub async fn send(self, req: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {
+        match self.0 {
+            Sender::H1(mut s) => {
+                s.ready().await?;
+                Ok(s.send_request(req).await?)
+            }
+            Sender::H2(mut s) => {
+                s.ready().await?;
+                Ok(s.send_request(req).await?)
+            }
+        }
+    }
+}
+
+pub struct HttpPool<K> {
+    conns: Mutex<HashMap<K, Vec<Sender>>>,
+}
+
+impl<K> Default for HttpPool<K> {
+    fn default() -> Self {
+        HttpPool { conns: Mutex::new(HashMap::new()) }
+    }
+}
+
+impl<K: Hash + Eq + Clone> HttpPool<K> {
+    fn checkout(&self, key: &K) -> Option<Sender> {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let list = conns.get_mut(key)?;
+        list.retain(|s| !s.is_closed());
+        if let Some(Sender::H2(s)) = list.iter().find(|s| matches!(s, Sender::H2(_))) {
+            return Some(Sender::H2(s.clone()));
+        }
+        let ready = list.iter().position(|s| matches!(s, Sender::H1(h) if h.is_ready()))?;
+        Some(list.swap_remove(ready))
+    }
+
+    fn checkin(&self, key: K, sender: Sender) {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let list = conns.entry(key).or_default();
+        if list.len() < MAX_IDLE_HTTP1 || matches!(sender, Sender::H2(_)) {
+            list.push(sender);
+        }
+    }
+
+    /// Sends `req` on a pooled connection for `key`, or on a new one from `dial`. A pooled connection that turns
+    /// out to be dead before the request went out is replaced once, transparently.
+    pub async fn send<F, Fut>(
+        &self,
+        key: K,
+        protocol: Protocol,
+        req: Request<Body>,
+        dial: F,
+    ) -> Result<Response<Incoming>, UpstreamError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<(Box<dyn Io>, Guard), UpstreamError>>,
+    {
+        let mut req = req;
+        if let Some(sender) = self.checkout(&key) {
+            match self.try_send(&key, sender, req).await {
+                Ok(response) => return Ok(response),
+                Err(Retryable::No(e)) => return Err(e),
+                Err(Retryable::Yes(r)) => req = *r,
+            }
+        }
+        let (io, guard) = dial().await?;
+        let SenderHandle(sender) = handshake(io, protocol, guard).await?;
+        if let Sender::H2(s) = &sender {
+            self.checkin(key.clone(), Sender::H2(s.clone()));
+        }
+        match self.try_send(&key, sender, req).await {
+            Ok(response) => Ok(response),
+            Err(Retryable::No(e)) => Err(e),
+            Err(Retryable::Yes(_)) => {
+                Err(UpstreamError::Connect("new connection closed before the request was sent".into()))
+            }
+        }
+    }
+
+    async fn try_send(&self, key: &K, sender: Sender, req: Request<Body>) -> Result<Response<Incoming>, Retryable> {
+        match sender {
+            Sender::H2(mut s) => {
+                if s.ready().await.is_err() {
+                    return Err(Retryable::Yes(Box::new(req)));
+                }
+                s.try_send_request(req).await.map_err(|mut e| match e.take_message() {
+                    Some(req) => Retryable::Yes(Box::new(req)),
+                    None => Retryable::No(e.into_error().into()),
+                })
+            }
+            Sender::H1(mut s) => {
+                if s.ready().await.is_err() {
+                    return Err(Retryable::Yes(Box::new(req)));
+                }
+                let result = s.try_send_request(req).await;
+                if result.is_ok() && !s.is_closed() {
+                    self.checkin(key.clone(), Sender::H1(s));
+                }
+                result.map_err(|mut e| match e.take_message() {
+                    Some(req) => Retryable::Yes(Box::new(req)),
+                    None => Retryable::No(e.into_error().into()),
+                })
+            }
+        }
+    }
+
+    /// Keeps only the pooled connections whose key `keep` accepts.
+    pub fn retain(&self, keep: impl Fn(&K) -> bool) {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner()).retain(|k, _| keep(k));
+    }
+}
+
+enum Retryable {
+    Yes(Box<Request<Body>>),
+    No(UpstreamError),
+}
+
+pub fn io_error(e: io::Error) -> UpstreamError {
+    UpstreamError::Connect(e.to_string())
+}

@@ -1,0 +1,225 @@
+//! Per-Service runtime state on the calling side: the endpoints with their load, latency and outlier
+//! history, and the Service's TrafficPolicy turned into a balancer, circuit breaker, retry budget and rate
+//! limiter. Kept across config updates (an endpoint that stays keeps its history; unchanged settings keep
+//! their counters), rebuilt lazily on the first request after a change.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mesh_common::config::{NodeConfig, Service};
+use mesh_common::traffic::{Algorithm, TrafficSettings};
+
+use super::balance::{Balancer, Ewma};
+use super::breaker::Breaker;
+use super::outlier::{Outcome, OutlierSettings, OutlierState};
+use super::ratelimit::RateLimiter;
+use super::retry::Budget;
+
+/// One endpoint (pod IP) of a Service; the port comes from the Service port being called.
+pub struct Endpoint {
+    pub ip: IpAddr,
+    /// `namespace/name` of the pod.
+    pub workload: Option<String>,
+    pub node: Option<String>,
+    in_flight: AtomicUsize,
+    latency: Mutex<Ewma>,
+    outlier: Mutex<OutlierState>,
+}
+
+/// Counts a request as in flight on its endpoint until dropped.
+pub struct InFlight(Arc<Endpoint>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Endpoint {
+    pub fn new(ip: IpAddr, workload: Option<String>, node: Option<String>) -> Self {
+        Endpoint {
+            ip,
+            workload,
+            node,
+            in_flight: AtomicUsize::new(0),
+            latency: Default::default(),
+            outlier: Default::default(),
+        }
+    }
+
+    pub fn start(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.clone())
+    }
+
+    /// Least-request cost: expected latency times the requests it would queue behind.
+    pub fn load(&self) -> f64 {
+        let latency = self.latency.lock().unwrap_or_else(|p| p.into_inner()).latency_ms();
+        latency * (self.in_flight.load(Ordering::Acquire) + 1) as f64
+    }
+
+    pub fn is_ejected(&self, now: Instant) -> bool {
+        self.outlier.lock().unwrap_or_else(|p| p.into_inner()).is_ejected(now)
+    }
+}
+
+/// The parts of a destination that live as long as its settings do.
+#[derive(Clone)]
+struct Shared {
+    settings: TrafficSettings,
+    balancer: Arc<Balancer>,
+    breaker: Arc<Breaker>,
+    budget: Arc<Budget>,
+    limiter: Option<Arc<RateLimiter>>,
+}
+
+impl Shared {
+    fn new(settings: TrafficSettings) -> Self {
+        Shared {
+            balancer: Default::default(),
+            breaker: Arc::new(Breaker::new(settings.connection_pool.as_ref())),
+            budget: Arc::new(Budget::new(settings.retry_budget.as_ref())),
+            limiter: settings.rate_limit.as_ref().map(|r| Arc::new(RateLimiter::new(r))),
+            settings,
+        }
+    }
+}
+
+pub struct Destination {
+    pub namespace: String,
+    pub name: String,
+    generation: u64,
+    endpoints: Vec<Arc<Endpoint>>,
+    outlier: Option<OutlierSettings>,
+    shared: Shared,
+}
+
+impl Destination {
+    fn build(service: &Service, settings: TrafficSettings, old: Option<&Destination>, generation: u64) -> Self {
+        let known: HashMap<IpAddr, &Arc<Endpoint>> =
+            old.map(|o| o.endpoints.iter().map(|e| (e.ip, e)).collect()).unwrap_or_default();
+        let endpoints = service
+            .endpoints
+            .iter()
+            .filter(|e| e.ready)
+            .map(|e| {
+                let ip = e.ip.to_canonical();
+                known
+                    .get(&ip)
+                    .map(|k| (*k).clone())
+                    .unwrap_or_else(|| Arc::new(Endpoint::new(ip, e.workload.clone(), e.node.clone())))
+            })
+            .collect();
+        let shared = match old {
+            Some(o) if o.shared.settings == settings => o.shared.clone(),
+            _ => Shared::new(settings),
+        };
+        Destination {
+            namespace: service.namespace.clone(),
+            name: service.name.clone(),
+            generation,
+            endpoints,
+            outlier: shared.settings.outlier_detection.as_ref().map(OutlierSettings::from_policy),
+            shared,
+        }
+    }
+
+    pub fn settings(&self) -> &TrafficSettings {
+        &self.shared.settings
+    }
+
+    pub fn breaker(&self) -> &Breaker {
+        &self.shared.breaker
+    }
+
+    pub fn budget(&self) -> &Budget {
+        &self.shared.budget
+    }
+
+    pub fn limiter(&self) -> Option<&RateLimiter> {
+        self.shared.limiter.as_deref()
+    }
+
+    /// Chooses an endpoint that is ready and not ejected (preferring this node's when asked to); `None` when
+    /// there is none. `key` is the consistent-hash key, if the policy hashes and the request has one.
+    pub fn pick(&self, key: Option<u64>, local_node: &str) -> Option<Arc<Endpoint>> {
+        let now = Instant::now();
+        let mut candidates: Vec<Arc<Endpoint>> =
+            self.endpoints.iter().filter(|e| !e.is_ejected(now)).cloned().collect();
+        if candidates.is_empty() {
+            return None;
+        }
+        let lb = self.shared.settings.load_balancer.as_ref();
+        if lb.is_some_and(|lb| lb.locality_preference) {
+            let local: Vec<Arc<Endpoint>> =
+                candidates.iter().filter(|e| e.node.as_deref() == Some(local_node)).cloned().collect();
+            if !local.is_empty() {
+                candidates = local;
+            }
+        }
+        let algorithm = lb.map(|lb| lb.algorithm).unwrap_or(Algorithm::LeastRequest);
+        Some(self.shared.balancer.pick(algorithm, &candidates, key))
+    }
+
+    /// Feeds one response into latency tracking and outlier detection.
+    pub fn record(&self, endpoint: &Endpoint, outcome: Outcome, latency: Duration) {
+        let now = Instant::now();
+        endpoint.latency.lock().unwrap_or_else(|p| p.into_inner()).observe(latency, now);
+        let Some(settings) = &self.outlier else { return };
+        let tripped = endpoint.outlier.lock().unwrap_or_else(|p| p.into_inner()).record(outcome, settings);
+        if !tripped {
+            return;
+        }
+        // Counted without holding the endpoint's lock (never two outlier locks at once).
+        let ejected = self.endpoints.iter().filter(|e| e.is_ejected(now)).count();
+        if ejected < settings.max_ejected(self.endpoints.len()) {
+            let time = endpoint.outlier.lock().unwrap_or_else(|p| p.into_inner()).eject(settings, now);
+            tracing::info!(service = %format!("{}/{}", self.namespace, self.name), endpoint = %endpoint.ip, ?time, "endpoint ejected");
+        }
+    }
+}
+
+/// Destinations by `namespace/name`, refreshed from the newest config on use.
+#[derive(Default)]
+pub struct Destinations {
+    inner: Mutex<Registry>,
+}
+
+#[derive(Default)]
+struct Registry {
+    /// The config the generation belongs to (held, so its address cannot be reused by another config).
+    config: Option<Arc<NodeConfig>>,
+    generation: u64,
+    map: HashMap<(String, String), Arc<Destination>>,
+}
+
+impl Destinations {
+    pub fn get(&self, config: &Arc<NodeConfig>, namespace: &str, name: &str) -> Option<Arc<Destination>> {
+        let mut r = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if !r.config.as_ref().is_some_and(|c| Arc::ptr_eq(c, config)) {
+            r.config = Some(config.clone());
+            r.generation += 1;
+        }
+        let key = (namespace.to_string(), name.to_string());
+        let old = r.map.get(&key).cloned();
+        if let Some(d) = old.as_ref().filter(|d| d.generation == r.generation) {
+            return Some(d.clone());
+        }
+        let Some(service) = config.service(namespace, name) else {
+            r.map.remove(&key);
+            return None;
+        };
+        let settings = config
+            .traffic_policies
+            .iter()
+            .find(|p| p.namespace == namespace && p.service == name)
+            .map(|p| p.settings.clone())
+            .unwrap_or_default();
+        let d = Arc::new(Destination::build(service, settings, old.as_deref(), r.generation));
+        r.map.insert(key, d.clone());
+        Some(d)
+    }
+}

@@ -1,0 +1,124 @@
+//! The receiving side of L7: HTTP arriving for a local pod — agent-to-agent HTTP/2 in an HBONE stream, or the
+//! client's own HTTP when the pod's AuthorizationPolicies look at requests — is authorized request by request
+//! (403, gRPC PERMISSION_DENIED, with the connection staying up for the next request) and forwarded to the
+//! application in its own protocol over connections that carry the caller's address.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use mesh_common::policy::Request as PolicyRequest;
+use tracing::Instrument;
+
+use super::body::{self, Body};
+use super::client::{Guard, HttpPool, Io, io_error};
+use super::detect::Protocol;
+use super::local_reply::{Flag, is_grpc, reply};
+use super::{upgrade, upstream};
+use crate::inpod::PodContext;
+use crate::policy;
+use crate::state::AgentState;
+
+/// One inbound connection (or HBONE stream) served at L7.
+pub struct Session {
+    pub state: AgentState,
+    pub pod: Arc<PodContext>,
+    /// Verified SPIFFE ID of the caller; `None` for plaintext.
+    pub principal: Option<String>,
+    pub peer: SocketAddr,
+    /// The pod address the caller dialled.
+    pub target: SocketAddr,
+    /// The protocol the application speaks.
+    pub app: Protocol,
+    /// Connections to the application for this session only: they carry this caller's address.
+    app_conns: HttpPool<()>,
+}
+
+impl Session {
+    pub fn new(
+        state: AgentState,
+        pod: Arc<PodContext>,
+        principal: Option<String>,
+        peer: SocketAddr,
+        target: SocketAddr,
+        app: Protocol,
+    ) -> Self {
+        Session { state, pod, principal, peer, target, app, app_conns: HttpPool::default() }
+    }
+}
+
+/// Serves `downstream` HTTP on `io` until the caller closes it.
+pub async fn serve(io: impl Io, downstream: Protocol, session: Session) {
+    let session = Arc::new(session);
+    let span = tracing::Span::current();
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let session = session.clone();
+        async move { Ok::<_, Infallible>(handle(&session, req).await) }.instrument(span.clone())
+    });
+    let io = TokioIo::new(io);
+    let result = match downstream {
+        Protocol::Http2 => {
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .initial_stream_window_size(crate::hbone::STREAM_WINDOW)
+                .initial_connection_window_size(crate::hbone::CONNECTION_WINDOW)
+                .max_frame_size(crate::hbone::MAX_FRAME)
+                .serve_connection(io, svc)
+                .await
+        }
+        _ => hyper::server::conn::http1::Builder::new().serve_connection(io, svc).with_upgrades().await,
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "inbound HTTP connection ended");
+    }
+}
+
+fn authorize(s: &Session, req: &Request<Incoming>) -> Result<(), policy::Refusal> {
+    let headers: Vec<(&str, &str)> =
+        req.headers().iter().filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?))).collect();
+    let request = PolicyRequest { method: req.method().as_str(), path: req.uri().path(), headers: &headers };
+    let config = s.state.config();
+    policy::check_request(&config, &s.pod, s.principal.as_deref(), s.peer.ip(), s.target.port(), request)
+}
+
+async fn handle(s: &Session, req: Request<Incoming>) -> Response<Body> {
+    let grpc = is_grpc(req.headers());
+    if let Err(refusal) = authorize(s, &req) {
+        refusal.record(&s.state, &s.pod, s.principal.as_deref(), s.peer);
+        return reply(grpc, StatusCode::FORBIDDEN, None, Some(Flag::Denied), "RBAC: access denied");
+    }
+    if upgrade::is_upgrade(&req) {
+        return match crate::proxy::connect_to_app(&s.state, &s.pod, s.target, s.peer).await {
+            Ok(app) => upgrade::relay(req, Box::new(app), Box::new(())).await,
+            Err(e) => reply(
+                false,
+                StatusCode::SERVICE_UNAVAILABLE,
+                None,
+                Some(Flag::UpstreamConnectionFailure),
+                &e.to_string(),
+            ),
+        };
+    }
+    let (parts, body) = req.into_parts();
+    let req = upstream::for_protocol(Request::from_parts(parts, body::boxed(body)), s.app);
+    let dial = || async {
+        let app = crate::proxy::connect_to_app(&s.state, &s.pod, s.target, s.peer).await.map_err(io_error)?;
+        Ok((Box::new(app) as Box<dyn Io>, Box::new(()) as Guard))
+    };
+    match s.app_conns.send((), s.app, req, dial).await {
+        Ok(response) => upstream::response_for_downstream(response),
+        Err(e) => {
+            tracing::info!(target = %s.target, error = %e, "cannot reach the application");
+            reply(
+                grpc,
+                StatusCode::SERVICE_UNAVAILABLE,
+                None,
+                Some(Flag::UpstreamConnectionFailure),
+                "cannot reach the application",
+            )
+        }
+    }
+}

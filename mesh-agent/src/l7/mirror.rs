@@ -1,0 +1,58 @@
+//! RequestMirror: a copy of a share of the requests goes to another Service once the primary request's body is
+//! known; its response is read and dropped. The copy runs in its own task after the primary was sent, so it
+//! never delays or fails the primary request.
+
+use std::time::Duration;
+
+use http::Request;
+use http::request::Parts;
+use http_body_util::BodyExt;
+use mesh_common::route::Mirror;
+
+use super::body::Replay;
+use super::client::Guard;
+use super::outbound::Call;
+use super::upstream;
+
+/// A mirrored request gets this long before it is abandoned.
+const MIRROR_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub fn send(call: &Call, mirror: &Mirror, parts: &Parts, replay: Option<&Replay>, called_port: u16) {
+    if !(mirror.percent >= 100.0 || fastrand::f64() * 100.0 < mirror.percent) {
+        return;
+    }
+    let Some(replay) = replay.cloned() else { return };
+    let config = call.state.config();
+    let target = &mirror.service;
+    let port = target.port.unwrap_or(called_port);
+    let Some(endpoint_port) = config
+        .service(&target.namespace, &target.name)
+        .and_then(|s| s.ports.iter().find(|p| p.port == port))
+        .map(|p| p.endpoint_port())
+    else {
+        return tracing::debug!(mirror = %target.name, "mirror Service or port not found");
+    };
+    let Some(dest) = call.state.l7().destinations.get(&config, &target.namespace, &target.name) else { return };
+    let mut head = Request::builder().method(parts.method.clone()).uri(parts.uri.clone()).version(parts.version);
+    if let Some(h) = head.headers_mut() {
+        *h = parts.headers.clone();
+    }
+    let (state, pod, protocol, node) =
+        (call.state.clone(), call.pod.clone(), call.protocol, call.state.node().to_string());
+    tokio::spawn(async move {
+        let work = async {
+            let body = replay.finished().await?;
+            let endpoint = dest.pick(None, &node)?;
+            let req = head.body(body).ok()?;
+            let target = std::net::SocketAddr::new(endpoint.ip, endpoint_port);
+            let no_limit = || Some(Box::new(()) as Guard);
+            let response =
+                upstream::send(&state, &state.l7().upstreams, &pod, target, protocol, no_limit, req).await.ok()?;
+            let _ = response.into_body().collect().await;
+            Some(())
+        };
+        if tokio::time::timeout(MIRROR_TIMEOUT, work).await.ok().flatten().is_none() {
+            tracing::debug!("mirrored request not completed");
+        }
+    });
+}

@@ -1,0 +1,207 @@
+//! The calling side of L7, for connections a local pod opens to a Service: detect the protocol, serve it with
+//! hyper, and send each request through the pipeline
+//!
+//! route (HTTPRoute/GRPCRoute) → filters → backend (weights) → [`forward`](super::forward): fault injection →
+//! rate limit → circuit breaker → attempts (balancer, per-try timeout, retries within the budget, outlier
+//! detection) → response filters,
+//!
+//! all under the route's request timeout. Opaque connections keep the L4 path, to an endpoint the Service's
+//! balancer picks.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::request::Parts;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use mesh_common::config::{Service, ServicePort};
+use mesh_common::route::{Filter, HeaderModifier, Mirror, RouteRule, ServiceRef};
+use tokio::net::TcpStream;
+use tracing::Instrument;
+
+use super::body::{self, Body};
+use super::detect::{self, Protocol, Rewind};
+use super::filters;
+use super::forward::{self, Attempt};
+use super::local_reply::{Flag, is_grpc, reply};
+use super::router::RequestView;
+use crate::inpod::PodContext;
+use crate::state::AgentState;
+
+/// One downstream connection to a Service.
+pub struct Call {
+    pub state: AgentState,
+    pub pod: Arc<PodContext>,
+    pub peer: SocketAddr,
+    pub service: ServiceRef,
+    /// The protocol the calling application speaks.
+    pub protocol: Protocol,
+    /// The caller's SPIFFE ID (rate limits per source), or its pod name when it has none.
+    pub source: String,
+}
+
+/// Handles a connection to `service:port` that the pod dialled.
+pub async fn serve(
+    conn: TcpStream,
+    peer: SocketAddr,
+    pod: Arc<PodContext>,
+    state: AgentState,
+    service: &Service,
+    port: &ServicePort,
+) {
+    let (protocol, io) = match detect::detect(conn, detect::hint(port)).await {
+        Ok(detected) => detected,
+        Err(e) => return tracing::debug!(error = %e, "connection closed during protocol detection"),
+    };
+    let service_ref =
+        ServiceRef { namespace: service.namespace.clone(), name: service.name.clone(), port: Some(port.port) };
+    if protocol == Protocol::Opaque {
+        return opaque(io, peer, pod, state, &service_ref, port).await;
+    }
+    let config = state.config();
+    let source = pod.identity_string(&config).unwrap_or_else(|| pod.name());
+    tracing::debug!(protocol = protocol.as_str(), service = %format!("{}/{}", service.namespace, service.name), "L7");
+    let call = Arc::new(Call { state, pod, peer, service: service_ref, protocol, source });
+    let span = tracing::Span::current();
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let call = call.clone();
+        async move { Ok::<_, Infallible>(handle(call, req).await) }.instrument(span.clone())
+    });
+    let io = TokioIo::new(io);
+    let result = match protocol {
+        Protocol::Http2 => {
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(io, svc).await
+        }
+        _ => hyper::server::conn::http1::Builder::new().serve_connection(io, svc).with_upgrades().await,
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "downstream HTTP connection ended");
+    }
+}
+
+/// Not HTTP: one endpoint for the whole connection, then bytes as they are.
+async fn opaque(
+    io: Rewind<TcpStream>,
+    peer: SocketAddr,
+    pod: Arc<PodContext>,
+    state: AgentState,
+    svc: &ServiceRef,
+    port: &ServicePort,
+) {
+    let config = state.config();
+    let endpoint = state.l7().destinations.get(&config, &svc.namespace, &svc.name).and_then(|d| {
+        let key = super::balance::hash(peer.ip().to_string().as_bytes(), 0);
+        d.pick(Some(key), state.node())
+    });
+    let Some(endpoint) = endpoint else {
+        tracing::info!(service = %format!("{}/{}", svc.namespace, svc.name), "no ready endpoint");
+        return crate::proxy::reset(io.into_inner());
+    };
+    let _in_flight = endpoint.start();
+    crate::proxy::outbound::to_endpoint(io, SocketAddr::new(endpoint.ip, port.endpoint_port()), pod, state).await;
+}
+
+fn view<'a>(parts: &'a Parts) -> RequestView<'a> {
+    RequestView { method: &parts.method, path: parts.uri.path(), query: parts.uri.query(), headers: &parts.headers }
+}
+
+/// What a rule's (or a backend's) filters asked for beyond changing the request in place.
+#[derive(Default)]
+struct Effects<'a> {
+    response_headers: Vec<&'a HeaderModifier>,
+    mirrors: Vec<&'a Mirror>,
+}
+
+/// Applies request filters to `parts`; a redirect ends the request with its response.
+fn apply_filters<'a>(
+    filters: &'a [Filter],
+    prefix: Option<&str>,
+    parts: &mut Parts,
+    effects: &mut Effects<'a>,
+) -> Option<Response<Body>> {
+    for f in filters {
+        match f {
+            Filter::RequestRedirect(r) => return Some(filters::redirect(r, prefix, &parts.uri, &parts.headers)),
+            Filter::RequestHeaderModifier(m) => filters::modify_headers(m, &mut parts.headers),
+            Filter::ResponseHeaderModifier(m) => effects.response_headers.push(m),
+            Filter::UrlRewrite(r) => filters::rewrite(r, prefix, &mut parts.uri, &mut parts.headers),
+            Filter::RequestMirror(m) => effects.mirrors.push(m),
+        }
+    }
+    None
+}
+
+/// A backend by weight; `None` when every weight is zero (or there is none).
+fn weighted(rule: &RouteRule) -> Option<&mesh_common::route::Backend> {
+    let total: u64 = rule.backends.iter().map(|b| u64::from(b.weight)).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut roll = fastrand::u64(..total);
+    rule.backends.iter().find(|b| {
+        let w = u64::from(b.weight);
+        if roll < w {
+            true
+        } else {
+            roll -= w;
+            false
+        }
+    })
+}
+
+async fn handle(call: Arc<Call>, req: Request<Incoming>) -> Response<Body> {
+    let grpc = is_grpc(req.headers());
+    if super::upgrade::is_upgrade(&req) {
+        return super::upgrade::outbound(&call, req).await;
+    }
+    let config = call.state.config();
+    let l7 = call.state.l7();
+    let svc = &call.service;
+    let port = svc.port.unwrap_or_default();
+    let table = l7.routes.get(&config, &svc.namespace, &svc.name, port, &call.pod.net.namespace);
+    let (mut parts, body) = req.into_parts();
+    let selected = table.select(&view(&parts));
+    if selected.is_none() && !table.is_empty() {
+        return reply(grpc, StatusCode::NOT_FOUND, None, Some(Flag::NoRoute), "no route matches the request");
+    }
+    let mut effects = Effects::default();
+    let (backend, timeouts, retry) = match &selected {
+        Some(s) => {
+            if let Some(redirect) = apply_filters(&s.rule.filters, s.prefix, &mut parts, &mut effects) {
+                return redirect;
+            }
+            let Some(backend) = weighted(s.rule) else {
+                return reply(
+                    grpc,
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    None,
+                    Some(Flag::NoRoute),
+                    "the route has no backend",
+                );
+            };
+            if let Some(redirect) = apply_filters(&backend.filters, s.prefix, &mut parts, &mut effects) {
+                return redirect;
+            }
+            (backend.service.clone(), s.rule.timeouts.unwrap_or_default(), s.rule.retry.as_ref())
+        }
+        None => (svc.clone(), Default::default(), None),
+    };
+    let ms = |ms: Option<u64>| ms.filter(|ms| *ms > 0).map(Duration::from_millis);
+    let attempt =
+        Attempt { call: &call, grpc, retry, per_try: ms(timeouts.backend_request_ms), mirrors: &effects.mirrors };
+    let work = forward::forward(attempt, &backend, port, parts, body::boxed(body));
+    let mut response = match ms(timeouts.request_ms) {
+        Some(limit) => tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
+            reply(grpc, StatusCode::GATEWAY_TIMEOUT, None, Some(Flag::UpstreamRequestTimeout), "request timeout")
+        }),
+        None => work.await,
+    };
+    for m in effects.response_headers {
+        filters::modify_headers(m, response.headers_mut());
+    }
+    response
+}

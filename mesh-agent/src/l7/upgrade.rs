@@ -1,0 +1,133 @@
+//! HTTP/1.1 Upgrade (WebSocket) and CONNECT: after routing, the request travels on a connection of its own
+//! (an opaque HBONE stream between agents), and once the upstream agrees (101, or 2xx for CONNECT) both sides
+//! are spliced together as plain bytes.
+
+use std::net::SocketAddr;
+
+use http::header::{CONNECTION, HOST, UPGRADE};
+use http::uri::Uri;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use super::body::{self, Body};
+use super::client::{self, Guard, Io};
+use super::detect::Protocol;
+use super::local_reply::{Flag, reply};
+use super::outbound::Call;
+use super::upstream;
+
+pub fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.method() == Method::CONNECT
+        || (req.headers().contains_key(UPGRADE)
+            && req
+                .headers()
+                .get_all(CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
+}
+
+/// Sends an upgrade request over `io` (HTTP/1.1) and, when the upstream switches protocols, splices the two
+/// upgraded connections in a task of their own. The upstream's answer goes back either way.
+pub async fn relay(mut req: Request<Incoming>, io: Box<dyn Io>, guard: Guard) -> Response<Body> {
+    let downstream = hyper::upgrade::on(&mut req);
+    let connect = req.method() == Method::CONNECT;
+    let (mut parts, body) = req.into_parts();
+    if !connect {
+        // Origin form with Host, as HTTP/1.1 wants it; the Upgrade and Connection headers stay.
+        let authority = parts.uri.authority().map(|a| a.to_string());
+        parts.uri = parts.uri.path_and_query().map(|p| Uri::from(p.clone())).unwrap_or_else(|| Uri::from_static("/"));
+        if let Some(v) = authority.and_then(|a| HeaderValue::from_str(&a).ok()) {
+            parts.headers.entry(HOST).or_insert(v);
+        }
+    }
+    parts.version = http::Version::HTTP_11;
+    let request = Request::from_parts(parts, body::boxed(body));
+    let sender = match client::handshake(io, Protocol::Http1, guard).await {
+        Ok(s) => s,
+        Err(e) => {
+            return reply(
+                false,
+                StatusCode::SERVICE_UNAVAILABLE,
+                None,
+                Some(Flag::UpstreamConnectionFailure),
+                &e.to_string(),
+            );
+        }
+    };
+    let mut response = match sender.send(request).await {
+        Ok(r) => r,
+        Err(e) => {
+            return reply(
+                false,
+                StatusCode::SERVICE_UNAVAILABLE,
+                None,
+                Some(Flag::UpstreamConnectionFailure),
+                &e.to_string(),
+            );
+        }
+    };
+    let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS || (connect && response.status().is_success());
+    if switched {
+        let upstream = hyper::upgrade::on(&mut response);
+        tokio::spawn(async move {
+            match tokio::try_join!(downstream, upstream) {
+                Ok((down, up)) => {
+                    let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+                    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                }
+                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+            }
+        });
+    }
+    let (parts, body) = response.into_parts();
+    Response::from_parts(parts, body::boxed(body))
+}
+
+/// The calling side: the Service's backend (routes decide which Service; filters, retries and mirrors do not
+/// apply to a connection that is about to stop being HTTP), one endpoint, an opaque stream to it.
+pub async fn outbound(call: &Call, req: Request<Incoming>) -> Response<Body> {
+    if req.version() == http::Version::HTTP_2 {
+        return reply(false, StatusCode::NOT_IMPLEMENTED, None, None, "CONNECT over HTTP/2 is not supported");
+    }
+    let config = call.state.config();
+    let l7 = call.state.l7();
+    let svc = &call.service;
+    let port = svc.port.unwrap_or_default();
+    let table = l7.routes.get(&config, &svc.namespace, &svc.name, port, &call.pod.net.namespace);
+    let backend = {
+        let view = super::router::RequestView {
+            method: req.method(),
+            path: req.uri().path(),
+            query: req.uri().query(),
+            headers: req.headers(),
+        };
+        match table.select(&view) {
+            Some(s) => s.rule.backends.iter().find(|b| b.weight > 0).map(|b| b.service.clone()),
+            None => Some(svc.clone()),
+        }
+    };
+    let endpoint = backend.and_then(|b| {
+        let service = config.service(&b.namespace, &b.name)?;
+        let port = service.ports.iter().find(|p| p.port == b.port.unwrap_or(port))?.endpoint_port();
+        let endpoint = l7.destinations.get(&config, &b.namespace, &b.name)?.pick(None, call.state.node())?;
+        Some(SocketAddr::new(endpoint.ip, port))
+    });
+    let Some(target) = endpoint else {
+        return reply(
+            false,
+            StatusCode::SERVICE_UNAVAILABLE,
+            None,
+            Some(Flag::NoHealthyUpstream),
+            "no healthy endpoint",
+        );
+    };
+    let route = upstream::route_to(&call.state, &call.pod, target);
+    match upstream::connect(&call.state, &call.pod, &route, target, None).await {
+        Ok((io, guard)) => relay(req, io, guard).await,
+        Err(e) => {
+            reply(false, StatusCode::SERVICE_UNAVAILABLE, None, Some(Flag::UpstreamConnectionFailure), &e.to_string())
+        }
+    }
+}
