@@ -390,10 +390,15 @@ impl Cluster {
 
     /// `mode`: `echo`, or `sink` (reads everything, answers with the byte count).
     pub fn serve_mode(&mut self, pod: &Pod, port: u16, mode: &str) -> Result<()> {
-        let mut cmd = Command::new(&self.testbin);
-        cmd.args(["serve", &port.to_string(), mode]);
-        let label = format!("server-{}-{port}", pod.name);
-        let idx = self.spawn(&label, &Placement { netns: &pod.netns, cgroup: &pod.cgroup }, &mut cmd)?;
+        let testbin = self.testbin.clone();
+        self.start_server(pod, &testbin, &["serve", &port.to_string(), mode], &format!("server-{}-{port}", pod.name))
+    }
+
+    /// Starts a server program in a pod and waits until it prints `listening`. It runs until the cluster drops.
+    pub fn start_server(&mut self, pod: &Pod, exe: &Path, args: &[&str], label: &str) -> Result<()> {
+        let mut cmd = Command::new(exe);
+        cmd.args(args);
+        let idx = self.spawn(label, &Placement { netns: &pod.netns, cgroup: &pod.cgroup }, &mut cmd)?;
         let log = self.processes[idx].as_ref().map(|p| p.log.clone()).context("server vanished")?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while !std::fs::read_to_string(&log).unwrap_or_default().contains("listening") {
@@ -460,13 +465,18 @@ impl Cluster {
 
     /// Runs `mesh-testbin ARGS...` in a pod; returns its JSON report.
     pub fn testbin(&self, pod: &Pod, args: &[&str]) -> Result<Value> {
-        let mut cmd = Command::new(&self.testbin);
+        self.run_in(pod, &self.testbin, args)
+    }
+
+    /// Runs a client program in a pod to the end (bounded) and parses the JSON it prints.
+    pub fn run_in(&self, pod: &Pod, exe: &Path, args: &[&str]) -> Result<Value> {
+        let mut cmd = Command::new(exe);
         cmd.args(args);
         let log = self.tmp.join(format!("testbin-{}.log", SEQUENCE.fetch_add(1, Ordering::Relaxed)));
         let child = sys::spawn_in(&Placement { netns: &pod.netns, cgroup: &pod.cgroup }, &mut cmd, &log)?;
         let report = PendingClient { child, log }.wait()?;
         if !report.success {
-            bail!("mesh-testbin {} failed: {}", args.join(" "), report.stderr);
+            bail!("{} {} failed: {}", exe.display(), args.join(" "), report.stderr);
         }
         Ok(report.json)
     }
@@ -702,6 +712,11 @@ impl Cluster {
             bail!("GET {path}: {status} {body}");
         }
         Ok(serde_json::from_str(&body)?)
+    }
+
+    /// How many entries the agent's config has in the list `field` (`routes`, `authorizationPolicies`, ...).
+    pub fn config_len(&self, node: usize, field: &str) -> usize {
+        self.admin(node, "/config_dump").map_or(0, |d| d["config"][field].as_array().map_or(0, Vec::len))
     }
 
     pub fn metrics(&self, node: usize) -> Result<String> {

@@ -23,6 +23,15 @@ macro_rules! cluster {
     };
 }
 
+/// Polls `done` every 50 ms for up to 15 s; panics naming `what` when it never holds.
+pub fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 pub fn addr(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
 }
@@ -30,4 +39,9 @@ pub fn addr(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
 /// The IP of an `ip:port` string from a report.
 pub fn ip_of(endpoint: &str) -> IpAddr {
     endpoint.parse::<SocketAddr>().unwrap_or_else(|e| panic!("{endpoint:?} is not an endpoint: {e}")).ip()
+}
+
+/// The gRPC echo service of `mesh-http grpc-serve`.
+pub mod echo {
+    tonic::include_proto!("nodemesh.test.v1");
 }

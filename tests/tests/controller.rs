@@ -1,13 +1,12 @@
 //! The controller (directory source) feeding real agents over gRPC, and its CA.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
 
 use mesh_common::proto::SignRequest;
 use mesh_common::proto::certificate_service_client::CertificateServiceClient;
 use mesh_tests::cluster::{CONTROLLER_IP, CONTROLLER_PORT};
 use mesh_tests::{Cluster, Pod};
-use mesh_tests::{addr, cluster};
+use mesh_tests::{addr, cluster, wait_for};
 
 const KIB: u64 = 1024;
 
@@ -49,14 +48,6 @@ fn controller_pair(c: &mut Cluster) -> (Pod, Pod) {
 
 fn policies_on(c: &Cluster, node: usize) -> usize {
     c.admin(node, "/config_dump").unwrap()["config"]["authorizationPolicies"].as_array().map_or(0, Vec::len)
-}
-
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Config and certificates come from the controller; a policy file added to (and removed from) the directory

@@ -1,10 +1,8 @@
 //! The controller in Kubernetes mode: kube-rs watching the fake API server (real REST + watch), real agents fed
 //! by it, agents authenticated by TokenReview, the CA kept in a Secret, status written back.
 
-use std::time::{Duration, Instant};
-
 use mesh_tests::fakeapi::FakeApi;
-use mesh_tests::{Cluster, Pod, addr, cluster};
+use mesh_tests::{Cluster, Pod, addr, cluster, wait_for};
 use serde_json::{Value, json};
 
 const KIB: u64 = 1024;
@@ -57,18 +55,6 @@ fn agent_token(api: &FakeApi, c: &Cluster, node: usize) -> std::path::PathBuf {
     let path = c.tmp_dir().join(format!("agent-token-{node}"));
     std::fs::write(&path, &token).unwrap();
     path
-}
-
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn config_len(c: &Cluster, node: usize, field: &str) -> usize {
-    c.admin(node, "/config_dump").unwrap()["config"][field].as_array().map_or(0, Vec::len)
 }
 
 fn condition(object: &Option<Value>, path: &[&str]) -> (String, String) {
@@ -131,8 +117,8 @@ fn kubernetes_source_drives_agents() {
          rules: [{from: [{principals: [cluster.local/ns/default/sa/client-sa]}]}]}\n",
     )
     .unwrap();
-    wait_for("the policy to reach node 2", || config_len(&c, 1, "authorizationPolicies") == 1);
-    assert_eq!(config_len(&c, 0, "authorizationPolicies"), 0, "node 1 has no pod in shop");
+    wait_for("the policy to reach node 2", || c.config_len(1, "authorizationPolicies") == 1);
+    assert_eq!(c.config_len(0, "authorizationPolicies"), 0, "node 1 has no pod in shop");
     assert!(!c.client(&client, target, 4 * KIB, 1).unwrap().success, "denied");
     let ap = || api.get("nodemesh.io/v1alpha1", "AuthorizationPolicy", Some("shop"), "no-client");
     wait_for("Accepted=True on the policy", || condition(&ap(), &["status", "conditions"]).0 == "True");
@@ -144,8 +130,8 @@ fn kubernetes_source_drives_agents() {
          rules: [{matches: [{path: {type: PathPrefix, value: /v2}}], backendRefs: [{name: server, namespace: shop, port: 80}]}]\n",
     )
     .unwrap();
-    wait_for("the route to reach node 1", || config_len(&c, 0, "routes") == 1);
-    assert_eq!(config_len(&c, 1, "routes"), 0, "consumer routes go to the consumers' nodes only");
+    wait_for("the route to reach node 1", || c.config_len(0, "routes") == 1);
+    assert_eq!(c.config_len(1, "routes"), 0, "consumer routes go to the consumers' nodes only");
     let route = || api.get("gateway.networking.k8s.io/v1", "HTTPRoute", Some("default"), "server-v2");
     wait_for("Accepted=True on the route's Service parent", || {
         condition(&route(), &["status", "parents", "0", "conditions"]).0 == "True"
@@ -170,7 +156,7 @@ fn kubernetes_source_drives_agents() {
 
     // Unlabelling `shop` takes its policies away from node 2; the route stays with node 1's callers.
     namespace(api, "shop", false);
-    wait_for("shop to leave the mesh", || config_len(&c, 1, "authorizationPolicies") == 0);
+    wait_for("shop to leave the mesh", || c.config_len(1, "authorizationPolicies") == 0);
     let meshed = c.admin(1, "/config_dump").unwrap()["config"]["meshNamespaces"].clone();
     assert_eq!(meshed, json!(["default"]));
 }

@@ -64,6 +64,9 @@ pub fn record(body: Body) -> (Recording, Replay) {
 
 impl Drop for Recording {
     fn drop(&mut self) {
+        if self.inner.is_end_stream() {
+            self.recorded.lock().unwrap_or_else(|p| p.into_inner()).complete = true;
+        }
         self.done.send_replace(true);
     }
 }
@@ -113,11 +116,13 @@ impl http_body::Body for Recording {
                     r.trailers = Some(t.clone());
                 }
             }
-            Poll::Ready(None) => {
-                r.complete = true;
-                self.done.send_replace(true);
-            }
+            Poll::Ready(None) => r.complete = true,
             _ => {}
+        }
+        // hyper stops polling once a body says it has ended, so the last frame may be the last poll.
+        if matches!(poll, Poll::Ready(None)) || self.inner.is_end_stream() {
+            r.complete = true;
+            self.done.send_replace(true);
         }
         drop(r);
         poll

@@ -220,7 +220,10 @@ impl Mesh {
                     && selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
             })
             .flat_map(|p| {
-                p.ips.iter().map(|ip| Endpoint {
+                // Like EndpointSlices: one address family per endpoint set, the Service's own.
+                let family_served =
+                    |ip: &&IpAddr| svc.ips.is_empty() || svc.ips.iter().any(|s| s.is_ipv4() == ip.is_ipv4());
+                p.ips.iter().filter(family_served).map(|ip| Endpoint {
                     ip: *ip,
                     workload: Some(qualified(p)),
                     node: Some(p.node.clone()),
