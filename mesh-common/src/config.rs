@@ -52,6 +52,25 @@ pub struct NodeConfig {
     /// What happens to outbound connections to destinations the config does not know.
     #[serde(default)]
     pub outbound_traffic_policy: OutboundTrafficPolicy,
+    /// Zone and region of this node, for locality-aware load balancing.
+    #[serde(default, skip_serializing_if = "Locality::is_empty")]
+    pub locality: Locality,
+}
+
+/// Where a node (and so its pods) runs: the `topology.kubernetes.io/zone` and `/region` labels of the Node.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Locality {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+}
+
+impl Locality {
+    pub fn is_empty(&self) -> bool {
+        self.zone.is_none() && self.region.is_none()
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -138,6 +157,8 @@ pub struct Endpoint {
     pub workload: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    #[serde(default, skip_serializing_if = "Locality::is_empty")]
+    pub locality: Locality,
     #[serde(default = "default_true")]
     pub ready: bool,
 }

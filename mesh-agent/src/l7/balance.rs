@@ -178,7 +178,9 @@ mod tests {
     use super::*;
 
     fn endpoints(n: usize) -> Vec<Arc<Endpoint>> {
-        (0..n).map(|i| Arc::new(Endpoint::new(format!("10.0.0.{i}").parse().unwrap(), None, None))).collect()
+        (0..n)
+            .map(|i| Arc::new(Endpoint::new(format!("10.0.0.{i}").parse().unwrap(), None, None, Default::default())))
+            .collect()
     }
 
     #[test]

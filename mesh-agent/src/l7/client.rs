@@ -7,7 +7,12 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
 use std::io;
-use std::sync::Mutex;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::Frame;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -106,17 +111,55 @@ impl SenderHandle {
     }
 }
 
+/// Pooled connections by key. HTTP/2 connections stay in the pool while in use; an HTTP/1 connection leaves it
+/// for its request and comes back when the response body has been read to the end (a response dropped halfway
+/// takes its connection with it). Cheap to clone.
 pub struct HttpPool<K> {
-    conns: Mutex<HashMap<K, Vec<Sender>>>,
+    conns: Arc<Mutex<HashMap<K, Vec<Sender>>>>,
 }
 
 impl<K> Default for HttpPool<K> {
     fn default() -> Self {
-        HttpPool { conns: Mutex::new(HashMap::new()) }
+        HttpPool { conns: Default::default() }
     }
 }
 
-impl<K: Hash + Eq + Clone> HttpPool<K> {
+impl<K> Clone for HttpPool<K> {
+    fn clone(&self) -> Self {
+        HttpPool { conns: self.conns.clone() }
+    }
+}
+
+/// A response body that returns its HTTP/1 connection to the pool once read to the end.
+struct CheckinOnEnd<K: Hash + Eq + Clone + Send + Unpin + 'static> {
+    body: Incoming,
+    checkin: Option<(HttpPool<K>, K, http1::SendRequest<Body>)>,
+}
+
+impl<K: Hash + Eq + Clone + Send + Unpin + 'static> http_body::Body for CheckinOnEnd<K> {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let poll = Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(poll, Poll::Ready(None)) || self.body.is_end_stream() {
+            if let Some((pool, key, sender)) = self.checkin.take() {
+                pool.checkin(key, Sender::H1(sender));
+            }
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl<K: Hash + Eq + Clone + Send + Unpin + 'static> HttpPool<K> {
     fn checkout(&self, key: &K) -> Option<Sender> {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         let list = conns.get_mut(key)?;
@@ -124,8 +167,8 @@ impl<K: Hash + Eq + Clone> HttpPool<K> {
         if let Some(Sender::H2(s)) = list.iter().find(|s| matches!(s, Sender::H2(_))) {
             return Some(Sender::H2(s.clone()));
         }
-        let ready = list.iter().position(|s| matches!(s, Sender::H1(h) if h.is_ready()))?;
-        Some(list.swap_remove(ready))
+        // Every HTTP/1 connection in the pool is idle: busy ones are out with their request.
+        list.pop()
     }
 
     fn checkin(&self, key: K, sender: Sender) {
@@ -144,7 +187,7 @@ impl<K: Hash + Eq + Clone> HttpPool<K> {
         protocol: Protocol,
         req: Request<Body>,
         dial: F,
-    ) -> Result<Response<Incoming>, UpstreamError>
+    ) -> Result<Response<Body>, UpstreamError>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<(Box<dyn Io>, Guard), UpstreamError>>,
@@ -171,29 +214,22 @@ impl<K: Hash + Eq + Clone> HttpPool<K> {
         }
     }
 
-    async fn try_send(&self, key: &K, sender: Sender, req: Request<Body>) -> Result<Response<Incoming>, Retryable> {
+    async fn try_send(&self, key: &K, sender: Sender, req: Request<Body>) -> Result<Response<Body>, Retryable> {
         match sender {
             Sender::H2(mut s) => {
                 if s.ready().await.is_err() {
                     return Err(Retryable::Yes(Box::new(req)));
                 }
-                s.try_send_request(req).await.map_err(|mut e| match e.take_message() {
-                    Some(req) => Retryable::Yes(Box::new(req)),
-                    None => Retryable::No(e.into_error().into()),
-                })
+                let response = s.try_send_request(req).await.map_err(retryable)?;
+                Ok(response.map(super::body::boxed))
             }
             Sender::H1(mut s) => {
                 if s.ready().await.is_err() {
                     return Err(Retryable::Yes(Box::new(req)));
                 }
-                let result = s.try_send_request(req).await;
-                if result.is_ok() && !s.is_closed() {
-                    self.checkin(key.clone(), Sender::H1(s));
-                }
-                result.map_err(|mut e| match e.take_message() {
-                    Some(req) => Retryable::Yes(Box::new(req)),
-                    None => Retryable::No(e.into_error().into()),
-                })
+                let response = s.try_send_request(req).await.map_err(retryable)?;
+                let checkin = Some((self.clone(), key.clone(), s));
+                Ok(response.map(|body| super::body::boxed(CheckinOnEnd { body, checkin })))
             }
         }
     }
@@ -201,6 +237,13 @@ impl<K: Hash + Eq + Clone> HttpPool<K> {
     /// Keeps only the pooled connections whose key `keep` accepts.
     pub fn retain(&self, keep: impl Fn(&K) -> bool) {
         self.conns.lock().unwrap_or_else(|p| p.into_inner()).retain(|k, _| keep(k));
+    }
+}
+
+fn retryable(mut e: hyper::client::conn::TrySendError<Request<Body>>) -> Retryable {
+    match e.take_message() {
+        Some(req) => Retryable::Yes(Box::new(req)),
+        None => Retryable::No(e.into_error().into()),
     }
 }
 

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mesh_common::config::{NodeConfig, Service};
+use mesh_common::config::{Locality, NodeConfig, Service};
 use mesh_common::traffic::{Algorithm, TrafficSettings};
 
 use super::balance::{Balancer, Ewma};
@@ -18,12 +18,25 @@ use super::outlier::{Outcome, OutlierSettings, OutlierState};
 use super::ratelimit::RateLimiter;
 use super::retry::Budget;
 
+/// Where the calling agent runs.
+pub struct Here {
+    pub node: String,
+    pub locality: Locality,
+}
+
+impl Here {
+    pub fn of(state: &crate::state::AgentState) -> Self {
+        Here { node: state.node().to_string(), locality: state.config().locality.clone() }
+    }
+}
+
 /// One endpoint (pod IP) of a Service; the port comes from the Service port being called.
 pub struct Endpoint {
     pub ip: IpAddr,
     /// `namespace/name` of the pod.
     pub workload: Option<String>,
     pub node: Option<String>,
+    pub locality: Locality,
     in_flight: AtomicUsize,
     latency: Mutex<Ewma>,
     outlier: Mutex<OutlierState>,
@@ -39,11 +52,12 @@ impl Drop for InFlight {
 }
 
 impl Endpoint {
-    pub fn new(ip: IpAddr, workload: Option<String>, node: Option<String>) -> Self {
+    pub fn new(ip: IpAddr, workload: Option<String>, node: Option<String>, locality: Locality) -> Self {
         Endpoint {
             ip,
             workload,
             node,
+            locality,
             in_flight: AtomicUsize::new(0),
             latency: Default::default(),
             outlier: Default::default(),
@@ -107,10 +121,9 @@ impl Destination {
             .filter(|e| e.ready)
             .map(|e| {
                 let ip = e.ip.to_canonical();
-                known
-                    .get(&ip)
-                    .map(|k| (*k).clone())
-                    .unwrap_or_else(|| Arc::new(Endpoint::new(ip, e.workload.clone(), e.node.clone())))
+                known.get(&ip).map(|k| (*k).clone()).unwrap_or_else(|| {
+                    Arc::new(Endpoint::new(ip, e.workload.clone(), e.node.clone(), e.locality.clone()))
+                })
             })
             .collect();
         let shared = match old {
@@ -143,9 +156,10 @@ impl Destination {
         self.shared.limiter.as_deref()
     }
 
-    /// Chooses an endpoint that is ready and not ejected (preferring this node's when asked to); `None` when
-    /// there is none. `key` is the consistent-hash key, if the policy hashes and the request has one.
-    pub fn pick(&self, key: Option<u64>, local_node: &str) -> Option<Arc<Endpoint>> {
+    /// Chooses an endpoint that is ready and not ejected (with locality preference: on this node if there is
+    /// one, else in this zone, else in this region, else anywhere); `None` when there is none. `key` is the
+    /// consistent-hash key, if the policy hashes and the request has one.
+    pub fn pick(&self, key: Option<u64>, here: &Here) -> Option<Arc<Endpoint>> {
         let now = Instant::now();
         let mut candidates: Vec<Arc<Endpoint>> =
             self.endpoints.iter().filter(|e| !e.is_ejected(now)).cloned().collect();
@@ -154,10 +168,14 @@ impl Destination {
         }
         let lb = self.shared.settings.load_balancer.as_ref();
         if lb.is_some_and(|lb| lb.locality_preference) {
-            let local: Vec<Arc<Endpoint>> =
-                candidates.iter().filter(|e| e.node.as_deref() == Some(local_node)).cloned().collect();
-            if !local.is_empty() {
-                candidates = local;
+            let same_node = |e: &Endpoint| e.node.as_deref() == Some(here.node.as_str());
+            let same_zone = |e: &Endpoint| here.locality.zone.is_some() && e.locality == here.locality;
+            let same_region =
+                |e: &Endpoint| here.locality.region.is_some() && e.locality.region == here.locality.region;
+            let tiers: [&dyn Fn(&Endpoint) -> bool; 3] = [&same_node, &same_zone, &same_region];
+            let nearest = tiers.iter().map(|near| candidates.iter().filter(|e| near(e)).cloned().collect::<Vec<_>>());
+            if let Some(nearest) = nearest.into_iter().find(|tier| !tier.is_empty()) {
+                candidates = nearest;
             }
         }
         let algorithm = lb.map(|lb| lb.algorithm).unwrap_or(Algorithm::LeastRequest);
@@ -221,5 +239,51 @@ impl Destinations {
         let d = Arc::new(Destination::build(service, settings, old.as_deref(), r.generation));
         r.map.insert(key, d.clone());
         Some(d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_common::config::Endpoint as ConfigEndpoint;
+    use mesh_common::traffic::LoadBalancer;
+
+    fn locality(zone: &str, region: &str) -> Locality {
+        Locality { zone: Some(zone.into()), region: Some(region.into()) }
+    }
+
+    #[test]
+    fn locality_prefers_node_then_zone_then_region() {
+        let endpoint = |ip: &str, node: &str, l: Locality| ConfigEndpoint {
+            ip: ip.parse().unwrap(),
+            workload: None,
+            node: Some(node.into()),
+            locality: l,
+            ready: true,
+        };
+        let service = |endpoints| Service { namespace: "a".into(), name: "s".into(), endpoints, ..Default::default() };
+        let settings = TrafficSettings {
+            load_balancer: Some(LoadBalancer {
+                algorithm: Algorithm::RoundRobin,
+                hash_key: None,
+                locality_preference: true,
+            }),
+            ..Default::default()
+        };
+        let here = Here { node: "n1".into(), locality: locality("z1", "r1") };
+        let all = [
+            endpoint("10.0.0.1", "n1", locality("z1", "r1")),
+            endpoint("10.0.0.2", "n2", locality("z1", "r1")),
+            endpoint("10.0.0.3", "n3", locality("z2", "r1")),
+            endpoint("10.0.0.4", "n4", locality("z9", "r2")),
+        ];
+        for (from, expected) in [(0, "10.0.0.1"), (1, "10.0.0.2"), (2, "10.0.0.3")] {
+            let d = Destination::build(&service(all[from..].to_vec()), settings.clone(), None, 1);
+            for _ in 0..5 {
+                assert_eq!(d.pick(None, &here).unwrap().ip.to_string(), expected);
+            }
+        }
+        let far = Destination::build(&service(all[3..].to_vec()), settings, None, 1);
+        assert_eq!(far.pick(None, &here).unwrap().ip.to_string(), "10.0.0.4", "anywhere when nothing is near");
     }
 }

@@ -14,7 +14,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 /// How long a client may stay silent before its connection is treated as opaque. Server-first protocols
 /// (MySQL, SMTP) pay this once per connection; declaring the port's protocol avoids it.
-pub const DETECT_TIMEOUT: Duration = Duration::from_millis(100);
+pub const DETECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// A request line longer than this is not worth waiting for: opaque.
 const MAX_PEEK: usize = 8 * 1024;
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";

@@ -12,6 +12,7 @@ use mesh_common::route::{Mirror, Retry, ServiceRef};
 use super::body::{self, Body, Replay};
 use super::client::{Guard, UpstreamError};
 use super::destination::Destination;
+use super::destination::Here;
 use super::local_reply::{Flag, reply};
 use super::outbound::Call;
 use super::outlier::Outcome;
@@ -130,7 +131,7 @@ pub async fn forward(
     let mut retries = 0u32;
     let mut _retry_permit = None;
     loop {
-        let Some(endpoint) = dest.pick(key, call.state.node()) else {
+        let Some(endpoint) = dest.pick(key, &Here::of(&call.state)) else {
             return reply(
                 a.grpc,
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -11,6 +11,7 @@ use mesh_common::route::Mirror;
 
 use super::body::Replay;
 use super::client::Guard;
+use super::destination::Here;
 use super::outbound::Call;
 use super::upstream;
 
@@ -37,12 +38,11 @@ pub fn send(call: &Call, mirror: &Mirror, parts: &Parts, replay: Option<&Replay>
     if let Some(h) = head.headers_mut() {
         *h = parts.headers.clone();
     }
-    let (state, pod, protocol, node) =
-        (call.state.clone(), call.pod.clone(), call.protocol, call.state.node().to_string());
+    let (state, pod, protocol, here) = (call.state.clone(), call.pod.clone(), call.protocol, Here::of(&call.state));
     tokio::spawn(async move {
         let work = async {
             let body = replay.finished().await?;
-            let endpoint = dest.pick(None, &node)?;
+            let endpoint = dest.pick(None, &here)?;
             let req = head.body(body).ok()?;
             let target = std::net::SocketAddr::new(endpoint.ip, endpoint_port);
             let no_limit = || Some(Box::new(()) as Guard);

@@ -24,6 +24,7 @@ use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use super::body::{self, Body};
+use super::destination::Here;
 use super::detect::{self, Protocol, Rewind};
 use super::filters;
 use super::forward::{self, Attempt};
@@ -95,7 +96,7 @@ async fn opaque(
     let config = state.config();
     let endpoint = state.l7().destinations.get(&config, &svc.namespace, &svc.name).and_then(|d| {
         let key = super::balance::hash(peer.ip().to_string().as_bytes(), 0);
-        d.pick(Some(key), state.node())
+        d.pick(Some(key), &Here::of(&state))
     });
     let Some(endpoint) = endpoint else {
         tracing::info!(service = %format!("{}/{}", svc.namespace, svc.name), "no ready endpoint");

@@ -12,6 +12,7 @@ use hyper_util::rt::TokioIo;
 
 use super::body::{self, Body};
 use super::client::{self, Guard, Io};
+use super::destination::Here;
 use super::detect::Protocol;
 use super::local_reply::{Flag, reply};
 use super::outbound::Call;
@@ -111,7 +112,7 @@ pub async fn outbound(call: &Call, req: Request<Incoming>) -> Response<Body> {
     let endpoint = backend.and_then(|b| {
         let service = config.service(&b.namespace, &b.name)?;
         let port = service.ports.iter().find(|p| p.port == b.port.unwrap_or(port))?.endpoint_port();
-        let endpoint = l7.destinations.get(&config, &b.namespace, &b.name)?.pick(None, call.state.node())?;
+        let endpoint = l7.destinations.get(&config, &b.namespace, &b.name)?.pick(None, &Here::of(&call.state))?;
         Some(SocketAddr::new(endpoint.ip, port))
     });
     let Some(target) = endpoint else {

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use http::header::{self, HOST};
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{HeaderMap, HeaderValue, Request, Response, Version};
-use hyper::body::Incoming;
 use mesh_common::bpf::HBONE_PORT;
 
 use super::body::Body;
@@ -87,7 +86,7 @@ pub async fn send(
     app: Protocol,
     connection_guard: impl FnOnce() -> Option<Guard>,
     req: Request<Body>,
-) -> Result<Response<Incoming>, UpstreamError> {
+) -> Result<Response<Body>, UpstreamError> {
     let route = route_to(state, pod, target);
     let mesh = matches!(route, Route::Mesh { .. });
     let wire = if mesh { Protocol::Http2 } else { app };
@@ -151,10 +150,10 @@ pub fn for_protocol(req: Request<Body>, wire: Protocol) -> Request<Body> {
 }
 
 /// A response from upstream, for the downstream side.
-pub fn response_for_downstream(response: Response<Incoming>) -> Response<Body> {
+pub fn response_for_downstream(response: Response<Body>) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     // hyper's HTTP/2 server ignores the version; its HTTP/1 server needs one it can write.
     parts.version = Version::HTTP_11;
-    Response::from_parts(parts, super::body::boxed(body))
+    Response::from_parts(parts, body)
 }

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use mesh_common::config::{Service, ServicePort};
+use mesh_common::config::{Locality, Service, ServicePort};
 use mesh_common::policy::{AuthorizationPolicy, PeerAuthentication};
 use mesh_common::traffic::TrafficPolicy;
 use serde_json::Value;
@@ -44,6 +44,12 @@ impl Mesh {
                 ("v1", "Pod") => pod(o).map(|p| mesh.pods.push(p)).err(),
                 ("v1", "Service") => service(o).map(|s| mesh.services.push(s)).err(),
                 ("discovery.k8s.io/v1", "EndpointSlice") => endpoint_slice(o, &mut mesh.endpoint_slices).err(),
+                ("v1", "Node") => {
+                    let label = |k: &str| o.metadata.labels.get(&format!("topology.kubernetes.io/{k}")).cloned();
+                    mesh.nodes
+                        .insert(o.metadata.name.clone(), Locality { zone: label("zone"), region: label("region") });
+                    None
+                }
                 _ => continue,
             };
             if let Some(message) = problem {
@@ -228,7 +234,8 @@ fn endpoint_slice(o: &Object, out: &mut BTreeMap<String, Vec<SliceEndpoint>>) ->
         for ip in e.get("addresses").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str) {
             let ip = ip.parse().map_err(|_| format!("endpoint address {ip:?} is not an IP address"))?;
             let node = str_at(e, &["nodeName"]).map(String::from);
-            endpoints.push(SliceEndpoint { ip, pod: pod.clone(), node, ready });
+            let zone = str_at(e, &["zone"]).map(String::from);
+            endpoints.push(SliceEndpoint { ip, pod: pod.clone(), node, zone, ready });
         }
     }
     Ok(())

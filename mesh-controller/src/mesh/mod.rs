@@ -9,7 +9,7 @@ mod build;
 #[cfg(test)]
 mod tests;
 
-use mesh_common::config::{Endpoint, NodeConfig, Service, Workload};
+use mesh_common::config::{Endpoint, Locality, NodeConfig, Service, Workload};
 use mesh_common::policy::{AuthorizationPolicy, PeerAuthentication};
 use mesh_common::route::Route;
 use mesh_common::traffic::TrafficPolicy;
@@ -136,6 +136,8 @@ pub struct Mesh {
     pub authorization_policies: Vec<AuthorizationPolicy>,
     pub routes: Vec<Route>,
     pub traffic_policies: Vec<TrafficPolicy>,
+    /// Zone and region of each Node, from its topology labels.
+    pub nodes: BTreeMap<String, Locality>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -144,6 +146,8 @@ pub struct SliceEndpoint {
     /// `namespace/name` of the Pod behind it (`targetRef`).
     pub pod: Option<String>,
     pub node: Option<String>,
+    /// The slice's own `zone` for the endpoint, if it has one.
+    pub zone: Option<String>,
     pub ready: bool,
 }
 
@@ -195,6 +199,10 @@ impl Mesh {
         }
     }
 
+    fn locality_of(&self, node: Option<&str>) -> Locality {
+        node.and_then(|n| self.nodes.get(n)).cloned().unwrap_or_default()
+    }
+
     /// EndpointSlices are the truth where there are any (Kubernetes); otherwise the selector picks meshed pods.
     fn with_endpoints(&self, svc: &Service, selector: &BTreeMap<String, String>, meshed: &[&Pod]) -> Service {
         let mut svc = svc.clone();
@@ -203,11 +211,16 @@ impl Mesh {
             let meshed_pod = |name: &String| meshed.iter().any(|p| &qualified(p) == name);
             svc.endpoints = slice
                 .iter()
-                .map(|e| Endpoint {
-                    ip: e.ip,
-                    workload: e.pod.clone().filter(meshed_pod),
-                    node: e.node.clone(),
-                    ready: e.ready,
+                .map(|e| {
+                    let mut locality = self.locality_of(e.node.as_deref());
+                    locality.zone = e.zone.clone().or(locality.zone);
+                    Endpoint {
+                        ip: e.ip,
+                        workload: e.pod.clone().filter(meshed_pod),
+                        node: e.node.clone(),
+                        locality,
+                        ready: e.ready,
+                    }
                 })
                 .collect();
             return svc;
@@ -227,6 +240,7 @@ impl Mesh {
                     ip: *ip,
                     workload: Some(qualified(p)),
                     node: Some(p.node.clone()),
+                    locality: self.locality_of(Some(&p.node)),
                     ready: true,
                 })
             })
@@ -274,6 +288,7 @@ impl Mesh {
                 .cloned()
                 .collect(),
             traffic_policies: if local_namespaces.is_empty() { Vec::new() } else { self.traffic_policies.clone() },
+            locality: self.locality_of(Some(node)),
             ..Default::default()
         }
     }

@@ -199,3 +199,32 @@ fn routes_and_traffic_policies_are_checked_and_scoped() {
     assert!(names("node-3").is_empty(), "no meshed pods, no routes");
     assert_eq!(mesh.node_config("node-1", "cluster.local").traffic_policies.len(), 1);
 }
+
+fn yaml_blocks(markdown: &str) -> String {
+    markdown.split("```yaml\n").skip(1).filter_map(|rest| rest.split("```").next()).collect::<Vec<_>>().join("---\n")
+}
+
+/// Every example in docs/l7/ is accepted, with all its references resolved, next to the example app of
+/// docs/l7/README.md.
+#[test]
+fn documented_l7_examples_are_accepted() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/l7");
+    let app = yaml_blocks(&std::fs::read_to_string(dir.join("README.md")).unwrap());
+    let app_objects = parse(&app).len();
+    let mut pages = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().is_some_and(|n| n == "README.md") {
+            continue;
+        }
+        let examples = yaml_blocks(&std::fs::read_to_string(&path).unwrap());
+        let objects = parse(&format!("{app}---\n{examples}"));
+        assert!(objects.len() > app_objects, "{} has no example", path.display());
+        let (_, verdicts) = Mesh::from_objects(&objects);
+        for v in &verdicts {
+            assert!(v.rejected.is_none() && v.unresolved.is_none(), "{}: {:?}", path.display(), v);
+        }
+        pages += 1;
+    }
+    assert_eq!(pages, 7);
+}

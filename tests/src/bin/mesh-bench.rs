@@ -1,6 +1,9 @@
 //! `cargo xtask bench`: the same client and server pods measured over three paths in one run — direct (no
 //! mesh), plaintext through both agents, and mTLS HBONE through both agents — on a two-node namespace cluster.
-//! Prints a table with ratios to direct and writes JSON to `target/bench/`. A benchmark, not a test.
+//! Then HTTP/1.1 keep-alive and HTTP/2 at a fixed rate and at maximum rate over direct, plaintext via the
+//! agents (L4), L4 mTLS, and L7 mTLS (a Service with an HTTPRoute with retries): added latency, agent CPU per
+//! 1,000 requests and agent memory. Prints tables with ratios to direct and writes JSON to `target/bench/`.
+//! A benchmark, not a test.
 
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -13,6 +16,83 @@ const THROUGHPUT_BYTES: u64 = 2 * 1024 * 1024 * 1024;
 const ROUND_TRIPS: &str = "20000";
 const CPS_SECONDS: &str = "3";
 const RUNS: usize = 3;
+const HTTP_PORT: u16 = 8081;
+const FIXED_RATE: &str = "1000";
+const LOAD_SECONDS: &str = "5";
+/// Connections (HTTP/1.1) or concurrent streams (HTTP/2) of the maximum-rate runs.
+const MAX_RATE_CONCURRENCY: &str = "8";
+const BENCH_SERVICE_IP: &str = "10.96.9.1";
+
+struct HttpResult {
+    path: &'static str,
+    protocol: &'static str,
+    fixed_p50_us: f64,
+    fixed_p99_us: f64,
+    max_rps: f64,
+    max_p50_us: f64,
+    cpu_ms_per_1k: f64,
+    agent_rss_mib: Option<f64>,
+}
+
+/// User + system CPU time of a process, in milliseconds.
+fn cpu_ms(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start at state; utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks * 1000.0 / hz)
+}
+
+fn agents_cpu_ms(c: &Cluster) -> f64 {
+    (0..2).filter_map(|n| c.agent_pid(n).and_then(cpu_ms)).sum()
+}
+
+fn http_measure(c: &Cluster, path: &'static str, client: &Pod, url: &str, h2: bool) -> Result<HttpResult> {
+    let protocol = if h2 { "http2" } else { "http1" };
+    eprintln!("--> {path} {protocol}");
+    let http = std::env::current_exe()?.with_file_name("mesh-http");
+    let run = |rate: &str, concurrency: &str| -> Result<Value> {
+        let mut args = vec!["load", url, rate, LOAD_SECONDS, "-c", concurrency];
+        if h2 {
+            args.push("--h2");
+        }
+        let r = c.run_in(client, &http, &args)?;
+        anyhow::ensure!(r["errors"].as_u64() == Some(0), "{path} {protocol}: failed requests: {r}");
+        Ok(r)
+    };
+    let cpu_before = agents_cpu_ms(c);
+    let fixed = run(FIXED_RATE, "4")?;
+    let cpu_ms_per_1k = (agents_cpu_ms(c) - cpu_before) / (number(&fixed, "requests")? / 1000.0);
+    let max = run("0", MAX_RATE_CONCURRENCY)?;
+    Ok(HttpResult {
+        path,
+        protocol,
+        fixed_p50_us: number(&fixed, "p50Us")?,
+        fixed_p99_us: number(&fixed, "p99Us")?,
+        max_rps: number(&max, "rps")?,
+        max_p50_us: number(&max, "p50Us")?,
+        cpu_ms_per_1k,
+        agent_rss_mib: c.agent_pid(0).and_then(rss_mib),
+    })
+}
+
+fn http_suite(c: &Cluster, path: &'static str, client: &Pod, url: &str, out: &mut Vec<HttpResult>) -> Result<()> {
+    out.push(http_measure(c, path, client, url, false)?);
+    out.push(http_measure(c, path, client, url, true)?);
+    Ok(())
+}
+
+/// The L7 path: a Service in front of the server with an HTTPRoute that retries.
+fn l7_config(server: &Pod) -> String {
+    format!(
+        "services:\n  - {{namespace: default, name: bench, ips: [{BENCH_SERVICE_IP}], ports: [{{name: http, port: 80, targetPort: {HTTP_PORT}}}],\n     endpoints: [{{ip: {}, workload: default/{}, node: node-2}}]}}\n\
+         routes:\n  - {{namespace: default, name: bench, kind: HTTPRoute, parents: [{{namespace: default, name: bench}}],\n     rules: [{{backends: [{{service: {{namespace: default, name: bench}}, weight: 1}}], retry: {{attempts: 2, codes: [503]}}, timeouts: {{requestMs: 5000}}}}]}}\n",
+        server.ipv4, server.name
+    )
+}
 
 struct PathResult {
     name: &'static str,
@@ -70,6 +150,8 @@ fn pair(c: &mut Cluster, tag: &str) -> Result<(Pod, Pod)> {
     let server = c.add_pod(1, &format!("{tag}-server"))?;
     c.serve(&server, 8080)?;
     c.serve_mode(&server, 5201, "sink")?;
+    let http = std::env::current_exe()?.with_file_name("mesh-http");
+    c.start_server(&server, &http, &["serve", &HTTP_PORT.to_string(), tag], &format!("http-{tag}"))?;
     Ok((client, server))
 }
 
@@ -78,6 +160,7 @@ fn main() -> Result<()> {
     let testbin = bin_dir.join("mesh-testbin");
     let testbin = testbin.to_str().context("path")?;
     let mut results = Vec::new();
+    let mut http = Vec::new();
     // NODEMESH_BENCH_ONLY=mtls skips the first two paths (for profiling the tunnel alone).
     let only_mtls = std::env::var("NODEMESH_BENCH_ONLY").as_deref() == Ok("mtls");
     if !only_mtls {
@@ -91,13 +174,15 @@ fn main() -> Result<()> {
         c.enroll(&ps)?;
         results.push(measure(&c, "direct", &dc, &ds)?);
         results.push(measure(&c, "plaintext via agents", &pc, &ps)?);
+        http_suite(&c, "direct", &dc, &format!("http://{}:{HTTP_PORT}/", ds.ipv4), &mut http)?;
+        http_suite(&c, "plaintext L4 via agents", &pc, &format!("http://{}:{HTTP_PORT}/", ps.ipv4), &mut http)?;
     }
     {
         let mut c = Cluster::new(2, testbin)?.context("the bench needs root, cgroup v2 and bpffs")?;
         c.agent_log = "warn".into();
         let (hc, hs) = pair(&mut c, "mtls")?;
         let ca = c.init_ca()?;
-        let config = c.write_config(&[(&hc, "client"), (&hs, "server")], "")?;
+        let config = c.write_config(&[(&hc, "client"), (&hs, "server")], &l7_config(&hs))?;
         for node in 0..2 {
             c.start_agent_with(
                 node,
@@ -107,6 +192,10 @@ fn main() -> Result<()> {
         c.enroll(&hc)?;
         c.enroll(&hs)?;
         results.push(measure(&c, "mTLS HBONE via agents", &hc, &hs)?);
+        if !only_mtls {
+            http_suite(&c, "mTLS L4 via agents", &hc, &format!("http://{}:{HTTP_PORT}/", hs.ipv4), &mut http)?;
+            http_suite(&c, "mTLS L7 (route, retries)", &hc, &format!("http://{BENCH_SERVICE_IP}/"), &mut http)?;
+        }
     }
 
     let direct = &results[0];
@@ -136,7 +225,41 @@ fn main() -> Result<()> {
             r.agent_rss_mib.map(|m| format!("{m:.1}")).unwrap_or_else(|| "-".into()),
         );
     }
+    println!(
+        "\n{:<26} {:<6} {:>22} {:>22} {:>18} {:>14} {:>10}",
+        "HTTP path", "proto", "p50 µs @1k rps", "p99 µs @1k rps", "max rps", "agent CPU ms/1k", "agent MiB"
+    );
+    for r in &http {
+        let direct = http.iter().find(|d| d.path == "direct" && d.protocol == r.protocol).unwrap_or(r);
+        println!(
+            "{:<26} {:<6} {:>9.0} (+{:>6.0} µs) {:>9.0} (+{:>6.0} µs) {:>8.0} ({:>4.2}x) {:>14.1} {:>10}",
+            r.path,
+            r.protocol,
+            r.fixed_p50_us,
+            r.fixed_p50_us - direct.fixed_p50_us,
+            r.fixed_p99_us,
+            r.fixed_p99_us - direct.fixed_p99_us,
+            r.max_rps,
+            r.max_rps / direct.max_rps,
+            r.cpu_ms_per_1k,
+            r.agent_rss_mib.map(|m| format!("{m:.1}")).unwrap_or_else(|| "-".into()),
+        );
+    }
+    let http_json: Vec<Value> = http
+        .iter()
+        .map(|r| {
+            let direct = http.iter().find(|d| d.path == "direct" && d.protocol == r.protocol).unwrap_or(r);
+            json!({
+                "path": r.path, "protocol": r.protocol, "fixedRate": FIXED_RATE.parse::<u32>().unwrap_or(0),
+                "fixedP50Us": r.fixed_p50_us, "fixedP99Us": r.fixed_p99_us,
+                "addedP50Us": r.fixed_p50_us - direct.fixed_p50_us, "addedP99Us": r.fixed_p99_us - direct.fixed_p99_us,
+                "maxRps": r.max_rps, "maxRpsRatioToDirect": r.max_rps / direct.max_rps, "maxP50Us": r.max_p50_us,
+                "agentCpuMsPer1kRequests": r.cpu_ms_per_1k, "agentRssMiB": r.agent_rss_mib,
+            })
+        })
+        .collect();
     let json = json!({
+        "http": http_json,
         "timestamp": SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs(),
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "throughputBytes": THROUGHPUT_BYTES,

@@ -25,6 +25,7 @@ use crate::mesh::{Mesh, Object};
 /// The kinds watched: (group, version, kind, plural).
 const KINDS: &[(&str, &str, &str, &str)] = &[
     ("", "v1", "Namespace", "namespaces"),
+    ("", "v1", "Node", "nodes"),
     ("", "v1", "Pod", "pods"),
     ("", "v1", "Service", "services"),
     ("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices"),
