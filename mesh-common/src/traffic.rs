@@ -57,7 +57,7 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         total += value * unit;
         rest = &rest[len..];
     }
-    Ok(std::time::Duration::from_secs_f64(total))
+    std::time::Duration::try_from_secs_f64(total).map_err(|_| bad())
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
@@ -193,7 +193,8 @@ mod tests {
         assert_eq!(parse_duration("1m30s").unwrap().as_secs(), 90);
         assert_eq!(parse_duration("0.5s").unwrap().as_millis(), 500);
         assert_eq!(parse_duration("2h").unwrap().as_secs(), 7200);
-        for bad in ["", "10", "5x", "ms", "1.2.3s"] {
+        let huge = format!("{}h", "9".repeat(400));
+        for bad in ["", "10", "5x", "ms", "1.2.3s", &huge] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }
