@@ -23,6 +23,17 @@ macro_rules! cluster {
     };
 }
 
+/// Namespaces `default` and `shop`, both labelled into the mesh (for the controller's directory source).
+pub const MESH_NAMESPACES: &str = "\
+apiVersion: v1
+kind: Namespace
+metadata: {name: default, labels: {nodemesh.io/mesh: enabled}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {nodemesh.io/mesh: enabled}}
+";
+
 /// Polls `done` every 50 ms for up to 15 s; panics naming `what` when it never holds.
 pub fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);

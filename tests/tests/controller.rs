@@ -10,16 +10,6 @@ use mesh_tests::{addr, cluster, wait_for};
 
 const KIB: u64 = 1024;
 
-const NAMESPACES: &str = "\
-apiVersion: v1
-kind: Namespace
-metadata: {name: default, labels: {nodemesh.io/mesh: enabled}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: shop, labels: {nodemesh.io/mesh: enabled}}
-";
-
 const DENY_CLIENT: &str = "\
 apiVersion: nodemesh.io/v1alpha1
 kind: AuthorizationPolicy
@@ -35,7 +25,7 @@ spec:
 fn controller_pair(c: &mut Cluster) -> (Pod, Pod) {
     let client = c.add_pod(0, "client").unwrap();
     let server = c.add_pod_in(1, "server", "shop").unwrap();
-    c.write_objects("namespaces.yaml", Some(NAMESPACES)).unwrap();
+    c.write_objects("namespaces.yaml", Some(mesh_tests::MESH_NAMESPACES)).unwrap();
     c.write_objects("pods.yaml", Some(&c.pod_objects(&[(&client, "client-sa"), (&server, "server-sa")]))).unwrap();
     c.start_controller().unwrap();
     c.start_agent_with_controller(0).unwrap();
@@ -123,7 +113,7 @@ fn sign(c: &Cluster, token: Option<String>, node: &str, identity: &str) -> Resul
 fn controller_ca_signs_only_for_pods_on_the_calling_node() {
     let mut c = cluster!(2);
     let client = c.add_pod(0, "client").unwrap();
-    c.write_objects("namespaces.yaml", Some(NAMESPACES)).unwrap();
+    c.write_objects("namespaces.yaml", Some(mesh_tests::MESH_NAMESPACES)).unwrap();
     c.write_objects("pods.yaml", Some(&c.pod_objects(&[(&client, "client-sa")]))).unwrap();
     c.start_controller().unwrap();
     let token = std::fs::read_to_string(c.token_file().unwrap()).unwrap();

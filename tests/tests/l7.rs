@@ -9,16 +9,6 @@ use serde_json::Value;
 
 const HTTP: &str = env!("CARGO_BIN_EXE_mesh-http");
 
-const NAMESPACES: &str = "\
-apiVersion: v1
-kind: Namespace
-metadata: {name: default, labels: {nodemesh.io/mesh: enabled}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: shop, labels: {nodemesh.io/mesh: enabled}}
-";
-
 /// A server pod: node index, name, labels (YAML flow map), and the `mesh-http` arguments after the port.
 struct Server<'a> {
     node: usize,
@@ -56,7 +46,7 @@ fn mesh(c: &mut Cluster, servers: &[Server<'_>], objects: &str, routes: usize) -
         yaml.push_str(&pod_object(c, &pod, &format!("{}-sa", s.name), s.labels));
         pods.push(pod);
     }
-    c.write_objects("namespaces.yaml", Some(NAMESPACES)).unwrap();
+    c.write_objects("namespaces.yaml", Some(mesh_tests::MESH_NAMESPACES)).unwrap();
     c.write_objects("pods.yaml", Some(&yaml)).unwrap();
     c.write_objects("mesh.yaml", Some(objects)).unwrap();
     c.start_controller().unwrap();

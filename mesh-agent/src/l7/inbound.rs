@@ -93,13 +93,7 @@ async fn handle(s: &Session, req: Request<Incoming>) -> Response<Body> {
     if upgrade::is_upgrade(&req) {
         return match crate::proxy::connect_to_app(&s.state, &s.pod, s.target, s.peer).await {
             Ok(app) => upgrade::relay(req, Box::new(app), Box::new(())).await,
-            Err(e) => reply(
-                false,
-                StatusCode::SERVICE_UNAVAILABLE,
-                None,
-                Some(Flag::UpstreamConnectionFailure),
-                &e.to_string(),
-            ),
+            Err(e) => upgrade::unreachable_upstream(&e.to_string()),
         };
     }
     let (parts, body) = req.into_parts();

@@ -18,6 +18,11 @@ use super::local_reply::{Flag, reply};
 use super::outbound::Call;
 use super::upstream;
 
+/// 503 `UF` for a caller about to switch protocols (never gRPC).
+pub(super) fn unreachable_upstream(why: &str) -> Response<Body> {
+    reply(false, StatusCode::SERVICE_UNAVAILABLE, None, Some(Flag::UpstreamConnectionFailure), why)
+}
+
 pub fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.method() == Method::CONNECT
         || (req.headers().contains_key(UPGRADE)
@@ -45,29 +50,13 @@ pub async fn relay(mut req: Request<Incoming>, io: Box<dyn Io>, guard: Guard) ->
     }
     parts.version = http::Version::HTTP_11;
     let request = Request::from_parts(parts, body::boxed(body));
-    let sender = match client::handshake(io, Protocol::Http1, guard).await {
-        Ok(s) => s,
-        Err(e) => {
-            return reply(
-                false,
-                StatusCode::SERVICE_UNAVAILABLE,
-                None,
-                Some(Flag::UpstreamConnectionFailure),
-                &e.to_string(),
-            );
-        }
+    let sent = match client::handshake(io, Protocol::Http1, guard).await {
+        Ok(sender) => sender.send(request).await,
+        Err(e) => Err(e),
     };
-    let mut response = match sender.send(request).await {
+    let mut response = match sent {
         Ok(r) => r,
-        Err(e) => {
-            return reply(
-                false,
-                StatusCode::SERVICE_UNAVAILABLE,
-                None,
-                Some(Flag::UpstreamConnectionFailure),
-                &e.to_string(),
-            );
-        }
+        Err(e) => return unreachable_upstream(&e.to_string()),
     };
     let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS || (connect && response.status().is_success());
     if switched {
@@ -127,8 +116,6 @@ pub async fn outbound(call: &Call, req: Request<Incoming>) -> Response<Body> {
     let route = upstream::route_to(&call.state, &call.pod, target);
     match upstream::connect(&call.state, &call.pod, &route, target, None).await {
         Ok((io, guard)) => relay(req, io, guard).await,
-        Err(e) => {
-            reply(false, StatusCode::SERVICE_UNAVAILABLE, None, Some(Flag::UpstreamConnectionFailure), &e.to_string())
-        }
+        Err(e) => unreachable_upstream(&e.to_string()),
     }
 }
