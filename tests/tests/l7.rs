@@ -9,7 +9,8 @@ use serde_json::Value;
 
 const HTTP: &str = env!("CARGO_BIN_EXE_mesh-http");
 
-/// A server pod: node index, name, labels (YAML flow map), and the `mesh-http` arguments after the port.
+/// A server pod: node index, name, labels (YAML flow map), and the `mesh-http` arguments after the port
+/// (`["grpc"]`: the gRPC server; `["tcp"]`: a TCP echo server instead).
 struct Server<'a> {
     node: usize,
     name: &'a str,
@@ -55,6 +56,11 @@ fn mesh(c: &mut Cluster, servers: &[Server<'_>], objects: &str, routes: usize) -
     c.enroll(&client).unwrap();
     for (s, pod) in servers.iter().zip(&pods) {
         c.enroll(pod).unwrap();
+        if s.args.first() == Some(&"tcp") {
+            // A plain TCP echo server (mesh-testbin), for opaque traffic.
+            c.serve(pod, 8080).unwrap();
+            continue;
+        }
         let mut args = vec![if s.args.first() == Some(&"grpc") { "grpc-serve" } else { "serve" }, "8080", s.name];
         args.extend(s.args.iter().skip_while(|a| **a == "grpc"));
         c.start_server(pod, Path::new(HTTP), &args, &format!("http-{}", s.name)).unwrap();
@@ -333,10 +339,12 @@ fn resilience_from_routes_and_traffic_policies() {
     assert!((70..=130).contains(&delayed), "{faulty}");
 }
 
-const GRPC_SERVERS: [Server<'static>; 3] = [
+const GRPC_SERVERS: [Server<'static>; 5] = [
     Server { node: 1, name: "echo-a", labels: "{app: echo, version: a}", args: &["grpc"] },
     Server { node: 1, name: "echo-b", labels: "{app: echo, version: b}", args: &["grpc"] },
     Server { node: 1, name: "chat", labels: "{app: chat}", args: &[] },
+    Server { node: 1, name: "raw-1", labels: "{app: raw}", args: &["tcp"] },
+    Server { node: 1, name: "raw-2", labels: "{app: raw}", args: &["tcp"] },
 ];
 
 fn grpc_objects() -> String {
@@ -345,6 +353,9 @@ fn grpc_objects() -> String {
         service("echo-a", "10.96.2.2", "{app: echo, version: a}", ", appProtocol: grpc"),
         service("echo-b", "10.96.2.3", "{app: echo, version: b}", ", appProtocol: grpc"),
         service("chat", "10.96.2.4", "{app: chat}", ""),
+        // Undeclared port, but the client speaks first with bytes that are not HTTP.
+        service("raw", "10.96.2.5", "{app: raw}", ""),
+        service("raw-declared", "10.96.2.6", "{app: raw}", ", appProtocol: tcp"),
         "---
 apiVersion: gateway.networking.k8s.io/v1
 kind: GRPCRoute
@@ -367,8 +378,8 @@ fn grpc(c: &Cluster, client: &Pod, args: &[&str]) -> Value {
     c.run_in(client, Path::new(HTTP), &all).unwrap()
 }
 
-/// gRPC unary and server-streaming calls routed by GRPCRoute, with status codes and trailers preserved and
-/// per-request authorization answering PERMISSION_DENIED; a WebSocket echo through the mesh.
+/// gRPC unary and server-streaming calls routed by GRPCRoute, with status codes and trailers preserved; a
+/// WebSocket echo; opaque TCP to a Service balanced over its endpoints, detected or declared.
 #[test]
 fn grpc_and_websocket_through_the_mesh() {
     let mut c = cluster!(2);
@@ -398,6 +409,17 @@ fn grpc_and_websocket_through_the_mesh() {
     assert_eq!(ws["status"], "101", "{ws}");
     assert_eq!(ws["accepted"], true, "{ws}");
     assert_eq!(ws["replies"], serde_json::json!(["chat: hello 0", "chat: hello 1"]), "{ws}");
+
+    // Opaque TCP to Service addresses: bytes intact both ways (CRC-checked), connections spread over both
+    // endpoints, through mTLS.
+    for vip in ["10.96.2.5", "10.96.2.6"] {
+        let r =
+            c.client(&client, mesh_tests::addr(vip.parse::<std::net::Ipv4Addr>().unwrap(), 80), 64 * 1024, 8).unwrap();
+        assert!(r.success && r.ok_connections() == 8, "{vip}: {:?} {}", r.json, r.stderr);
+        let peers: std::collections::BTreeSet<&str> =
+            r.json["serverSawLocals"].as_array().unwrap().iter().filter_map(|l| l.as_str()).collect();
+        assert!(peers.len() == 2, "{vip}: all 8 connections went to {peers:?}");
+    }
 }
 
 const AUTHZ_SERVERS: [Server<'static>; 2] = [

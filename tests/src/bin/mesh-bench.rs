@@ -161,7 +161,7 @@ fn main() -> Result<()> {
     let testbin = testbin.to_str().context("path")?;
     let mut results = Vec::new();
     let mut http = Vec::new();
-    // NODEMESH_BENCH_ONLY=mtls skips the first two paths (for profiling the tunnel alone).
+    // NODEMESH_BENCH_ONLY=mtls skips the direct and plaintext paths (for profiling the agents over mTLS).
     let only_mtls = std::env::var("NODEMESH_BENCH_ONLY").as_deref() == Ok("mtls");
     if !only_mtls {
         let mut c = Cluster::new(2, testbin)?.context("the bench needs root, cgroup v2 and bpffs")?;
@@ -192,7 +192,7 @@ fn main() -> Result<()> {
         c.enroll(&hc)?;
         c.enroll(&hs)?;
         results.push(measure(&c, "mTLS HBONE via agents", &hc, &hs)?);
-        if !only_mtls {
+        {
             http_suite(&c, "mTLS L4 via agents", &hc, &format!("http://{}:{HTTP_PORT}/", hs.ipv4), &mut http)?;
             http_suite(&c, "mTLS L7 (route, retries)", &hc, &format!("http://{BENCH_SERVICE_IP}/"), &mut http)?;
         }

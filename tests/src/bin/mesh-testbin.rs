@@ -3,7 +3,8 @@
 //! `serve PORT`: dual-stack listener. Each connection first gets one JSON line `{"peer":..,"local":..}` (what
 //! the server saw), then everything it sends is echoed back until it half-closes.
 //! `client ADDR BYTES [CONNS]`: opens CONNS connections (all held open at once), then on each sends BYTES
-//! pseudo-random bytes while reading the echo, and checks length and CRC32 both ways. Prints one JSON line.
+//! pseudo-random bytes while reading the echo, and checks length and CRC32 both ways. Prints one JSON line
+//! (`serverSawLocals`: the server address each good connection reached).
 //! `MESH_TESTBIN_MARKER=text` sends that text repeated instead (to look for it on the wire);
 //! `MESH_TESTBIN_HOLD_MS=n` waits n ms after connecting before sending (a long-lived connection).
 
@@ -125,10 +126,12 @@ fn client(addr: SocketAddr, bytes: u64, conns: usize) -> Result<()> {
     let mut ok = 0;
     let mut failures = Vec::new();
     let mut first = None;
+    let mut server_locals = Vec::new();
     for w in workers {
         match w.join().map_err(|_| "worker panicked".into()).and_then(|r| r) {
             Ok(o) if o.sent == bytes && o.received == bytes && o.sent_crc == o.received_crc => {
                 ok += 1;
+                server_locals.push(o.server_saw_local.clone());
                 first.get_or_insert(o);
             }
             Ok(o) => failures
@@ -139,11 +142,12 @@ fn client(addr: SocketAddr, bytes: u64, conns: usize) -> Result<()> {
     let f = first.as_ref();
     let field = |g: fn(&Outcome) -> &String| f.map(g).cloned().unwrap_or_default();
     println!(
-        "{{\"connections\":{conns},\"ok\":{ok},\"bytesEachWay\":{bytes},\"serverSawPeer\":\"{}\",\"serverSawLocal\":\"{}\",\"local\":\"{}\",\"peername\":\"{}\",\"failures\":{:?}}}",
+        "{{\"connections\":{conns},\"ok\":{ok},\"bytesEachWay\":{bytes},\"serverSawPeer\":\"{}\",\"serverSawLocal\":\"{}\",\"local\":\"{}\",\"peername\":\"{}\",\"serverSawLocals\":{:?},\"failures\":{:?}}}",
         field(|o| &o.server_saw_peer),
         field(|o| &o.server_saw_local),
         field(|o| &o.local),
         field(|o| &o.peername),
+        server_locals,
         failures.iter().take(5).collect::<Vec<_>>(),
     );
     if ok == conns { Ok(()) } else { Err(format!("{} of {conns} connections failed", conns - ok).into()) }
