@@ -86,6 +86,10 @@ struct RunArgs {
     /// Lifetime of workload certificates; they are renewed at half of it.
     #[arg(long, env = "NODEMESH_CERT_LIFETIME", default_value = "24h", value_parser = humantime::parse_duration)]
     cert_lifetime: std::time::Duration,
+    /// Proxy worker threads; default: one per CPU. Fewer threads mean fewer cross-thread hand-offs per request,
+    /// more mean more parallel connections.
+    #[arg(long, env = "NODEMESH_WORKER_THREADS")]
+    worker_threads: Option<usize>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -94,7 +98,13 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(args) => tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(*args)),
+        Command::Run(args) => {
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = args.worker_threads.filter(|n| *n > 0) {
+                runtime.worker_threads(n);
+            }
+            runtime.enable_all().build()?.block_on(run(*args))
+        }
         Command::Cleanup(args) => cleanup(&args),
         Command::Ca(CaCommand::Init { dir, trust_domain }) => {
             LocalCa::init(&dir, &trust_domain)?;

@@ -155,6 +155,30 @@ fn pair(c: &mut Cluster, tag: &str) -> Result<(Pod, Pod)> {
     Ok((client, server))
 }
 
+/// The HTTP table: latencies added to direct's (same protocol) and throughput ratios, when direct was measured.
+fn print_http(http: &[HttpResult]) {
+    println!(
+        "\n{:<26} {:<6} {:>22} {:>22} {:>18} {:>14} {:>10}",
+        "HTTP path", "proto", "p50 µs @1k rps", "p99 µs @1k rps", "max rps", "agent CPU ms/1k", "agent MiB"
+    );
+    for r in http {
+        let direct = http.iter().find(|d| d.path == "direct" && d.protocol == r.protocol).unwrap_or(r);
+        println!(
+            "{:<26} {:<6} {:>9.0} (+{:>6.0} µs) {:>9.0} (+{:>6.0} µs) {:>8.0} ({:>4.2}x) {:>14.1} {:>10}",
+            r.path,
+            r.protocol,
+            r.fixed_p50_us,
+            r.fixed_p50_us - direct.fixed_p50_us,
+            r.fixed_p99_us,
+            r.fixed_p99_us - direct.fixed_p99_us,
+            r.max_rps,
+            r.max_rps / direct.max_rps,
+            r.cpu_ms_per_1k,
+            r.agent_rss_mib.map(|m| format!("{m:.1}")).unwrap_or_else(|| "-".into()),
+        );
+    }
+}
+
 fn main() -> Result<()> {
     let bin_dir = std::env::current_exe()?.parent().context("no bin dir")?.to_path_buf();
     let testbin = bin_dir.join("mesh-testbin");
@@ -204,6 +228,7 @@ fn main() -> Result<()> {
             "mTLS HBONE: {:.2} Gbit/s, RTT p50 {:.0} µs, {:.0} conn/s",
             direct.gbit_per_second, direct.rr_p50_us, direct.connections_per_second
         );
+        print_http(&http);
         return Ok(());
     }
     println!(
@@ -225,26 +250,7 @@ fn main() -> Result<()> {
             r.agent_rss_mib.map(|m| format!("{m:.1}")).unwrap_or_else(|| "-".into()),
         );
     }
-    println!(
-        "\n{:<26} {:<6} {:>22} {:>22} {:>18} {:>14} {:>10}",
-        "HTTP path", "proto", "p50 µs @1k rps", "p99 µs @1k rps", "max rps", "agent CPU ms/1k", "agent MiB"
-    );
-    for r in &http {
-        let direct = http.iter().find(|d| d.path == "direct" && d.protocol == r.protocol).unwrap_or(r);
-        println!(
-            "{:<26} {:<6} {:>9.0} (+{:>6.0} µs) {:>9.0} (+{:>6.0} µs) {:>8.0} ({:>4.2}x) {:>14.1} {:>10}",
-            r.path,
-            r.protocol,
-            r.fixed_p50_us,
-            r.fixed_p50_us - direct.fixed_p50_us,
-            r.fixed_p99_us,
-            r.fixed_p99_us - direct.fixed_p99_us,
-            r.max_rps,
-            r.max_rps / direct.max_rps,
-            r.cpu_ms_per_1k,
-            r.agent_rss_mib.map(|m| format!("{m:.1}")).unwrap_or_else(|| "-".into()),
-        );
-    }
+    print_http(&http);
     let http_json: Vec<Value> = http
         .iter()
         .map(|r| {
