@@ -379,7 +379,7 @@ fn grpc(c: &Cluster, client: &Pod, args: &[&str]) -> Value {
 }
 
 /// gRPC unary and server-streaming calls routed by GRPCRoute, with status codes and trailers preserved; a
-/// WebSocket echo; opaque TCP to a Service balanced over its endpoints, detected or declared.
+/// WebSocket echo and an HTTP/1.1 CONNECT tunnel; opaque TCP to a Service balanced over its endpoints, detected or declared.
 #[test]
 fn grpc_and_websocket_through_the_mesh() {
     let mut c = cluster!(2);
@@ -409,6 +409,10 @@ fn grpc_and_websocket_through_the_mesh() {
     assert_eq!(ws["status"], "101", "{ws}");
     assert_eq!(ws["accepted"], true, "{ws}");
     assert_eq!(ws["replies"], serde_json::json!(["chat: hello 0", "chat: hello 1"]), "{ws}");
+    // HTTP/1.1 CONNECT: the tunnel the application asked for, spliced through both agents.
+    let tunnel = c.run_in(&client, Path::new(HTTP), &["connect", "10.96.2.4:80", "example.com:443", "ping"]).unwrap();
+    assert_eq!(tunnel["status"], "200", "{tunnel}");
+    assert_eq!(tunnel["reply"], "chat: ping", "{tunnel}");
 
     // Opaque TCP to Service addresses: bytes intact both ways (CRC-checked), connections spread over both
     // endpoints, through mTLS.

@@ -13,6 +13,8 @@
 //! response flag, latencies (`--slow-ms T`: how many took at least T), and the last response.
 //! `grpc ADDR say MSG [FAIL_CODE]` / `grpc ADDR repeat MSG N [FAIL_CODE]`: one call, its replies, status and
 //! trailers. `ws ADDR PATH MSG`: a WebSocket handshake and one echoed frame.
+//! `connect ADDR AUTHORITY MSG`: an HTTP/1.1 CONNECT to AUTHORITY via ADDR, then MSG through the tunnel (the
+//! server echoes it prefixed with its name).
 //! `load URL RATE SECONDS [-c C] [--h2]`: load for the benchmark. RATE > 0: open loop at RATE requests/s
 //! spread over C connections, latency measured from each request's scheduled time (no coordinated omission);
 //! RATE 0: as fast as C connections go. Reports achieved rate and latency percentiles in µs.
@@ -52,6 +54,7 @@ async fn main() {
         Some("load") => load(&args[1..]).await,
         Some("grpc") => grpc_call(&args[1..]).await,
         Some("ws") => websocket(&args[1..]).await,
+        Some("connect") => connect_tunnel(&args[1..]).await,
         _ => Err("usage: mesh-http serve|grpc-serve|get|grpc|ws ... (see the source's header)".into()),
     };
     match result {
@@ -122,6 +125,21 @@ async fn answer(server: &Server, mut req: Request<Incoming>, peer: SocketAddr) -
         return json_response(200, json!({"name": server.name, "count": server.seen.load(Ordering::Acquire)}));
     }
     server.seen.fetch_add(1, Ordering::AcqRel);
+    if req.method() == http::Method::CONNECT {
+        // A tunnel: everything after the 200 is echoed back, prefixed with the server's name once.
+        let upgrade = hyper::upgrade::on(&mut req);
+        let name = server.name.clone();
+        tokio::spawn(async move {
+            if let Ok(upgraded) = upgrade.await {
+                let mut io = TokioIo::new(upgraded);
+                let mut buf = [0u8; 1024];
+                if let Ok(n) = io.read(&mut buf).await {
+                    let _ = io.write_all(format!("{name}: {}", String::from_utf8_lossy(&buf[..n])).as_bytes()).await;
+                }
+            }
+        });
+        return Response::new(Full::new(Bytes::new()));
+    }
     if let Some(key) = header(&req, "sec-websocket-key") {
         let accept = websocket_accept(key);
         let upgrade = hyper::upgrade::on(&mut req);
@@ -507,12 +525,7 @@ async fn websocket(args: &[String]) -> Result<Value, Error> {
          Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
     );
     tcp.write_all(request.as_bytes()).await?;
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let b = tokio::time::timeout(IO_TIMEOUT, tcp.read_u8()).await??;
-        head.push(b);
-    }
-    let head = String::from_utf8_lossy(&head).to_string();
+    let head = read_head(&mut tcp).await?;
     let status = head.split(' ').nth(1).unwrap_or("").to_string();
     let accepted = head
         .to_ascii_lowercase()
@@ -592,4 +605,29 @@ async fn load(args: &[String]) -> Result<Value, Error> {
         "requests": latencies.len(), "errors": errors, "rps": latencies.len() as f64 / elapsed,
         "p50Us": pick(0.5), "p99Us": pick(0.99),
     }))
+}
+
+/// Reads an HTTP/1.1 response head byte by byte (tests only: tiny heads).
+async fn read_head(tcp: &mut TcpStream) -> Result<String, Error> {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(tokio::time::timeout(IO_TIMEOUT, tcp.read_u8()).await??);
+    }
+    Ok(String::from_utf8_lossy(&head).to_string())
+}
+
+async fn connect_tunnel(args: &[String]) -> Result<Value, Error> {
+    let (addr, authority, message) = (&args[0], &args[1], &args[2]);
+    let mut tcp = tokio::time::timeout(IO_TIMEOUT, TcpStream::connect(addr.as_str())).await??;
+    tcp.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes()).await?;
+    let head = read_head(&mut tcp).await?;
+    let status = head.split(' ').nth(1).unwrap_or("").to_string();
+    let mut reply = String::new();
+    if status == "200" {
+        tcp.write_all(message.as_bytes()).await?;
+        let mut buf = [0u8; 1024];
+        let n = tokio::time::timeout(IO_TIMEOUT, tcp.read(&mut buf)).await??;
+        reply = String::from_utf8_lossy(&buf[..n]).to_string();
+    }
+    Ok(json!({"status": status, "reply": reply}))
 }
