@@ -86,6 +86,40 @@ struct Stats {
     original_destination_recorded: u64,
 }
 
+/// One Service as `/services` shows it: its config, and the balancer's live view of its endpoints once this
+/// agent has sent traffic to it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ServiceView {
+    namespace: String,
+    name: String,
+    ips: Vec<std::net::IpAddr>,
+    ports: Vec<mesh_common::config::ServicePort>,
+    endpoints: Vec<mesh_common::config::Endpoint>,
+    /// `None` until the agent has routed a request or connection to the Service.
+    balancing: Option<Vec<crate::l7::destination::EndpointView>>,
+}
+
+fn services(state: &AgentState) -> Vec<ServiceView> {
+    let config = state.config();
+    let known = state.l7().destinations.known();
+    config
+        .services
+        .iter()
+        .map(|s| ServiceView {
+            namespace: s.namespace.clone(),
+            name: s.name.clone(),
+            ips: s.ips.clone(),
+            ports: s.ports.clone(),
+            endpoints: s.endpoints.clone(),
+            balancing: known
+                .iter()
+                .find(|d| d.namespace == s.namespace && d.name == s.name)
+                .map(|d| d.endpoint_views()),
+        })
+        .collect()
+}
+
 pub fn admin_routes(state: AgentState) -> Routes {
     Arc::new(move |req| {
         if req.method() != Method::GET {
@@ -113,12 +147,13 @@ pub fn admin_routes(state: AgentState) -> Routes {
                 certificates: state.secrets().map(|s| s.certs()).unwrap_or_default(),
             }),
             "/connections" => json(&state.tunnels().list()),
+            "/services" => json(&services(&state)),
             "/healthz/ready" if state.ready() => reply(StatusCode::OK, "text/plain", "ready\n"),
             "/healthz/ready" => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n"),
             _ => reply(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "not found; try /workloads, /config_dump, /certs, /connections, /stats, /healthz/ready\n",
+                "not found; try /workloads, /services, /config_dump, /certs, /connections, /stats, /healthz/ready\n",
             ),
         }
     })

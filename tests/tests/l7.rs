@@ -306,6 +306,15 @@ fn resilience_from_routes_and_traffic_policies() {
     let first = get(&c, &client, &["http://10.96.1.4/", "-n", "30"]);
     assert!(count(&first, "statuses", "503") <= 3, "{first}");
     assert!(count(&first, "names", "pool-good") >= 27, "{first}");
+    // The admin API shows the balancer's view: exactly the bad endpoint is out.
+    let dump = c.admin(0, "/config_dump").unwrap();
+    let workloads = dump["config"]["workloads"].as_array().unwrap();
+    let bad_ip = workloads.iter().find(|w| w["name"] == "pool-bad").unwrap()["ips"][0].clone();
+    let services = c.admin(0, "/services").unwrap();
+    let pool = services.as_array().unwrap().iter().find(|s| s["name"] == "pool").unwrap();
+    let ejected: Vec<&Value> =
+        pool["balancing"].as_array().unwrap().iter().filter(|e| e["ejected"] == true).map(|e| &e["ip"]).collect();
+    assert_eq!(ejected, [&bad_ip], "{pool}");
     std::thread::sleep(std::time::Duration::from_millis(2200));
     let later = get(&c, &client, &["http://10.96.1.4/", "-n", "6"]);
     assert!(count(&later, "names", "pool-bad") >= 1, "the ejected endpoint must return: {later}");

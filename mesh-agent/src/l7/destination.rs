@@ -200,6 +200,38 @@ impl Destination {
     }
 }
 
+/// What `/services` shows of one endpoint the agent has been balancing over.
+#[derive(serde::Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointView {
+    pub ip: IpAddr,
+    pub node: Option<String>,
+    #[serde(skip_serializing_if = "Locality::is_empty")]
+    pub locality: Locality,
+    pub in_flight: usize,
+    /// Latency EWMA the least-request balancer uses.
+    pub latency_ms: f64,
+    /// Ejected by outlier detection right now.
+    pub ejected: bool,
+}
+
+impl Destination {
+    pub fn endpoint_views(&self) -> Vec<EndpointView> {
+        let now = Instant::now();
+        self.endpoints
+            .iter()
+            .map(|e| EndpointView {
+                ip: e.ip,
+                node: e.node.clone(),
+                locality: e.locality.clone(),
+                in_flight: e.in_flight.load(Ordering::Acquire),
+                latency_ms: e.latency.lock().unwrap_or_else(|p| p.into_inner()).latency_ms(),
+                ejected: e.is_ejected(now),
+            })
+            .collect()
+    }
+}
+
 /// Destinations by `namespace/name`, refreshed from the newest config on use.
 #[derive(Default)]
 pub struct Destinations {
@@ -215,6 +247,11 @@ struct Registry {
 }
 
 impl Destinations {
+    /// The destinations this agent has sent traffic to (as of their last use).
+    pub fn known(&self) -> Vec<Arc<Destination>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).map.values().cloned().collect()
+    }
+
     pub fn get(&self, config: &Arc<NodeConfig>, namespace: &str, name: &str) -> Option<Arc<Destination>> {
         let mut r = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if !r.config.as_ref().is_some_and(|c| Arc::ptr_eq(c, config)) {
