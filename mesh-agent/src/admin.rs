@@ -120,10 +120,36 @@ fn services(state: &AgentState) -> Vec<ServiceView> {
         .collect()
 }
 
+#[derive(Serialize)]
+struct LogLevels {
+    levels: Option<String>,
+}
+
+/// `GET /logging`: the log directives in force; `POST /logging?level=DIRECTIVES`: new ones (400 when invalid).
+fn logging(req: &Request<Incoming>) -> Reply {
+    if req.method() == Method::POST {
+        let level = req.uri().query().and_then(|q| {
+            form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "level").map(|(_, v)| v.into_owned())
+        });
+        let Some(level) = level else {
+            return reply(StatusCode::BAD_REQUEST, "text/plain", "POST /logging?level=<RUST_LOG directives>\n");
+        };
+        if let Err(e) = crate::logging::set(&level) {
+            return reply(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n"));
+        }
+    } else if req.method() != Method::GET {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET or POST\n");
+    }
+    json(&LogLevels { levels: crate::logging::current() })
+}
+
 pub fn admin_routes(state: AgentState) -> Routes {
     Arc::new(move |req| {
+        if req.uri().path() == "/logging" {
+            return logging(req);
+        }
         if req.method() != Method::GET {
-            return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET is supported\n");
+            return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET is supported here\n");
         }
         match req.uri().path() {
             "/workloads" => json(&state.workloads()),
@@ -153,7 +179,7 @@ pub fn admin_routes(state: AgentState) -> Routes {
             _ => reply(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "not found; try /workloads, /services, /config_dump, /certs, /connections, /stats, /healthz/ready\n",
+                "not found; try /workloads, /services, /config_dump, /certs, /connections, /stats, /logging, /healthz/ready\n",
             ),
         }
     })

@@ -10,6 +10,7 @@ pub mod hbone;
 pub mod identity;
 pub mod inpod;
 pub mod l7;
+pub mod logging;
 pub mod metrics;
 pub mod netns;
 pub mod node;

@@ -93,9 +93,7 @@ struct RunArgs {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .init();
+    mesh_agent::logging::init();
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => {

@@ -714,6 +714,11 @@ impl Cluster {
         Ok(serde_json::from_str(&body)?)
     }
 
+    /// A POST to the agent's admin API: status and body.
+    pub fn admin_post(&self, node: usize, path: &str) -> Result<(u16, String)> {
+        sys::http_request(&self.nodes[node].netns, ADMIN.parse()?, "POST", path)
+    }
+
     /// How many entries the agent's config has in the list `field` (`routes`, `authorizationPolicies`, ...).
     pub fn config_len(&self, node: usize, field: &str) -> usize {
         self.admin(node, "/config_dump").map_or(0, |d| d["config"][field].as_array().map_or(0, Vec::len))

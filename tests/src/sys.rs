@@ -85,11 +85,16 @@ pub fn spawn_in(placement: &Placement<'_>, cmd: &mut Command, log: &Path) -> Res
 
 /// Minimal HTTP/1.1 GET (Connection: close) from inside a netns; returns status and body.
 pub fn http_get(netns: &str, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let path = path.to_string();
+    http_request(netns, addr, "GET", path)
+}
+
+/// One bodiless HTTP/1.1 request from inside `netns`: status and body.
+pub fn http_request(netns: &str, addr: SocketAddr, method: &str, path: &str) -> Result<(u16, String)> {
+    let (method, path) = (method.to_string(), path.to_string());
     in_netns(netns, move || -> Result<(u16, String)> {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+        write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
         let mut raw = String::new();
         s.read_to_string(&mut raw)?;
         let (head, body) = raw.split_once("\r\n\r\n").context("malformed HTTP response")?;

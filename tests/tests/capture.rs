@@ -286,3 +286,29 @@ fn excluded_ports_and_cidrs_are_not_captured() {
     }
     assert_eq!(c.metric(0, "nodemesh_capture_events_total", &[("event", "outbound_excluded")]).unwrap(), 2.0);
 }
+
+/// `/logging` changes log levels while the agent runs: quiet, then debug for the agent's modules; a bad
+/// directive is refused and changes nothing.
+#[test]
+fn log_levels_change_at_run_time() {
+    let mut c = cluster!(1);
+    let (client, server) = enrolled_pair(&mut c, 0, 0);
+    let debug_lines = |c: &Cluster| c.log_of("agent-n1").matches("DEBUG").count();
+    let levels = |c: &Cluster| c.admin(0, "/logging").unwrap()["levels"].as_str().unwrap_or("").to_string();
+    assert_eq!(levels(&c), "info,mesh_agent=debug");
+
+    assert_eq!(c.admin_post(0, "/logging?level=warn").unwrap().0, 200);
+    assert_eq!(levels(&c), "warn");
+    let before = debug_lines(&c);
+    assert!(c.client(&client, addr(server.ipv4, 8080), 4096, 2).unwrap().success);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(debug_lines(&c), before, "no debug output at level warn");
+
+    assert_eq!(c.admin_post(0, "/logging?level=warn,mesh_agent%3Ddebug").unwrap().0, 200);
+    assert!(c.client(&client, addr(server.ipv4, 8080), 4096, 2).unwrap().success);
+    mesh_tests::wait_for("debug output", || debug_lines(&c) > before);
+
+    let (status, body) = c.admin_post(0, "/logging?level=mesh_agent%3Dloud").unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(levels(&c), "warn,mesh_agent=debug");
+}
