@@ -148,6 +148,13 @@ pub fn admin_routes(state: AgentState) -> Routes {
         if req.uri().path() == "/logging" {
             return logging(req);
         }
+        if req.uri().path() == "/quitquitquit" {
+            if req.method() != Method::POST {
+                return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "POST /quitquitquit\n");
+            }
+            state.request_quit();
+            return reply(StatusCode::OK, "text/plain", "draining, then exiting\n");
+        }
         if req.method() != Method::GET {
             return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET is supported here\n");
         }

@@ -90,6 +90,9 @@ struct RunArgs {
     /// more mean more parallel connections.
     #[arg(long, env = "NODEMESH_WORKER_THREADS")]
     worker_threads: Option<usize>,
+    /// How long `/quitquitquit` waits for proxied connections to finish before exiting.
+    #[arg(long, env = "NODEMESH_DRAIN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    drain_timeout: std::time::Duration,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -189,11 +192,26 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             },
             _ = terminate.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
+            _ = state.quit_requested() => {
+                drain(&state, args.drain_timeout).await;
+                break;
+            }
         }
     }
     // Pins stay: enrolled pods remain captured (fail-closed) and the next agent re-adopts them.
     tracing::info!("agent stopping; capture stays pinned for the next agent (`mesh-agent cleanup` removes it)");
     Ok(())
+}
+
+/// Lets proxied connections finish (not ready meanwhile, so no new traffic is steered here by orchestration),
+/// for at most `timeout`.
+async fn drain(state: &AgentState, timeout: std::time::Duration) {
+    tracing::info!(active = state.active_connections(), ?timeout, "draining");
+    let deadline = tokio::time::Instant::now() + timeout;
+    while state.active_connections() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    tracing::info!(left = state.active_connections(), "drained");
 }
 
 fn cleanup(args: &PathArgs) -> anyhow::Result<()> {

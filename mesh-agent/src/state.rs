@@ -40,6 +40,20 @@ struct Inner {
     pool: Pool,
     tunnels: Tunnels,
     l7: crate::l7::L7,
+    /// Connections being proxied right now (all listeners), for draining before exit.
+    active: Arc<std::sync::atomic::AtomicUsize>,
+    /// Notified when `/quitquitquit` asks the agent to drain and exit.
+    quit: tokio::sync::Notify,
+    quitting: AtomicBool,
+}
+
+/// Counts one proxied connection as active until dropped.
+pub struct ActiveConnection(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for ActiveConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// What `/workloads` reports for each enrolled pod.
@@ -88,6 +102,9 @@ impl AgentState {
                 pool: Pool::default(),
                 tunnels: Tunnels::default(),
                 l7: Default::default(),
+                active: Default::default(),
+                quit: tokio::sync::Notify::new(),
+                quitting: AtomicBool::new(false),
             }
         });
         AgentState { inner }
@@ -184,9 +201,31 @@ impl AgentState {
         self.inner.config_ready.store(true, Ordering::Release);
     }
 
-    /// Ready when the programs are attached, config is loaded and the enrolled pods were re-adopted.
+    /// Ready when the programs are attached, config is loaded and the enrolled pods were re-adopted, and not
+    /// draining.
     pub fn ready(&self) -> bool {
-        self.inner.capture_ready.load(Ordering::Acquire) && self.inner.config_ready.load(Ordering::Acquire)
+        self.inner.capture_ready.load(Ordering::Acquire)
+            && self.inner.config_ready.load(Ordering::Acquire)
+            && !self.inner.quitting.load(Ordering::Acquire)
+    }
+
+    pub fn connection_started(&self) -> ActiveConnection {
+        self.inner.active.fetch_add(1, Ordering::AcqRel);
+        ActiveConnection(self.inner.active.clone())
+    }
+
+    pub fn active_connections(&self) -> usize {
+        self.inner.active.load(Ordering::Acquire)
+    }
+
+    /// Asks the agent to drain and exit (`/quitquitquit`).
+    pub fn request_quit(&self) {
+        self.inner.quitting.store(true, Ordering::Release);
+        self.inner.quit.notify_one();
+    }
+
+    pub async fn quit_requested(&self) {
+        self.inner.quit.notified().await
     }
 
     pub fn workloads(&self) -> Vec<WorkloadView> {

@@ -103,6 +103,14 @@ pub fn http_request(netns: &str, addr: SocketAddr, method: &str, path: &str) -> 
     })?
 }
 
+/// Whether `pid` is still running (an exited child that was not reaped yet is a zombie, not running).
+pub fn pid_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next().map(String::from)))
+        .is_some_and(|state| state != "Z" && state != "X")
+}
+
 pub fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }

@@ -312,3 +312,25 @@ fn log_levels_change_at_run_time() {
     assert_eq!(status, 400, "{body}");
     assert_eq!(levels(&c), "warn,mesh_agent=debug");
 }
+
+/// `/quitquitquit`: the agent reports not ready, lets a connection in progress finish, then exits.
+#[test]
+fn quitquitquit_drains_then_exits() {
+    let mut c = cluster!(1);
+    let (client, server) = enrolled_pair(&mut c, 0, 0);
+    let held =
+        c.client_start(&client, addr(server.ipv4, 8080), 64 * 1024, &[("MESH_TESTBIN_HOLD_MS", "1500")]).unwrap();
+    let out = pod_labels(&client, "outbound");
+    mesh_tests::wait_for("the held connection", || {
+        c.metric(0, "nodemesh_tcp_connections_opened_total", &out).unwrap_or(0.0) >= 1.0
+    });
+    let pid = c.agent_pid(0).unwrap();
+    assert_eq!(c.admin_post(0, "/quitquitquit").unwrap().0, 200);
+    let admin = mesh_tests::cluster::ADMIN.parse().unwrap();
+    assert_eq!(mesh_tests::sys::http_get(&c.nodes[0].netns, admin, "/healthz/ready").unwrap().0, 503);
+    assert!(mesh_tests::sys::pid_running(pid), "the agent must wait for the connection in progress");
+    let r = held.wait().unwrap();
+    assert!(r.success && r.ok_connections() == 1, "{:?} {}", r.json, r.stderr);
+    mesh_tests::wait_for("the agent to exit", || !mesh_tests::sys::pid_running(pid));
+    assert!(c.log_of("agent-n1").contains("drained"));
+}

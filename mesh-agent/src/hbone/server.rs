@@ -82,6 +82,7 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, state: AgentStat
 }
 
 async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, pod: Arc<PodContext>, state: AgentState) {
+    let _active = state.connection_started();
     let metrics = state.metrics();
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,

@@ -48,6 +48,7 @@ pub async fn serve(listener: TcpListener, direction: Direction, pod: Arc<PodCont
                 let (pod, state) = (pod.clone(), state.clone());
                 tokio::spawn(
                     async move {
+                        let _active = state.connection_started();
                         match direction {
                             Direction::Outbound => outbound::handle(conn, peer, pod, state).await,
                             Direction::Inbound => inbound::handle(conn, peer, pod, state).await,
