@@ -56,6 +56,11 @@ pub fn hash(bytes: &[u8], seed: u64) -> u64 {
     h ^ (h >> 33)
 }
 
+/// The consistent-hash key of a client address.
+pub fn source_ip_key(ip: std::net::IpAddr) -> u64 {
+    hash(ip.to_canonical().to_string().as_bytes(), 0)
+}
+
 fn endpoint_key(e: &Endpoint) -> Vec<u8> {
     e.ip.to_string().into_bytes()
 }

@@ -5,15 +5,13 @@ use std::time::Duration;
 
 use mesh_common::traffic::{FaultInjection, parse_duration};
 
+use super::roll;
+
 #[derive(Debug, PartialEq)]
 pub struct Injected {
     pub delay: Option<Duration>,
     /// HTTP status and gRPC status to answer with instead of calling the Service.
     pub abort: Option<(u16, Option<u8>)>,
-}
-
-fn roll(percent: f64) -> bool {
-    percent > 0.0 && fastrand::f64() * 100.0 < percent
 }
 
 /// Decides the faults for one request.

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use http::request::Parts;
 use http::{HeaderValue, Request, Response, StatusCode};
+use mesh_common::config::NodeConfig;
 use mesh_common::route::{Mirror, Retry, ServiceRef};
 
 use super::body::{self, Body, Replay};
@@ -33,8 +34,8 @@ pub struct Attempt<'a> {
     pub mirrors: &'a [&'a Mirror],
 }
 
-/// A copy of the request head for another try.
-fn head(parts: &Parts) -> http::request::Builder {
+/// A copy of the request head (for another try, or a mirror).
+pub(super) fn head(parts: &Parts) -> http::request::Builder {
     let mut b = Request::builder().method(parts.method.clone()).uri(parts.uri.clone()).version(parts.version);
     if let Some(h) = b.headers_mut() {
         *h = parts.headers.clone();
@@ -55,7 +56,7 @@ fn hash_key(call: &Call, dest: &Destination, parts: &Parts) -> Option<u64> {
         })?;
         found.into_bytes()
     } else if key.source_ip {
-        call.peer.ip().to_string().into_bytes()
+        return Some(super::balance::source_ip_key(call.peer.ip()));
     } else {
         return None;
     };
@@ -63,8 +64,7 @@ fn hash_key(call: &Call, dest: &Destination, parts: &Parts) -> Option<u64> {
 }
 
 /// The port endpoints of `backend` listen on for a request that arrived on `called_port`.
-fn endpoint_port(call: &Call, backend: &ServiceRef, called_port: u16) -> Option<u16> {
-    let config = call.state.config();
+pub(super) fn endpoint_port(config: &NodeConfig, backend: &ServiceRef, called_port: u16) -> Option<u16> {
     let service = config.service(&backend.namespace, &backend.name)?;
     let port = backend.port.unwrap_or(called_port);
     service.ports.iter().find(|p| p.port == port).map(|p| p.endpoint_port())
@@ -81,7 +81,7 @@ pub async fn forward(
     let config = call.state.config();
     let (Some(dest), Some(port)) = (
         call.state.l7().destinations.get(&config, &backend.namespace, &backend.name),
-        endpoint_port(call, backend, called_port),
+        endpoint_port(&config, backend, called_port),
     ) else {
         return reply(
             a.grpc,
@@ -130,8 +130,9 @@ pub async fn forward(
     };
     let mut retries = 0u32;
     let mut _retry_permit = None;
+    let here = Here::of(&call.state);
     loop {
-        let Some(endpoint) = dest.pick(key, &Here::of(&call.state)) else {
+        let Some(endpoint) = dest.pick(key, &here) else {
             return reply(
                 a.grpc,
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use http::Request;
 use http::request::Parts;
 use http_body_util::BodyExt;
 use mesh_common::route::Mirror;
@@ -13,31 +12,23 @@ use super::body::Replay;
 use super::client::Guard;
 use super::destination::Here;
 use super::outbound::Call;
-use super::upstream;
+use super::{forward, upstream};
 
 /// A mirrored request gets this long before it is abandoned.
 const MIRROR_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn send(call: &Call, mirror: &Mirror, parts: &Parts, replay: Option<&Replay>, called_port: u16) {
-    if !(mirror.percent >= 100.0 || fastrand::f64() * 100.0 < mirror.percent) {
+    if !super::roll(mirror.percent) {
         return;
     }
     let Some(replay) = replay.cloned() else { return };
     let config = call.state.config();
     let target = &mirror.service;
-    let port = target.port.unwrap_or(called_port);
-    let Some(endpoint_port) = config
-        .service(&target.namespace, &target.name)
-        .and_then(|s| s.ports.iter().find(|p| p.port == port))
-        .map(|p| p.endpoint_port())
-    else {
+    let Some(endpoint_port) = forward::endpoint_port(&config, target, called_port) else {
         return tracing::debug!(mirror = %target.name, "mirror Service or port not found");
     };
     let Some(dest) = call.state.l7().destinations.get(&config, &target.namespace, &target.name) else { return };
-    let mut head = Request::builder().method(parts.method.clone()).uri(parts.uri.clone()).version(parts.version);
-    if let Some(h) = head.headers_mut() {
-        *h = parts.headers.clone();
-    }
+    let head = forward::head(parts);
     let (state, pod, protocol, here) = (call.state.clone(), call.pod.clone(), call.protocol, Here::of(&call.state));
     tokio::spawn(async move {
         let work = async {

@@ -28,6 +28,11 @@ pub mod router;
 pub mod upgrade;
 pub mod upstream;
 
+/// True for `percent` % of the calls (0–100): fault injection and mirroring decide per request with it.
+pub fn roll(percent: f64) -> bool {
+    percent > 0.0 && fastrand::f64() * 100.0 < percent
+}
+
 /// The agent's L7 state, shared by all connections: compiled routes, per-Service runtime state and pooled
 /// upstream connections.
 #[derive(Default)]

@@ -94,20 +94,17 @@ async fn opaque(
     port: &ServicePort,
 ) {
     let config = state.config();
-    let endpoint = state.l7().destinations.get(&config, &svc.namespace, &svc.name).and_then(|d| {
-        let key = super::balance::hash(peer.ip().to_string().as_bytes(), 0);
-        d.pick(Some(key), &Here::of(&state))
-    });
+    let endpoint = state
+        .l7()
+        .destinations
+        .get(&config, &svc.namespace, &svc.name)
+        .and_then(|d| d.pick(Some(super::balance::source_ip_key(peer.ip())), &Here::of(&state)));
     let Some(endpoint) = endpoint else {
         tracing::info!(service = %format!("{}/{}", svc.namespace, svc.name), "no ready endpoint");
         return crate::proxy::reset(io.into_inner());
     };
     let _in_flight = endpoint.start();
     crate::proxy::outbound::to_endpoint(io, SocketAddr::new(endpoint.ip, port.endpoint_port()), pod, state).await;
-}
-
-fn view<'a>(parts: &'a Parts) -> RequestView<'a> {
-    RequestView { method: &parts.method, path: parts.uri.path(), query: parts.uri.query(), headers: &parts.headers }
 }
 
 /// What a rule's (or a backend's) filters asked for beyond changing the request in place.
@@ -137,7 +134,7 @@ fn apply_filters<'a>(
 }
 
 /// A backend by weight; `None` when every weight is zero (or there is none).
-fn weighted(rule: &RouteRule) -> Option<&mesh_common::route::Backend> {
+pub(super) fn weighted(rule: &RouteRule) -> Option<&mesh_common::route::Backend> {
     let total: u64 = rule.backends.iter().map(|b| u64::from(b.weight)).sum();
     if total == 0 {
         return None;
@@ -165,7 +162,7 @@ async fn handle(call: Arc<Call>, req: Request<Incoming>) -> Response<Body> {
     let port = svc.port.unwrap_or_default();
     let table = l7.routes.get(&config, &svc.namespace, &svc.name, port, &call.pod.net.namespace);
     let (mut parts, body) = req.into_parts();
-    let selected = table.select(&view(&parts));
+    let selected = table.select(&RequestView::new(&parts.method, &parts.uri, &parts.headers));
     if selected.is_none() && !table.is_empty() {
         return reply(grpc, StatusCode::NOT_FOUND, None, Some(Flag::NoRoute), "no route matches the request");
     }

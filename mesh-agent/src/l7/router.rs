@@ -25,6 +25,12 @@ pub struct RequestView<'a> {
     pub headers: &'a HeaderMap,
 }
 
+impl<'a> RequestView<'a> {
+    pub fn new(method: &'a Method, uri: &'a http::Uri, headers: &'a HeaderMap) -> Self {
+        RequestView { method, path: uri.path(), query: uri.query(), headers }
+    }
+}
+
 /// The rule a request matched.
 pub struct Selected<'a> {
     pub route: &'a Route,

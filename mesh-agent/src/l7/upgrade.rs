@@ -87,20 +87,13 @@ pub async fn outbound(call: &Call, req: Request<Incoming>) -> Response<Body> {
     let port = svc.port.unwrap_or_default();
     let table = l7.routes.get(&config, &svc.namespace, &svc.name, port, &call.pod.net.namespace);
     let backend = {
-        let view = super::router::RequestView {
-            method: req.method(),
-            path: req.uri().path(),
-            query: req.uri().query(),
-            headers: req.headers(),
-        };
-        match table.select(&view) {
-            Some(s) => s.rule.backends.iter().find(|b| b.weight > 0).map(|b| b.service.clone()),
+        match table.select(&super::router::RequestView::new(req.method(), req.uri(), req.headers())) {
+            Some(s) => super::outbound::weighted(s.rule).map(|b| b.service.clone()),
             None => Some(svc.clone()),
         }
     };
     let endpoint = backend.and_then(|b| {
-        let service = config.service(&b.namespace, &b.name)?;
-        let port = service.ports.iter().find(|p| p.port == b.port.unwrap_or(port))?.endpoint_port();
+        let port = super::forward::endpoint_port(&config, &b, port)?;
         let endpoint = l7.destinations.get(&config, &b.namespace, &b.name)?.pick(None, &Here::of(&call.state))?;
         Some(SocketAddr::new(endpoint.ip, port))
     });
