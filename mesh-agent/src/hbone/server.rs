@@ -19,7 +19,7 @@ use super::{ALPN, CONNECTION_WINDOW, H2Stream, MAX_FRAME, STREAM_WINDOW};
 use crate::identity::svid::{self, Svid};
 use crate::identity::verifier::SvidClientVerifier;
 use crate::inpod::PodContext;
-use crate::l7::detect::{self, Hint, Protocol};
+use crate::l7::detect::Protocol;
 use crate::l7::inbound::{self as l7_inbound, Session};
 use crate::metrics::Direction;
 use crate::policy;
@@ -174,8 +174,7 @@ async fn stream(
         let app = match proxy::connect_to_app(&state, &pod, target, peer).await {
             Ok(app) => app,
             Err(e) => {
-                state.metrics().failed(&pod, Direction::Inbound, "connect");
-                tracing::info!(%target, error = %e, "cannot reach the application");
+                proxy::app_unreachable(&state, &pod, target, &e);
                 return status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
             }
         };
@@ -187,10 +186,7 @@ async fn stream(
     if let Some(app) = l7 {
         return l7_inbound::serve(tunnel, Protocol::Http2, session(app)).await;
     }
-    let Ok((protocol, io)) = detect::detect(tunnel, Hint::Detect).await else { return };
-    if protocol != Protocol::Opaque {
-        return l7_inbound::serve(io, protocol, session(protocol)).await;
-    }
+    let Some(io) = l7_inbound::serve_if_http(tunnel, session).await else { return };
     // Not HTTP: the connection-level decision, where request conditions fail closed.
     if let Err(refusal) = policy::check_inbound(&config, &pod, Some(&principal), peer.ip(), target.port()) {
         refusal.record(&state, &pod, Some(&principal), peer);
@@ -198,10 +194,7 @@ async fn stream(
     }
     match proxy::connect_to_app(&state, &pod, target, peer).await {
         Ok(app) => proxy::forward(&state, &pod, Direction::Inbound, MUTUAL_TLS, io, app).await,
-        Err(e) => {
-            state.metrics().failed(&pod, Direction::Inbound, "connect");
-            tracing::info!(%target, error = %e, "cannot reach the application");
-        }
+        Err(e) => proxy::app_unreachable(&state, &pod, target, &e),
     }
 }
 

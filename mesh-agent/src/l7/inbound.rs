@@ -16,7 +16,7 @@ use tracing::Instrument;
 
 use super::body::{self, Body};
 use super::client::{Guard, HttpPool, Io, io_error};
-use super::detect::Protocol;
+use super::detect::{self, Hint, Protocol, Rewind};
 use super::local_reply::{Flag, is_grpc, reply};
 use super::{upgrade, upstream};
 use crate::inpod::PodContext;
@@ -49,6 +49,18 @@ impl Session {
     ) -> Self {
         Session { state, pod, principal, peer, target, app, app_conns: HttpPool::default() }
     }
+}
+
+/// For streams whose policies look at requests: when `io` speaks HTTP, serves it to its end (with the session
+/// `session` makes for the detected protocol) and returns `None`; otherwise gives the stream back for the
+/// connection-level decision. A stream that fails during detection is dropped (`None`).
+pub async fn serve_if_http<I: Io>(io: I, session: impl FnOnce(Protocol) -> Session) -> Option<Rewind<I>> {
+    let (protocol, io) = detect::detect(io, Hint::Detect).await.ok()?;
+    if protocol == Protocol::Opaque {
+        return Some(io);
+    }
+    serve(io, protocol, session(protocol)).await;
+    None
 }
 
 /// Serves `downstream` HTTP on `io` until the caller closes it.

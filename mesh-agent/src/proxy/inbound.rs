@@ -10,11 +10,7 @@ use tokio::net::TcpStream;
 
 use super::{PLAINTEXT, forward, reset};
 use crate::inpod::PodContext;
-use crate::l7::{
-    self,
-    detect::{self, Hint, Protocol, Rewind},
-    inbound::Session,
-};
+use crate::l7::{self, detect::Rewind, inbound::Session};
 use crate::metrics::Direction;
 use crate::policy;
 use crate::state::AgentState;
@@ -37,15 +33,11 @@ pub async fn handle(conn: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, sta
     }
     // Policies that look at requests: serve HTTP here and decide per request.
     let conn = if policy::needs_request(&config, &pod) {
-        let (protocol, io) = match detect::detect(conn, Hint::Detect).await {
-            Ok(detected) => detected,
-            Err(_) => return,
-        };
-        if protocol != Protocol::Opaque {
-            let session = Session::new(state.clone(), pod.clone(), None, peer, target, protocol);
-            return l7::inbound::serve(io, protocol, session).await;
+        let session = |app| Session::new(state.clone(), pod.clone(), None, peer, target, app);
+        match l7::inbound::serve_if_http(conn, session).await {
+            Some(opaque) => opaque,
+            None => return,
         }
-        io
     } else {
         Rewind::new(Default::default(), conn)
     };
@@ -56,8 +48,7 @@ pub async fn handle(conn: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, sta
     match super::connect_to_app(&state, &pod, target, peer).await {
         Ok(app) => forward(&state, &pod, Direction::Inbound, PLAINTEXT, conn, app).await,
         Err(e) => {
-            state.metrics().failed(&pod, Direction::Inbound, "connect");
-            tracing::info!(%target, error = %e, "cannot reach the application");
+            super::app_unreachable(&state, &pod, target, &e);
             reset(conn.into_inner());
         }
     }

@@ -125,6 +125,12 @@ pub async fn connect_from_pod(pod: &PodContext, target: SocketAddr) -> io::Resul
     connect_socket(pod_socket(pod, target, OUTBOUND_MARK)?, target).await
 }
 
+/// Counts and logs an inbound connection whose application could not be reached.
+pub fn app_unreachable(state: &AgentState, pod: &PodContext, target: SocketAddr, error: &io::Error) {
+    state.metrics().failed(pod, Direction::Inbound, "connect");
+    tracing::info!(%target, %error, "cannot reach the application");
+}
+
 /// Connects to the pod's application *as* `client` (transparently), so the application sees the real peer.
 /// See `inpod::routing` for how the replies find their way back.
 pub async fn connect_to_app(
