@@ -56,7 +56,7 @@ fn hash_key(call: &Call, dest: &Destination, parts: &Parts) -> Option<u64> {
         })?;
         found.into_bytes()
     } else if key.source_ip {
-        return Some(super::balance::source_ip_key(call.peer.ip()));
+        return Some(super::balance::source_ip_key(call.source_ip));
     } else {
         return None;
     };

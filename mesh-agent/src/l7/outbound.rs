@@ -9,7 +9,7 @@
 //! balancer picks.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,12 +37,24 @@ use crate::state::AgentState;
 pub struct Call {
     pub state: AgentState,
     pub pod: Arc<PodContext>,
-    pub peer: SocketAddr,
+    /// The calling pod's address (for hashing on the source IP).
+    pub source_ip: IpAddr,
     pub service: ServiceRef,
     /// The protocol the calling application speaks.
     pub protocol: Protocol,
     /// The caller's SPIFFE ID (rate limits per source), or its pod name when it has none.
     pub source: String,
+}
+
+/// The pod's own address in the family it dialled. The accepted connection's peer is not it: the pod reached
+/// the agent over its loopback (the connect hook's redirect), so every caller would look like 127.0.0.1.
+fn caller_ip(pod: &PodContext, peer: SocketAddr) -> IpAddr {
+    let ips = &pod.net.ips;
+    ips.iter()
+        .find(|ip| ip.is_ipv4() == peer.ip().to_canonical().is_ipv4())
+        .or(ips.first())
+        .copied()
+        .unwrap_or(peer.ip())
 }
 
 /// Handles a connection to `service:port` that the pod dialled.
@@ -61,12 +73,13 @@ pub async fn serve(
     let service_ref =
         ServiceRef { namespace: service.namespace.clone(), name: service.name.clone(), port: Some(port.port) };
     if protocol == Protocol::Opaque {
-        return opaque(io, peer, pod, state, &service_ref, port).await;
+        return opaque(io, caller_ip(&pod, peer), pod, state, &service_ref, port).await;
     }
     let config = state.config();
     let source = pod.identity_string(&config).unwrap_or_else(|| pod.name());
     tracing::debug!(protocol = protocol.as_str(), service = %format!("{}/{}", service.namespace, service.name), "L7");
-    let call = Arc::new(Call { state, pod, peer, service: service_ref, protocol, source });
+    let source_ip = caller_ip(&pod, peer);
+    let call = Arc::new(Call { state, pod, source_ip, service: service_ref, protocol, source });
     let span = tracing::Span::current();
     let svc = service_fn(move |req: Request<Incoming>| {
         let call = call.clone();
@@ -87,7 +100,7 @@ pub async fn serve(
 /// Not HTTP: one endpoint for the whole connection, then bytes as they are.
 async fn opaque(
     io: Rewind<TcpStream>,
-    peer: SocketAddr,
+    source_ip: IpAddr,
     pod: Arc<PodContext>,
     state: AgentState,
     svc: &ServiceRef,
@@ -98,7 +111,7 @@ async fn opaque(
         .l7()
         .destinations
         .get(&config, &svc.namespace, &svc.name)
-        .and_then(|d| d.pick(Some(super::balance::source_ip_key(peer.ip())), &Here::of(&state)));
+        .and_then(|d| d.pick(Some(super::balance::source_ip_key(source_ip)), &Here::of(&state)));
     let Some(endpoint) = endpoint else {
         tracing::info!(service = %format!("{}/{}", svc.namespace, svc.name), "no ready endpoint");
         return crate::proxy::reset(io.into_inner());
