@@ -184,7 +184,7 @@ mod tests {
 
     fn endpoints(n: usize) -> Vec<Arc<Endpoint>> {
         (0..n)
-            .map(|i| Arc::new(Endpoint::new(format!("10.0.0.{i}").parse().unwrap(), None, None, Default::default())))
+            .map(|i| Arc::new(Endpoint::new(format!("10.0.0.{i}").parse().unwrap(), None, Default::default())))
             .collect()
     }
 

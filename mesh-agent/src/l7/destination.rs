@@ -33,8 +33,6 @@ impl Here {
 /// One endpoint (pod IP) of a Service; the port comes from the Service port being called.
 pub struct Endpoint {
     pub ip: IpAddr,
-    /// `namespace/name` of the pod.
-    pub workload: Option<String>,
     pub node: Option<String>,
     pub locality: Locality,
     in_flight: AtomicUsize,
@@ -52,10 +50,9 @@ impl Drop for InFlight {
 }
 
 impl Endpoint {
-    pub fn new(ip: IpAddr, workload: Option<String>, node: Option<String>, locality: Locality) -> Self {
+    pub fn new(ip: IpAddr, node: Option<String>, locality: Locality) -> Self {
         Endpoint {
             ip,
-            workload,
             node,
             locality,
             in_flight: AtomicUsize::new(0),
@@ -121,9 +118,10 @@ impl Destination {
             .filter(|e| e.ready)
             .map(|e| {
                 let ip = e.ip.to_canonical();
-                known.get(&ip).map(|k| (*k).clone()).unwrap_or_else(|| {
-                    Arc::new(Endpoint::new(ip, e.workload.clone(), e.node.clone(), e.locality.clone()))
-                })
+                known
+                    .get(&ip)
+                    .map(|k| (*k).clone())
+                    .unwrap_or_else(|| Arc::new(Endpoint::new(ip, e.node.clone(), e.locality.clone())))
             })
             .collect();
         let shared = match old {
