@@ -12,6 +12,7 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::TcpListener;
 
+use crate::metrics::{Naming, node};
 use crate::state::AgentState;
 
 type Reply = Response<Full<Bytes>>;
@@ -84,6 +85,11 @@ struct Stats {
     inbound_steered: u64,
     inbound_no_listener: u64,
     original_destination_recorded: u64,
+    /// Connections being proxied now.
+    active_connections: usize,
+    hbone_tunnels: usize,
+    spans_exported: u64,
+    spans_dropped: u64,
 }
 
 /// One Service as `/services` shows it: its config, and the balancer's live view of its endpoints once this
@@ -173,28 +179,54 @@ pub fn admin_routes(state: AgentState) -> Routes {
                     inbound_steered: c.inbound_steered,
                     inbound_no_listener: c.inbound_no_listener,
                     original_destination_recorded: c.orig_dst_recorded,
+                    active_connections: state.active_connections(),
+                    hbone_tunnels: state.tunnels().list().len(),
+                    spans_exported: state.telemetry().exporters.exported.load(std::sync::atomic::Ordering::Relaxed),
+                    spans_dropped: state.telemetry().exporters.dropped.load(std::sync::atomic::Ordering::Relaxed),
                 })
             }
             "/certs" => json(&CertsDump {
                 mtls: state.secrets().is_some(),
                 certificates: state.secrets().map(|s| s.certs()).unwrap_or_default(),
             }),
-            "/connections" => json(&state.tunnels().list()),
+            "/connections" => json(&state.metrics().traffic.connections()),
+            "/tunnels" => json(&state.tunnels().list()),
             "/services" => json(&services(&state)),
             "/healthz/ready" if state.ready() => reply(StatusCode::OK, "text/plain", "ready\n"),
             "/healthz/ready" => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n"),
             _ => reply(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "not found; try /workloads, /services, /config_dump, /certs, /connections, /stats, /logging, /healthz/ready\n",
+                "not found; try /workloads, /services, /config_dump, /certs, /connections, /tunnels, /stats, /logging, /healthz/ready\n",
             ),
         }
     })
 }
 
-pub fn metrics_routes(state: AgentState) -> Routes {
-    Arc::new(move |req| match req.uri().path() {
-        "/metrics" => reply(StatusCode::OK, "text/plain; version=0.0.4", state.metrics().encode()),
+const EXPOSITION: &str = "text/plain; version=0.0.4";
+
+/// `/metrics` with `text` (the exposition), 404 elsewhere: for servers with one registry.
+pub fn metrics_reply(req: &Request<Incoming>, text: String) -> Reply {
+    match req.uri().path() {
+        "/metrics" => reply(StatusCode::OK, EXPOSITION, text),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "metrics are at /metrics\n"),
+    }
+}
+
+pub fn metrics_routes(state: AgentState) -> Routes {
+    Arc::new(move |req| {
+        let metrics = state.metrics();
+        match req.uri().path() {
+            "/metrics" => reply(StatusCode::OK, EXPOSITION, metrics.encode(Naming::Native, node::families(&state))),
+            "/stats/prometheus" if metrics.istio_names => {
+                reply(StatusCode::OK, EXPOSITION, metrics.encode(Naming::Istio, node::families(&state)))
+            }
+            "/stats/prometheus" => reply(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "Istio's metric names are served with --metrics-compat istio; native names are at /metrics\n",
+            ),
+            _ => reply(StatusCode::NOT_FOUND, "text/plain", "metrics are at /metrics\n"),
+        }
     })
 }

@@ -65,6 +65,13 @@ type Result<T, E = CaptureError> = std::result::Result<T, E>;
 /// Sum of the per-CPU counters the programs keep.
 pub type Counters = CaptureCounters;
 
+/// What the metrics report about the kernel side.
+pub struct CaptureStats {
+    pub maps: Vec<(&'static str, u64)>,
+    /// Program name and its locked kernel memory in bytes.
+    pub programs: Vec<(String, u64)>,
+}
+
 /// Handle on the loaded programs and pinned maps. Not `Clone`: the agent keeps one behind a mutex.
 pub struct Capture {
     ebpf: Ebpf,
@@ -284,6 +291,24 @@ impl Capture {
             }
         }
         sum
+    }
+
+    /// Entries in the small maps (the per-connection ones are left out: walking them would hold the capture
+    /// lock for too long) and the kernel memory of each program.
+    pub fn stats(&self) -> CaptureStats {
+        let count = |keys: usize| keys as u64;
+        let maps = vec![
+            (maps::ENROLLED, count(self.enrolled.keys().count())),
+            (maps::NODE_ADDRS, count(self.node_addrs.keys().count())),
+            (maps::AGENT_CONNECTS, count(self.agent_connects.keys().count())),
+            (maps::EXCLUDED_PORTS, count(self.excluded_ports.keys().count())),
+        ];
+        let programs = self
+            .ebpf
+            .programs()
+            .filter_map(|(name, p)| Some((name.to_string(), u64::from(p.info().ok()?.memory_locked().ok()?))))
+            .collect();
+        CaptureStats { maps, programs }
     }
 
     fn sk_lookup_pin(&self, netns_cookie: u64) -> PathBuf {

@@ -17,4 +17,5 @@ pub mod node;
 pub mod policy;
 pub mod proxy;
 pub mod state;
+pub mod telemetry;
 pub mod tunnels;

@@ -68,6 +68,14 @@ struct RunArgs {
     admin: SocketAddr,
     #[arg(long, env = "NODEMESH_METRICS", default_value = "0.0.0.0:15020")]
     metrics: SocketAddr,
+    /// `istio`: also serve the traffic metrics under Istio's standard names at `/stats/prometheus` (for Kiali
+    /// and the Istio dashboards); `/metrics` keeps the native names either way.
+    #[arg(long, env = "NODEMESH_METRICS_COMPAT", value_enum, default_value = "none")]
+    metrics_compat: MetricsCompat,
+    /// How long the metric series of a workload that left the node are kept (so the last scrape sees its
+    /// final counts).
+    #[arg(long, env = "NODEMESH_METRICS_GRACE", default_value = "5m", value_parser = humantime::parse_duration)]
+    metrics_grace: std::time::Duration,
     /// Unix socket the nodemesh-cni plugin connects to.
     #[arg(long, env = "NODEMESH_CNI_SOCKET", default_value = DEFAULT_AGENT_SOCKET)]
     cni_socket: PathBuf,
@@ -93,6 +101,12 @@ struct RunArgs {
     /// How long `/quitquitquit` waits for proxied connections to finish before exiting.
     #[arg(long, env = "NODEMESH_DRAIN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
     drain_timeout: std::time::Duration,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum MetricsCompat {
+    None,
+    Istio,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -151,7 +165,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             None
         }
     };
-    let state = AgentState::new(args.node, capture, config.clone(), args.paths.state_dir.join("pods.json"), secrets);
+    let state_file = args.paths.state_dir.join("pods.json");
+    let istio_names = args.metrics_compat == MetricsCompat::Istio;
+    let state = AgentState::new(args.node, capture, config.clone(), state_file, secrets, istio_names);
     state.set_config(config).context("applying capture exclusions")?;
     // Config from the controller replaces the seed above once it arrives; until then the agent is not ready.
     if let Some(client) = controller {
@@ -164,6 +180,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let metrics = TcpListener::bind(args.metrics).await.with_context(|| format!("metrics address {}", args.metrics))?;
     tokio::spawn(admin::serve_http(admin, admin::admin_routes(state.clone())));
     tokio::spawn(admin::serve_http(metrics, admin::metrics_routes(state.clone())));
+    tokio::spawn(mesh_agent::metrics::node::prune_departed(state.clone(), args.metrics_grace));
 
     inpod::readopt(&state).await;
     let cni =

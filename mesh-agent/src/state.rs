@@ -40,6 +40,7 @@ struct Inner {
     pool: Pool,
     tunnels: Tunnels,
     l7: crate::l7::L7,
+    telemetry: crate::telemetry::Telemetry,
     /// Connections being proxied right now (all listeners), for draining before exit.
     active: Arc<std::sync::atomic::AtomicUsize>,
     /// Notified when `/quitquitquit` asks the agent to drain and exit.
@@ -81,12 +82,14 @@ impl AgentState {
         config: NodeConfig,
         state_file: PathBuf,
         secrets: Option<SecretManager>,
+        istio_metric_names: bool,
     ) -> Self {
         let capture = Mutex::new(capture);
         let inner = Arc::new_cyclic(|weak: &std::sync::Weak<Inner>| {
             let weak = weak.clone();
-            let metrics =
-                Metrics::new(move || weak.upgrade().map(|inner| lock(&inner.capture).counters()).unwrap_or_default());
+            let capture_counters =
+                move || weak.upgrade().map(|inner| lock(&inner.capture).counters()).unwrap_or_default();
+            let metrics = Metrics::new(capture_counters, istio_metric_names);
             Inner {
                 node,
                 capture,
@@ -102,6 +105,7 @@ impl AgentState {
                 pool: Pool::default(),
                 tunnels: Tunnels::default(),
                 l7: Default::default(),
+                telemetry: Default::default(),
                 active: Default::default(),
                 quit: tokio::sync::Notify::new(),
                 quitting: AtomicBool::new(false),
@@ -152,6 +156,10 @@ impl AgentState {
 
     pub fn l7(&self) -> &crate::l7::L7 {
         &self.inner.l7
+    }
+
+    pub fn telemetry(&self) -> &crate::telemetry::Telemetry {
+        &self.inner.telemetry
     }
 
     pub fn tunnels(&self) -> &Tunnels {

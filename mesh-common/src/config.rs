@@ -49,6 +49,9 @@ pub struct NodeConfig {
     pub routes: Vec<Route>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub traffic_policies: Vec<TrafficPolicy>,
+    /// Access logging and tracing (Telemetry resources).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub telemetry: Vec<crate::telemetry::Telemetry>,
     /// What happens to outbound connections to destinations the config does not know.
     #[serde(default)]
     pub outbound_traffic_policy: OutboundTrafficPolicy,
@@ -104,6 +107,10 @@ pub struct Workload {
     /// Node the pod runs on.
     #[serde(default)]
     pub node: String,
+    /// The workload the pod belongs to (its Deployment, StatefulSet, DaemonSet, Job), for telemetry; absent: the
+    /// pod stands alone and its own name is used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_name: Option<String>,
 }
 
 fn default_service_account() -> String {
@@ -114,6 +121,37 @@ impl Workload {
     /// The workload's SPIFFE identity: its Kubernetes service account.
     pub fn spiffe_id(&self, trust_domain: &str) -> String {
         spiffe_id(trust_domain, &self.namespace, &self.service_account)
+    }
+
+    /// The owning workload's name (Istio's `*_workload` metric label).
+    pub fn workload_name(&self) -> &str {
+        self.workload_name.as_deref().unwrap_or(&self.name)
+    }
+
+    fn first_label(&self, keys: &[&str]) -> Option<&str> {
+        keys.iter().find_map(|k| self.labels.get(*k)).map(String::as_str)
+    }
+
+    /// The `app` label (or `app.kubernetes.io/name`), as Istio reports it.
+    pub fn app(&self) -> Option<&str> {
+        self.first_label(&["app", "app.kubernetes.io/name"])
+    }
+
+    /// The `version` label (or `app.kubernetes.io/version`).
+    pub fn version(&self) -> Option<&str> {
+        self.first_label(&["version", "app.kubernetes.io/version"])
+    }
+
+    /// Istio's canonical service: the explicit label, else the app name, else the workload name.
+    pub fn canonical_service(&self) -> &str {
+        self.first_label(&["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"])
+            .unwrap_or_else(|| self.workload_name())
+    }
+
+    /// Istio's canonical revision: the explicit label, else the version, else `latest`.
+    pub fn canonical_revision(&self) -> &str {
+        self.first_label(&["service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"])
+            .unwrap_or("latest")
     }
 }
 

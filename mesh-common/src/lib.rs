@@ -16,6 +16,8 @@ pub mod policy;
 #[cfg(feature = "user")]
 pub mod route;
 #[cfg(feature = "user")]
+pub mod telemetry;
+#[cfg(feature = "user")]
 pub mod traffic;
 
 /// The controller <-> agent API (`proto/nodemesh.proto`).

@@ -13,6 +13,7 @@ pub const PEER_AUTHENTICATION: &str = "peerAuthentication";
 pub const AUTHORIZATION_POLICY: &str = "authorizationPolicy";
 pub const ROUTE: &str = "route";
 pub const TRAFFIC_POLICY: &str = "trafficPolicy";
+pub const TELEMETRY: &str = "telemetry";
 pub const SETTINGS: &str = "settings";
 
 /// The node-wide scalars of a NodeConfig, sent as one resource.
@@ -62,6 +63,9 @@ pub fn split(config: &NodeConfig) -> BTreeMap<Key, Vec<u8>> {
     }
     for p in &config.traffic_policies {
         out.insert(key(TRAFFIC_POLICY, &p.namespace, &p.name), json(p));
+    }
+    for t in &config.telemetry {
+        out.insert(key(TELEMETRY, &t.namespace, &t.name), json(t));
     }
     let settings = Settings {
         version: String::new(),
@@ -147,6 +151,7 @@ fn build(resources: &BTreeMap<Key, Vec<u8>>, version: &str) -> Result<NodeConfig
             AUTHORIZATION_POLICY => config.authorization_policies.push(serde_json::from_slice(json).map_err(bad)?),
             ROUTE => config.routes.push(serde_json::from_slice(json).map_err(bad)?),
             TRAFFIC_POLICY => config.traffic_policies.push(serde_json::from_slice(json).map_err(bad)?),
+            TELEMETRY => config.telemetry.push(serde_json::from_slice(json).map_err(bad)?),
             SETTINGS => {
                 let s: Settings = serde_json::from_slice(json).map_err(bad)?;
                 config.trust_domain = s.trust_domain;

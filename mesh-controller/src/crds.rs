@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
 use mesh_common::policy::{Action, MtlsMode, Rule};
+use mesh_common::telemetry::TelemetrySettings;
 use mesh_common::traffic::TrafficSettings;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -93,6 +94,29 @@ pub struct TrafficPolicySpec {
     pub settings: TrafficSettings,
 }
 
+/// Access logging and tracing for the workloads of a namespace (or the selected ones; in the root namespace
+/// `nodemesh-system`, for the whole mesh), like Istio's Telemetry API.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "nodemesh.io",
+    version = "v1alpha1",
+    kind = "Telemetry",
+    plural = "telemetries",
+    namespaced,
+    status = "PolicyStatus",
+    shortname = "ntel",
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct TelemetrySpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
+    /// Flattened: `accessLogging` and `tracing` sit beside `selector`.
+    #[serde(flatten)]
+    pub settings: TelemetrySettings,
+}
+
 /// A Service in the policy's namespace.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -114,13 +138,20 @@ fn service_kind() -> String {
 pub fn all() -> Vec<(String, String)> {
     use gateway_api::experimental::{grpcroutes::GRPCRoute, httproutes::HTTPRoute};
     use kube::CustomResourceExt;
-    [PeerAuthentication::crd(), AuthorizationPolicy::crd(), TrafficPolicy::crd(), HTTPRoute::crd(), GRPCRoute::crd()]
-        .into_iter()
-        .map(|crd| {
-            let file = format!("{}.yaml", crd.metadata.name.clone().unwrap_or_default());
-            (file, serde_yaml::to_string(&crd).unwrap_or_default())
-        })
-        .collect()
+    [
+        PeerAuthentication::crd(),
+        AuthorizationPolicy::crd(),
+        TrafficPolicy::crd(),
+        Telemetry::crd(),
+        HTTPRoute::crd(),
+        GRPCRoute::crd(),
+    ]
+    .into_iter()
+    .map(|crd| {
+        let file = format!("{}.yaml", crd.metadata.name.clone().unwrap_or_default());
+        (file, serde_yaml::to_string(&crd).unwrap_or_default())
+    })
+    .collect()
 }
 
 #[cfg(test)]

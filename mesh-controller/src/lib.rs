@@ -6,5 +6,6 @@ pub mod ca_secret;
 pub mod crds;
 pub mod gateway;
 pub mod mesh;
+pub mod metrics;
 pub mod server;
 pub mod source;

@@ -6,6 +6,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use mesh_agent::identity::LocalCa;
 use mesh_controller::auth::Authenticator;
+use mesh_controller::metrics::Metrics;
 use mesh_controller::server::Controller;
 use mesh_controller::source;
 
@@ -42,6 +43,9 @@ struct ServeArgs {
     token_file: Option<PathBuf>,
     #[arg(long, env = "NODEMESH_TRUST_DOMAIN", default_value = mesh_common::config::DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
+    /// Prometheus metrics (`/metrics`).
+    #[arg(long, env = "NODEMESH_METRICS", default_value = "0.0.0.0:15014")]
+    metrics: SocketAddr,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,6 +61,16 @@ fn main() -> anyhow::Result<()> {
                 println!("wrote {}", out.join(file).display());
             }
             Ok(())
+        }
+    }
+}
+
+/// Counts every snapshot the source produces (the first included) and its objects.
+async fn count_snapshots(mut snapshots: mesh_controller::source::Snapshots, metrics: Metrics) {
+    loop {
+        metrics.snapshot(&snapshots.borrow_and_update());
+        if snapshots.changed().await.is_err() {
+            return;
         }
     }
 }
@@ -86,7 +100,15 @@ async fn run(cli: ServeArgs) -> anyhow::Result<()> {
     } else {
         bail!("unknown --source {:?}; expected kubernetes or dir:PATH", cli.source);
     };
-    let controller = Controller::new(snapshots, Arc::new(ca), cli.trust_domain, auth);
+    let metrics = Metrics::default();
+    tokio::spawn(count_snapshots(snapshots.clone(), metrics.clone()));
+    let listener =
+        tokio::net::TcpListener::bind(cli.metrics).await.with_context(|| format!("metrics address {}", cli.metrics))?;
+    let metrics_route = metrics.clone();
+    let routes: mesh_agent::admin::Routes =
+        Arc::new(move |req| mesh_agent::admin::metrics_reply(req, metrics_route.encode()));
+    tokio::spawn(mesh_agent::admin::serve_http(listener, routes));
+    let controller = Controller::new(snapshots, Arc::new(ca), cli.trust_domain, auth, metrics);
     tracing::info!(listen = %cli.listen, source = %cli.source, "controller serving");
     tonic::transport::Server::builder()
         .add_routes(controller.router())

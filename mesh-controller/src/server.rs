@@ -23,6 +23,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::mesh::Mesh;
+use crate::metrics::Metrics;
 use crate::source::Snapshots;
 
 use crate::auth::Authenticator;
@@ -40,6 +41,7 @@ pub struct Controller {
     versions: Arc<AtomicU64>,
     shared: Arc<Mutex<SharedCache>>,
     auth: Arc<Authenticator>,
+    metrics: Metrics,
 }
 
 type Resources = BTreeMap<Key, Vec<u8>>;
@@ -69,6 +71,7 @@ impl Controller {
         ca: Arc<dyn CertificateAuthority>,
         trust_domain: String,
         auth: Authenticator,
+        metrics: Metrics,
     ) -> Self {
         Controller {
             snapshots,
@@ -77,6 +80,7 @@ impl Controller {
             versions: Arc::new(AtomicU64::new(0)),
             shared: Default::default(),
             auth: Arc::new(auth),
+            metrics,
         }
     }
 
@@ -151,6 +155,7 @@ async fn serve_node(
     tx: mpsc::Sender<Result<ConfigUpdate, Status>>,
 ) {
     tracing::info!(%node, "agent connected");
+    controller.metrics.connected_agents.inc();
     let mut snapshots = controller.snapshots.clone();
     // What the agent has: the shared part (by snapshot) and its own part.
     let mut sent: Option<(Arc<Shared>, Resources)> = None;
@@ -187,6 +192,8 @@ async fn serve_node(
         if let Some(update) = update {
             let version = controller.versions.fetch_add(1, Ordering::Relaxed) + 1;
             let update = ConfigUpdate { version: version.to_string(), ..update };
+            let kind = if update.full { "full" } else { "delta" };
+            controller.metrics.config_updates.with_label_values(&[kind]).inc();
             tracing::debug!(%node, version, upserts = update.upserts.len(), removals = update.removals.len(), "sending config");
             if tx.send(Ok(update)).await.is_err() {
                 break;
@@ -200,6 +207,7 @@ async fn serve_node(
                     if ack.error.is_empty() {
                         tracing::debug!(%node, version = %ack.version, "config applied");
                     } else {
+                        controller.metrics.config_rejections.inc();
                         tracing::warn!(%node, version = %ack.version, error = %ack.error, "agent rejected config");
                     }
                 }
@@ -208,6 +216,7 @@ async fn serve_node(
             },
         }
     }
+    controller.metrics.connected_agents.dec();
     tracing::info!(%node, "agent disconnected");
 }
 
@@ -228,11 +237,17 @@ impl CertificateService for Controller {
     async fn sign(&self, request: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
         let node = self.auth.node_of(&request).await?;
         let req = request.into_inner();
-        let identity: Identity = req.identity.parse().map_err(|e| Status::invalid_argument(format!("{e}")))?;
+        let count = |result: &str| self.metrics.certificate_requests.with_label_values(&[result]).inc();
+        let identity: Identity = req.identity.parse().map_err(|e| {
+            count("invalid");
+            Status::invalid_argument(format!("{e}"))
+        })?;
         if identity.trust_domain != self.trust_domain {
+            count("refused");
             return Err(Status::permission_denied(format!("trust domain is {}", self.trust_domain)));
         }
         if !self.snapshots.borrow().has_pod(&node, &identity.namespace, &identity.service_account) {
+            count("refused");
             tracing::warn!(%node, %identity, "refused to sign: no running meshed pod with this identity on the node");
             return Err(Status::permission_denied(format!("{node} runs no meshed pod with identity {identity}")));
         }
@@ -244,7 +259,11 @@ impl CertificateService for Controller {
             .ca
             .sign(&identity, CertificateSigningRequestDer::from(req.csr_der.as_slice()), lifetime)
             .await
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .map_err(|e| {
+                count("invalid");
+                Status::invalid_argument(e.to_string())
+            })?;
+        count("signed");
         tracing::info!(%node, %identity, "signed workload certificate");
         Ok(Response::new(SignResponse { chain_der: chain.iter().map(|c| c.to_vec()).collect() }))
     }

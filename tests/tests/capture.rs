@@ -22,8 +22,13 @@ fn enrolled_pair(c: &mut Cluster, client_node: usize, server_node: usize) -> (Po
     (client, server)
 }
 
+/// The TCP metric labels of `pod`'s side of a connection: the source reporter for what it opened, the
+/// destination reporter for what it accepted.
 fn pod_labels<'a>(pod: &'a Pod, direction: &'a str) -> [(&'a str, &'a str); 2] {
-    [("pod", pod.name.as_str()), ("direction", direction)]
+    match direction {
+        "outbound" => [("reporter", "source"), ("source_workload", pod.name.as_str())],
+        _ => [("reporter", "destination"), ("destination_workload", pod.name.as_str())],
+    }
 }
 
 /// An enrolled pod on node 1 talks to an enrolled pod on node 2; both agents carry it.
@@ -72,7 +77,7 @@ fn pod_that_is_not_enrolled_is_untouched() {
     // Direct: the server saw exactly the client's own socket address.
     assert_eq!(r.field("serverSawPeer"), r.field("local"));
     assert_eq!(ip_of(&r.field("local")), IpAddr::from(plain.ipv4));
-    assert_eq!(c.metric(0, "nodemesh_tcp_connections_opened_total", &[("pod", "plain")]).unwrap(), 0.0);
+    assert_eq!(c.metric(0, "nodemesh_tcp_connections_opened_total", &[("source_workload", "plain")]).unwrap(), 0.0);
     assert_eq!(c.metric(0, "nodemesh_capture_events_total", &[("event", "outbound_redirected")]).unwrap(), 0.0);
 
     // Same node, same server: the enrolled pod is captured.
@@ -121,8 +126,8 @@ fn agent_connections_are_not_captured_again() {
     let event = |e| c.metric(0, "nodemesh_capture_events_total", &[("event", e)]).unwrap();
     assert_eq!(event("outbound_redirected"), 5.0);
     assert_eq!(event("inbound_steered"), 5.0);
-    assert_eq!(c.metric(0, "nodemesh_tcp_connections_opened_total", &[("direction", "outbound")]).unwrap(), 5.0);
-    assert_eq!(c.metric(0, "nodemesh_tcp_connections_opened_total", &[("direction", "inbound")]).unwrap(), 5.0);
+    assert_eq!(c.metric(0, "nodemesh_tcp_connections_opened_total", &[("reporter", "source")]).unwrap(), 5.0);
+    assert_eq!(c.metric(0, "nodemesh_tcp_connections_opened_total", &[("reporter", "destination")]).unwrap(), 5.0);
     assert_eq!(c.metric(0, "nodemesh_original_destination_missing_total", &[]).unwrap(), 0.0);
 }
 

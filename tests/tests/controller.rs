@@ -50,7 +50,8 @@ fn directory_source_drives_agents_over_grpc() {
 
     let r = c.client(&client, target, 256 * KIB, 1).unwrap();
     assert!(r.success && r.ok_connections() == 1, "{:?} {}", r.json, r.stderr);
-    let mtls = [("pod", "server"), ("direction", "inbound"), ("security", "mutual_tls")];
+    let mtls =
+        [("reporter", "destination"), ("destination_workload", "server"), ("connection_security_policy", "mutual_tls")];
     assert_eq!(c.metric(1, "nodemesh_tcp_connections_opened_total", &mtls).unwrap(), 1.0);
     let certs = c.admin(0, "/certs").unwrap();
     assert_eq!(certs["certificates"][0]["identity"], "spiffe://cluster.local/ns/default/sa/client-sa", "{certs}");

@@ -107,7 +107,8 @@ fn kubernetes_source_drives_agents() {
     let target = addr(server.ipv4, 8080);
     let r = c.client(&client, target, 256 * KIB, 1).unwrap();
     assert!(r.success && r.ok_connections() == 1, "{:?} {}", r.json, r.stderr);
-    let mtls = [("pod", "server"), ("direction", "inbound"), ("security", "mutual_tls")];
+    let mtls =
+        [("reporter", "destination"), ("destination_workload", "server"), ("connection_security_policy", "mutual_tls")];
     assert_eq!(c.metric(1, "nodemesh_tcp_connections_opened_total", &mtls).unwrap(), 1.0, "mTLS with SVIDs");
 
     // A policy in `shop` reaches node 2 (the server's) only, takes effect, and is marked Accepted.

@@ -49,7 +49,7 @@ fn meshed_pair(
 
 fn inbound_tunnels(c: &Cluster, node: usize, pod: &Pod) -> Vec<Value> {
     let name = format!("{}/{}", pod.namespace, pod.name);
-    c.admin(node, "/connections")
+    c.admin(node, "/tunnels")
         .unwrap()
         .as_array()
         .unwrap()
@@ -60,12 +60,10 @@ fn inbound_tunnels(c: &Cluster, node: usize, pod: &Pod) -> Vec<Value> {
 }
 
 fn opened(c: &Cluster, node: usize, pod: &Pod, direction: &str, security: &str) -> f64 {
-    c.metric(
-        node,
-        "nodemesh_tcp_connections_opened_total",
-        &[("pod", &pod.name), ("direction", direction), ("security", security)],
-    )
-    .unwrap()
+    let (reporter, workload) =
+        if direction == "outbound" { ("source", "source_workload") } else { ("destination", "destination_workload") };
+    let labels = [("reporter", reporter), (workload, &pod.name), ("connection_security_policy", security)];
+    c.metric(node, "nodemesh_tcp_connections_opened_total", &labels).unwrap()
 }
 
 /// Meshed pods on two nodes: nothing readable crosses the node-to-node link; a non-meshed destination gets

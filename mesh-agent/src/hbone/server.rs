@@ -22,8 +22,9 @@ use crate::inpod::PodContext;
 use crate::l7::detect::Protocol;
 use crate::l7::inbound::{self as l7_inbound, Session};
 use crate::metrics::Direction;
+use crate::metrics::{Flow, Security};
 use crate::policy;
-use crate::proxy::{self, MUTUAL_TLS};
+use crate::proxy;
 use crate::state::AgentState;
 use crate::tunnels::TunnelView;
 
@@ -179,7 +180,8 @@ async fn stream(
             }
         };
         let Some(tunnel) = accept(respond, request) else { return };
-        return proxy::forward(&state, &pod, Direction::Inbound, MUTUAL_TLS, tunnel, app).await;
+        let flow = Flow::inbound(&config, &pod, peer.ip(), Some(&principal), target.port(), Security::MutualTls);
+        return proxy::forward(&state, &pod, flow, (peer, target), tunnel, app).await;
     }
     let Some(tunnel) = accept(respond, request) else { return };
     let session = |app| Session::new(state.clone(), pod.clone(), Some(principal.clone()), peer, target, app);
@@ -193,7 +195,10 @@ async fn stream(
         return;
     }
     match proxy::connect_to_app(&state, &pod, target, peer).await {
-        Ok(app) => proxy::forward(&state, &pod, Direction::Inbound, MUTUAL_TLS, io, app).await,
+        Ok(app) => {
+            let flow = Flow::inbound(&config, &pod, peer.ip(), Some(&principal), target.port(), Security::MutualTls);
+            proxy::forward(&state, &pod, flow, (peer, target), io, app).await
+        }
         Err(e) => proxy::app_unreachable(&state, &pod, target, &e),
     }
 }

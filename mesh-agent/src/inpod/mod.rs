@@ -53,6 +53,20 @@ impl PodContext {
     pub fn identity_string(&self, config: &NodeConfig) -> Option<String> {
         self.identity(config).map(|id| id.to_string())
     }
+
+    /// The pod's own address behind `peer`, a connection the pod opened to one of the agent's capture
+    /// listeners: that peer is the pod's loopback (the connect hook's redirect), so the pod's IP in the
+    /// family it dialled stands in for it, with the same port.
+    pub fn caller(&self, peer: SocketAddr) -> SocketAddr {
+        let ips = &self.net.ips;
+        let ip = ips
+            .iter()
+            .find(|ip| ip.is_ipv4() == peer.ip().to_canonical().is_ipv4())
+            .or(ips.first())
+            .copied()
+            .unwrap_or(peer.ip());
+        SocketAddr::new(ip, peer.port())
+    }
 }
 
 pub struct PodEntry {

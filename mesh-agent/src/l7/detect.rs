@@ -125,6 +125,10 @@ impl<S> Rewind<S> {
         Rewind { prefix, inner }
     }
 
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
     /// The stream itself (the bytes read for detection are lost): for refusing a connection.
     pub fn into_inner(self) -> S {
         self.inner

@@ -19,6 +19,7 @@ use super::outbound::Call;
 use super::outlier::Outcome;
 use super::retry::RetryPolicy;
 use super::{fault, upstream};
+use crate::telemetry::request::Upstream;
 
 /// Why a try produced no response.
 enum Failure {
@@ -193,7 +194,12 @@ pub async fn forward(
             }
         }
         return match result {
-            Ok(response) => upstream::response_for_downstream(response),
+            Ok(response) => {
+                let mut response = upstream::response_for_downstream(response);
+                let meshed = matches!(upstream::route_to(&call.state, &call.pod, target), upstream::Route::Mesh { .. });
+                response.extensions_mut().insert(Upstream { endpoint: target, backend: backend.clone(), meshed });
+                response
+            }
             Err(Failure::Timeout) => reply(
                 a.grpc,
                 StatusCode::GATEWAY_TIMEOUT,

@@ -20,8 +20,10 @@ use super::detect::{self, Hint, Protocol, Rewind};
 use super::local_reply::{Flag, is_grpc, reply};
 use super::{upgrade, upstream};
 use crate::inpod::PodContext;
+use crate::metrics::{Flow, Security};
 use crate::policy;
 use crate::state::AgentState;
+use crate::telemetry::request;
 
 /// One inbound connection (or HBONE stream) served at L7.
 pub struct Session {
@@ -88,7 +90,7 @@ pub async fn serve(io: impl Io, downstream: Protocol, session: Session) {
     }
 }
 
-fn authorize(s: &Session, req: &Request<Incoming>) -> Result<(), policy::Refusal> {
+fn authorize<B>(s: &Session, req: &Request<B>) -> Result<(), policy::Refusal> {
     let headers: Vec<(&str, &str)> =
         req.headers().iter().filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?))).collect();
     let request = PolicyRequest { method: req.method().as_str(), path: req.uri().path(), headers: &headers };
@@ -96,20 +98,35 @@ fn authorize(s: &Session, req: &Request<Incoming>) -> Result<(), policy::Refusal
     policy::check_request(&config, &s.pod, s.principal.as_deref(), s.peer.ip(), s.target.port(), request)
 }
 
+fn denied(s: &Session, refusal: policy::Refusal, grpc: bool) -> Response<Body> {
+    refusal.record(&s.state, &s.pod, s.principal.as_deref(), s.peer);
+    reply(grpc, StatusCode::FORBIDDEN, None, Some(Flag::Denied), "RBAC: access denied")
+}
+
 async fn handle(s: &Session, req: Request<Incoming>) -> Response<Body> {
     let grpc = is_grpc(req.headers());
-    if let Err(refusal) = authorize(s, &req) {
-        refusal.record(&s.state, &s.pod, s.principal.as_deref(), s.peer);
-        return reply(grpc, StatusCode::FORBIDDEN, None, Some(Flag::Denied), "RBAC: access denied");
-    }
     if upgrade::is_upgrade(&req) {
+        if let Err(refusal) = authorize(s, &req) {
+            return denied(s, refusal, grpc);
+        }
         return match crate::proxy::connect_to_app(&s.state, &s.pod, s.target, s.peer).await {
             Ok(app) => upgrade::relay(req, Box::new(app), Box::new(())).await,
             Err(e) => upgrade::unreachable_upstream(&e.to_string()),
         };
     }
-    let (parts, body) = req.into_parts();
-    let req = upstream::for_protocol(Request::from_parts(parts, body::boxed(body)), s.app);
+    let (observation, req) = request::start(&s.state, &s.pod, Some(s.peer), req.map(body::boxed));
+    let response = match authorize(s, &req) {
+        Err(refusal) => denied(s, refusal, grpc),
+        Ok(()) => to_app(s, grpc, req).await,
+    };
+    let security = if s.principal.is_some() { Security::MutualTls } else { Security::None };
+    let config = s.state.config();
+    let flow = Flow::inbound(&config, &s.pod, s.peer.ip(), s.principal.as_deref(), s.target.port(), security);
+    observation.finish(response, flow)
+}
+
+async fn to_app(s: &Session, grpc: bool, req: Request<Body>) -> Response<Body> {
+    let req = upstream::for_protocol(req, s.app);
     let dial = || async {
         let app = crate::proxy::connect_to_app(&s.state, &s.pod, s.target, s.peer).await.map_err(io_error)?;
         Ok((Box::new(app) as Box<dyn Io>, Box::new(()) as Guard))

@@ -31,7 +31,9 @@ use super::forward::{self, Attempt};
 use super::local_reply::{Flag, is_grpc, reply};
 use super::router::RequestView;
 use crate::inpod::PodContext;
+use crate::metrics::{DestinationService, Flow, Peer, Reporter, Security};
 use crate::state::AgentState;
+use crate::telemetry::request::{self, Upstream};
 
 /// One downstream connection to a Service.
 pub struct Call {
@@ -39,22 +41,13 @@ pub struct Call {
     pub pod: Arc<PodContext>,
     /// The calling pod's address (for hashing on the source IP).
     pub source_ip: IpAddr,
+    /// The calling pod's end of the connection.
+    pub client: SocketAddr,
     pub service: ServiceRef,
     /// The protocol the calling application speaks.
     pub protocol: Protocol,
     /// The caller's SPIFFE ID (rate limits per source), or its pod name when it has none.
     pub source: String,
-}
-
-/// The pod's own address in the family it dialled. The accepted connection's peer is not it: the pod reached
-/// the agent over its loopback (the connect hook's redirect), so every caller would look like 127.0.0.1.
-fn caller_ip(pod: &PodContext, peer: SocketAddr) -> IpAddr {
-    let ips = &pod.net.ips;
-    ips.iter()
-        .find(|ip| ip.is_ipv4() == peer.ip().to_canonical().is_ipv4())
-        .or(ips.first())
-        .copied()
-        .unwrap_or(peer.ip())
 }
 
 /// Handles a connection to `service:port` that the pod dialled.
@@ -73,13 +66,13 @@ pub async fn serve(
     let service_ref =
         ServiceRef { namespace: service.namespace.clone(), name: service.name.clone(), port: Some(port.port) };
     if protocol == Protocol::Opaque {
-        return opaque(io, caller_ip(&pod, peer), pod, state, &service_ref, port).await;
+        return opaque(io, pod.caller(peer).ip(), pod, state, &service_ref, port).await;
     }
     let config = state.config();
     let source = pod.identity_string(&config).unwrap_or_else(|| pod.name());
     tracing::debug!(protocol = protocol.as_str(), service = %format!("{}/{}", service.namespace, service.name), "L7");
-    let source_ip = caller_ip(&pod, peer);
-    let call = Arc::new(Call { state, pod, source_ip, service: service_ref, protocol, source });
+    let client = pod.caller(peer);
+    let call = Arc::new(Call { state, pod, source_ip: client.ip(), client, service: service_ref, protocol, source });
     let span = tracing::Span::current();
     let svc = service_fn(move |req: Request<Incoming>| {
         let call = call.clone();
@@ -165,10 +158,39 @@ pub(super) fn weighted(rule: &RouteRule) -> Option<&mesh_common::route::Backend>
 }
 
 async fn handle(call: Arc<Call>, req: Request<Incoming>) -> Response<Body> {
-    let grpc = is_grpc(req.headers());
     if super::upgrade::is_upgrade(&req) {
         return super::upgrade::outbound(&call, req).await;
     }
+    let (observation, req) = request::start(&call.state, &call.pod, Some(call.client), req.map(body::boxed));
+    let response = route_and_send(&call, req).await;
+    let flow = flow(&call, &response);
+    observation.finish(response, flow)
+}
+
+/// The labels of a request's metrics: to the endpoint and backend Service that served it, or to the called
+/// Service when the agent answered itself.
+fn flow(call: &Call, response: &Response<Body>) -> Flow {
+    let config = call.state.config();
+    match response.extensions().get::<Upstream>() {
+        Some(u) => {
+            let ip = u.endpoint.ip();
+            let principal = u.meshed.then(|| config.workload_by_ip(ip).map(|w| w.spiffe_id(&config.trust_domain)));
+            let security = if u.meshed { Security::MutualTls } else { Security::None };
+            let service = DestinationService::of(&u.backend.namespace, &u.backend.name);
+            Flow::outbound(&config, &call.pod, ip, principal.flatten().as_deref(), service, security)
+        }
+        None => Flow {
+            reporter: Reporter::Source,
+            source: Peer::local(&config, &call.pod),
+            destination: Peer::unknown(),
+            service: DestinationService::of(&call.service.namespace, &call.service.name),
+            security: Security::None,
+        },
+    }
+}
+
+async fn route_and_send(call: &Arc<Call>, req: Request<Body>) -> Response<Body> {
+    let grpc = is_grpc(req.headers());
     let config = call.state.config();
     let l7 = call.state.l7();
     let svc = &call.service;
@@ -202,9 +224,8 @@ async fn handle(call: Arc<Call>, req: Request<Incoming>) -> Response<Body> {
         None => (svc.clone(), Default::default(), None),
     };
     let ms = |ms: Option<u64>| ms.filter(|ms| *ms > 0).map(Duration::from_millis);
-    let attempt =
-        Attempt { call: &call, grpc, retry, per_try: ms(timeouts.backend_request_ms), mirrors: &effects.mirrors };
-    let work = forward::forward(attempt, &backend, port, parts, body::boxed(body));
+    let attempt = Attempt { call, grpc, retry, per_try: ms(timeouts.backend_request_ms), mirrors: &effects.mirrors };
+    let work = forward::forward(attempt, &backend, port, parts, body);
     let mut response = match ms(timeouts.request_ms) {
         Some(limit) => tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
             reply(grpc, StatusCode::GATEWAY_TIMEOUT, None, Some(Flag::UpstreamRequestTimeout), "request timeout")

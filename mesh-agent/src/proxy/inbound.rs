@@ -8,10 +8,10 @@ use std::sync::Arc;
 use mesh_common::bpf::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use tokio::net::TcpStream;
 
-use super::{PLAINTEXT, forward, reset};
+use super::{forward, reset};
 use crate::inpod::PodContext;
 use crate::l7::{self, detect::Rewind, inbound::Session};
-use crate::metrics::Direction;
+use crate::metrics::{Flow, Security};
 use crate::policy;
 use crate::state::AgentState;
 
@@ -46,7 +46,10 @@ pub async fn handle(conn: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, sta
         return reset(conn.into_inner());
     }
     match super::connect_to_app(&state, &pod, target, peer).await {
-        Ok(app) => forward(&state, &pod, Direction::Inbound, PLAINTEXT, conn, app).await,
+        Ok(app) => {
+            let flow = Flow::inbound(&config, &pod, peer.ip(), None, target.port(), Security::None);
+            forward(&state, &pod, flow, (peer, target), conn, app).await
+        }
         Err(e) => {
             super::app_unreachable(&state, &pod, target, &e);
             reset(conn.into_inner());

@@ -9,6 +9,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -19,17 +20,13 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::Instrument;
 
 use crate::inpod::PodContext;
-use crate::metrics::Direction;
+use crate::metrics::{Direction, Flow};
 use crate::state::AgentState;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Per-direction copy buffer. 64 KiB keeps a single stream near line rate while 1000 concurrent connections
 /// cost ~128 MiB at most; `cargo xtask bench` measures it.
 const COPY_BUFFER: usize = 64 * 1024;
-
-/// `security` label values (Istio's `connection_security_policy`).
-pub const MUTUAL_TLS: &str = "mutual_tls";
-pub const PLAINTEXT: &str = "none";
 
 /// Accepts connections on one of a pod's capture listeners until the pod is unenrolled (task aborted).
 pub async fn serve(listener: TcpListener, direction: Direction, pod: Arc<PodContext>, state: AgentState) {
@@ -66,34 +63,39 @@ pub async fn serve(listener: TcpListener, direction: Direction, pod: Arc<PodCont
     }
 }
 
-/// Copies both ways with half-close until both sides are done, and accounts for it.
-/// `downstream` is the side that opened the connection.
+/// Copies both ways with half-close until both sides are done, and accounts for it (metrics with `flow`'s
+/// labels, `/connections`, the access log). `downstream` is the side that opened the connection, from `client`
+/// to `server`.
 pub async fn forward<D, U>(
     state: &AgentState,
     pod: &PodContext,
-    direction: Direction,
-    security: &str,
+    flow: Flow,
+    (client, server): (SocketAddr, SocketAddr),
     downstream: D,
     upstream: U,
 ) where
     D: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let metrics = state.metrics();
-    let labels = [pod.net.namespace.as_str(), pod.net.name.as_str(), direction.as_str(), security];
-    metrics.connections_opened.with_label_values(&labels).inc();
-    let mut downstream = Counted::new(downstream);
-    let mut upstream = Counted::new(upstream);
+    let started = std::time::Instant::now();
+    let open = state.metrics().traffic.open(flow, client, server);
+    let bytes = open.bytes().clone();
+    let mut downstream = Counted::new(downstream, &bytes.received);
+    let mut upstream = Counted::new(upstream, &bytes.sent);
     let result =
         tokio::io::copy_bidirectional_with_sizes(&mut downstream, &mut upstream, COPY_BUFFER, COPY_BUFFER).await;
-    // From the workload's point of view: outbound it is the client (downstream), inbound the server (upstream).
-    let (sent, received) = match direction {
-        Direction::Outbound => (downstream.read, upstream.read),
-        Direction::Inbound => (upstream.read, downstream.read),
-    };
-    metrics.sent_bytes.with_label_values(&labels).inc_by(sent);
-    metrics.received_bytes.with_label_values(&labels).inc_by(received);
-    metrics.connections_closed.with_label_values(&labels).inc();
+    let (received, sent) = (bytes.received.load(Ordering::Relaxed), bytes.sent.load(Ordering::Relaxed));
+    let error = result.as_ref().err().map(ToString::to_string);
+    crate::telemetry::access_log::connection(
+        state,
+        pod,
+        open.info(),
+        started.elapsed(),
+        received,
+        sent,
+        error.as_deref(),
+    );
+    drop(open);
     match result {
         Ok(_) => tracing::debug!(sent, received, "connection closed"),
         Err(e) => tracing::debug!(sent, received, error = %e, "connection ended with an error"),
@@ -184,28 +186,29 @@ fn bind_transparent(socket: &Socket, client: SocketAddr) -> io::Result<SocketAdd
     socket.local_addr()?.as_socket().ok_or_else(|| io::Error::other("bound socket has no IP address"))
 }
 
-/// A stream that counts the bytes read from it, so totals survive a connection that ends in an error.
-struct Counted<S> {
+/// A stream that counts the bytes read from it into a shared counter, so `/connections` and the metrics see
+/// them while the connection lasts, and totals survive a connection that ends in an error.
+struct Counted<'a, S> {
     inner: S,
-    read: u64,
+    read: &'a AtomicU64,
 }
 
-impl<S> Counted<S> {
-    fn new(inner: S) -> Self {
-        Counted { inner, read: 0 }
+impl<'a, S> Counted<'a, S> {
+    fn new(inner: S, read: &'a AtomicU64) -> Self {
+        Counted { inner, read }
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
-        self.read += (buf.filled().len() - before) as u64;
+        self.read.fetch_add((buf.filled().len() - before) as u64, Ordering::Relaxed);
         poll
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }

@@ -9,12 +9,12 @@ use mesh_common::config::{NodeConfig, OutboundTrafficPolicy};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
-use super::{MUTUAL_TLS, PLAINTEXT, forward, reset};
+use super::{forward, reset};
 use crate::hbone::client::Source;
 use crate::identity::Identity;
 use crate::inpod::PodContext;
 use crate::l7::detect::Rewind;
-use crate::metrics::Direction;
+use crate::metrics::{DestinationService, Direction, Flow, Security};
 use crate::state::AgentState;
 
 #[derive(Debug, PartialEq)]
@@ -62,6 +62,11 @@ pub async fn handle(conn: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, sta
 /// L4 to one address: HBONE when it is a meshed workload, plaintext (or refused) otherwise.
 pub async fn to_endpoint(conn: Rewind<TcpStream>, target: SocketAddr, pod: Arc<PodContext>, state: AgentState) {
     let config = state.config();
+    let client = pod.caller(conn.get_ref().peer_addr().unwrap_or(target));
+    let flow = |principal: Option<String>, security| {
+        let service = DestinationService::for_address(&config, target.ip(), target.port());
+        Flow::outbound(&config, &pod, target.ip(), principal.as_deref(), service, security)
+    };
     match route(&config, &state, &pod, target) {
         Route::Refuse => {
             state.metrics().denied(&pod, Direction::Outbound, "registry_only");
@@ -69,7 +74,7 @@ pub async fn to_endpoint(conn: Rewind<TcpStream>, target: SocketAddr, pod: Arc<P
             reset(conn.into_inner());
         }
         Route::Passthrough => match super::connect_from_pod(&pod, target).await {
-            Ok(upstream) => forward(&state, &pod, Direction::Outbound, PLAINTEXT, conn, upstream).await,
+            Ok(upstream) => forward(&state, &pod, flow(None, Security::None), (client, target), conn, upstream).await,
             Err(e) => {
                 state.metrics().failed(&pod, Direction::Outbound, "connect");
                 tracing::info!(%target, error = %e, "upstream connect failed");
@@ -89,7 +94,10 @@ pub async fn to_endpoint(conn: Rewind<TcpStream>, target: SocketAddr, pod: Arc<P
             let gateway = SocketAddr::new(target.ip(), HBONE_PORT);
             let source = Source { state: &state, netns: &pod.netns, cert: &cert, secrets, pod: &pod.name() };
             match state.pool().open(&source, gateway, &dst, target, None).await {
-                Ok((stream, _slot)) => forward(&state, &pod, Direction::Outbound, MUTUAL_TLS, conn, stream).await,
+                Ok((stream, _slot)) => {
+                    let flow = flow(Some(dst.to_string()), Security::MutualTls);
+                    forward(&state, &pod, flow, (client, target), conn, stream).await
+                }
                 Err(e) => {
                     state.metrics().failed(&pod, Direction::Outbound, e.reason());
                     tracing::info!(%target, peer_identity = %dst, error = %e, "HBONE tunnel failed");

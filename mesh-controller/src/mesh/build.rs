@@ -10,7 +10,7 @@ use mesh_common::traffic::TrafficPolicy;
 use serde_json::Value;
 
 use super::{MESH_LABEL, Mesh, Object, Pod, Rejection, SliceEndpoint, Verdict, str_at};
-use crate::crds::{AuthorizationPolicySpec, PeerAuthenticationSpec, TrafficPolicySpec};
+use crate::crds::{AuthorizationPolicySpec, PeerAuthenticationSpec, TelemetrySpec, TrafficPolicySpec};
 use crate::gateway;
 
 const NODEMESH: &str = "nodemesh.io/v1alpha1";
@@ -118,6 +118,23 @@ impl Mesh {
                         }
                     }
                 },
+                (NODEMESH, "Telemetry") => match spec::<TelemetrySpec>(o) {
+                    Err(e) => rejected("Invalid", e),
+                    Ok(spec) => match spec.settings.tracing.as_ref().map(|t| t.sampling_percentage) {
+                        Some(p) if !(0.0..=100.0).contains(&p) => {
+                            rejected("Invalid", format!("tracing.samplingPercentage {p} is not within 0..100"))
+                        }
+                        _ => {
+                            mesh.telemetry.push(mesh_common::telemetry::Telemetry {
+                                namespace: o.namespace().into(),
+                                name: o.metadata.name.clone(),
+                                selector: spec.selector.map(|s| s.match_labels),
+                                settings: spec.settings,
+                            });
+                            None
+                        }
+                    },
+                },
                 (v, "HTTPRoute" | "GRPCRoute") if v.starts_with(GATEWAY) => {
                     let route = match gateway::route(o) {
                         Err(r) => {
@@ -181,7 +198,23 @@ fn pod(o: &Object) -> Result<Pod, String> {
         labels: o.metadata.labels.clone(),
         running: str_at(&o.status, &["phase"]).unwrap_or("Running") == "Running" && !ips.is_empty(),
         ips,
+        workload: owning_workload(&o.metadata),
     })
+}
+
+/// The workload a pod belongs to, as Istio names it: a Deployment's pods are owned by a ReplicaSet named
+/// `<deployment>-<pod-template-hash>`, so the hash comes off; other controllers (StatefulSet, DaemonSet, Job)
+/// own their pods directly.
+fn owning_workload(m: &super::Metadata) -> Option<String> {
+    let owner = m.owner_references.iter().find(|o| o.controller == Some(true)).or(m.owner_references.first())?;
+    if owner.kind == "ReplicaSet" {
+        if let Some(hash) = m.labels.get("pod-template-hash") {
+            if let Some(deployment) = owner.name.strip_suffix(hash.as_str()).and_then(|n| n.strip_suffix('-')) {
+                return Some(deployment.to_string());
+            }
+        }
+    }
+    Some(owner.name.clone())
 }
 
 fn service(o: &Object) -> Result<(Service, BTreeMap<String, String>), String> {

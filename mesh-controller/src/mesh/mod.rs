@@ -34,6 +34,16 @@ pub struct Metadata {
     /// RFC 3339; where two objects conflict, the older one wins.
     #[serde(default)]
     pub creation_timestamp: Option<String>,
+    #[serde(default)]
+    pub owner_references: Vec<OwnerReference>,
+}
+
+#[derive(Deserialize, Clone, Debug, PartialEq)]
+pub struct OwnerReference {
+    pub kind: String,
+    pub name: String,
+    #[serde(default)]
+    pub controller: Option<bool>,
 }
 
 /// Any Kubernetes-shaped object; typed views are taken from it per kind.
@@ -121,6 +131,8 @@ pub struct Pod {
     pub labels: BTreeMap<String, String>,
     pub ips: Vec<IpAddr>,
     pub running: bool,
+    /// The owning workload (Deployment, StatefulSet, ...), when the pod has a controller.
+    pub workload: Option<String>,
 }
 
 /// A snapshot of everything relevant, built from all objects of a source.
@@ -136,6 +148,7 @@ pub struct Mesh {
     pub authorization_policies: Vec<AuthorizationPolicy>,
     pub routes: Vec<Route>,
     pub traffic_policies: Vec<TrafficPolicy>,
+    pub telemetry: Vec<mesh_common::telemetry::Telemetry>,
     /// Zone and region of each Node, from its topology labels.
     pub nodes: BTreeMap<String, Locality>,
 }
@@ -192,6 +205,7 @@ impl Mesh {
                     labels: p.labels.clone(),
                     ips: p.ips.clone(),
                     node: p.node.clone(),
+                    workload_name: p.workload.clone(),
                 })
                 .collect(),
             services: self.services.iter().map(|(svc, selector)| self.with_endpoints(svc, selector, &meshed)).collect(),
@@ -288,6 +302,7 @@ impl Mesh {
                 .cloned()
                 .collect(),
             traffic_policies: if local_namespaces.is_empty() { Vec::new() } else { self.traffic_policies.clone() },
+            telemetry: if local_namespaces.is_empty() { Vec::new() } else { self.telemetry.clone() },
             locality: self.locality_of(Some(node)),
             ..Default::default()
         }

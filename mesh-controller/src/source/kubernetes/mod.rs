@@ -32,6 +32,7 @@ const KINDS: &[(&str, &str, &str, &str)] = &[
     ("nodemesh.io", "v1alpha1", "PeerAuthentication", "peerauthentications"),
     ("nodemesh.io", "v1alpha1", "AuthorizationPolicy", "authorizationpolicies"),
     ("nodemesh.io", "v1alpha1", "TrafficPolicy", "trafficpolicies"),
+    ("nodemesh.io", "v1alpha1", "Telemetry", "telemetries"),
     ("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes"),
     ("gateway.networking.k8s.io", "v1", "GRPCRoute", "grpcroutes"),
 ];

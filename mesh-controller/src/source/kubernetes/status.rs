@@ -81,7 +81,7 @@ fn condition(kind: &str, problem: Option<&Rejection>, ok_reason: &str, generatio
 /// The status the object should have, or `None` when it already has it (or is not ours to report on).
 fn desired(v: &Verdict, o: &Object) -> Option<Value> {
     let status = match o.kind.as_str() {
-        "PeerAuthentication" | "AuthorizationPolicy" | "TrafficPolicy" => {
+        "PeerAuthentication" | "AuthorizationPolicy" | "TrafficPolicy" | "Telemetry" => {
             let old = &o.status["conditions"];
             let accepted = condition("Accepted", v.rejected.as_ref(), "Accepted", v.generation, old);
             json!({"conditions": [accepted]})

@@ -1,11 +1,19 @@
-//! Prometheus metrics of the agent (`--metrics`, `/metrics`).
+//! Prometheus metrics of the agent (`--metrics`: `/metrics`, and `/stats/prometheus` with Istio's names).
 //!
-//! Labels come from enrollment and config (namespace, pod, direction), never from traffic, so cardinality is
-//! bounded by the pods on the node.
+//! Traffic metrics carry Istio's label set ([`labels`], [`traffic`]); the agent's own counters here are labelled
+//! by namespace, pod, direction and reason. Every label value comes from enrollment, config or certificates,
+//! never from traffic, so cardinality is bounded by the workloads of the mesh.
+
+pub mod labels;
+pub mod node;
+pub mod traffic;
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+pub use labels::{DestinationService, Flow, Peer, Reporter, Security};
+pub use traffic::{Naming, Traffic};
 
 /// Which side of the workload a connection is on, from the workload's point of view.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,8 +34,10 @@ impl Direction {
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
-    pub connections_opened: IntCounterVec,
-    pub connections_closed: IntCounterVec,
+    /// Request and TCP metrics with Istio's labels.
+    pub traffic: Traffic,
+    /// Serve Istio's metric names too (`--metrics-compat istio`).
+    pub istio_names: bool,
     /// Connections the agent accepted but could not carry (`reason`).
     pub connection_failures: IntCounterVec,
     /// Connections refused by policy (`reason`).
@@ -35,19 +45,11 @@ pub struct Metrics {
     /// HBONE (mTLS HTTP/2) connections, not streams.
     pub hbone_connections: IntCounterVec,
     pub hbone_failures: IntCounterVec,
-    pub sent_bytes: IntCounterVec,
-    pub received_bytes: IntCounterVec,
     pub enrolled_pods: IntGauge,
     pub original_destination_missing: IntCounter,
 }
 
-/// `security`: `mutual_tls` (HBONE) or `none` (plaintext), like Istio's `connection_security_policy`.
-const LABELS: &[&str] = &["namespace", "pod", "direction", "security"];
 const REASON_LABELS: &[&str] = &["namespace", "pod", "direction", "reason"];
-
-fn counter_vec(registry: &Registry, name: &str, help: &str) -> IntCounterVec {
-    labelled(registry, name, help, LABELS)
-}
 
 fn labelled(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric definitions are static and valid");
@@ -56,7 +58,10 @@ fn labelled(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> Int
 }
 
 impl Metrics {
-    pub fn new(capture_stats: impl Fn() -> crate::capture::Counters + Send + Sync + 'static) -> Self {
+    pub fn new(
+        capture_stats: impl Fn() -> crate::capture::Counters + Send + Sync + 'static,
+        istio_names: bool,
+    ) -> Self {
         let registry = Registry::new();
         let enrolled_pods = IntGauge::new("nodemesh_enrolled_pods", "Pods whose traffic this agent captures")
             .expect("static metric definition");
@@ -69,16 +74,8 @@ impl Metrics {
         registry.register(Box::new(original_destination_missing.clone())).expect("registered once");
         registry.register(Box::new(CaptureCollector::new(capture_stats))).expect("registered once");
         Metrics {
-            connections_opened: counter_vec(
-                &registry,
-                "nodemesh_tcp_connections_opened_total",
-                "TCP connections the agent proxied for a workload",
-            ),
-            connections_closed: counter_vec(
-                &registry,
-                "nodemesh_tcp_connections_closed_total",
-                "Proxied TCP connections that have ended",
-            ),
+            traffic: Traffic::default(),
+            istio_names,
             connection_failures: labelled(
                 &registry,
                 "nodemesh_tcp_connection_failures_total",
@@ -103,8 +100,6 @@ impl Metrics {
                 "Tunnel connections that failed before carrying traffic, by reason",
                 &["direction", "reason"],
             ),
-            sent_bytes: counter_vec(&registry, "nodemesh_tcp_sent_bytes_total", "Bytes the workload sent"),
-            received_bytes: counter_vec(&registry, "nodemesh_tcp_received_bytes_total", "Bytes the workload received"),
             enrolled_pods,
             original_destination_missing,
             registry,
@@ -127,10 +122,13 @@ impl Metrics {
         self.hbone_failures.with_label_values(&[direction.as_str(), reason]).inc();
     }
 
-    pub fn encode(&self) -> String {
-        TextEncoder::new()
-            .encode_to_string(&self.registry.gather())
-            .unwrap_or_else(|e| format!("# encoding failed: {e}\n"))
+    /// The exposition text: the agent's own metrics, `scraped` (read from its state at scrape time) and the
+    /// traffic metrics in the naming scheme asked for.
+    pub fn encode(&self, naming: Naming, scraped: Vec<MetricFamily>) -> String {
+        let mut families = self.registry.gather();
+        families.extend(scraped);
+        families.extend(self.traffic.families(naming));
+        TextEncoder::new().encode_to_string(&families).unwrap_or_else(|e| format!("# encoding failed: {e}\n"))
     }
 }
 

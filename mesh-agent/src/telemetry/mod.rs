@@ -1,0 +1,31 @@
+//! Telemetry beyond metrics: trace context and spans (OTLP), access logs, and the per-request observation
+//! that feeds both and the request metrics. What applies to a workload comes from the Telemetry resources in
+//! config ([`settings`]).
+
+pub mod access_log;
+pub mod context;
+pub mod otlp;
+pub mod request;
+
+use std::collections::BTreeMap;
+
+use mesh_common::config::NodeConfig;
+use mesh_common::telemetry::Effective;
+
+use crate::inpod::PodContext;
+
+/// The agent's telemetry state: span exporters by collector.
+#[derive(Clone, Default)]
+pub struct Telemetry {
+    pub exporters: otlp::Exporters,
+}
+
+/// Access logging and tracing in force for a local pod.
+pub fn settings(config: &NodeConfig, pod: &PodContext) -> Effective {
+    if config.telemetry.is_empty() {
+        return Effective::default();
+    }
+    let none = BTreeMap::new();
+    let labels = config.workload(&pod.net.namespace, &pod.net.name).map_or(&none, |w| &w.labels);
+    mesh_common::telemetry::effective(&config.telemetry, &pod.net.namespace, labels)
+}
