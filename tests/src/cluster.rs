@@ -628,6 +628,15 @@ impl Cluster {
         self.start_agent_with_token(node, &token)
     }
 
+    /// Starts the node's agent fed by the controller, with more agent arguments.
+    pub fn start_agent_with_controller_args(&mut self, node: usize, extra: &[&str]) -> Result<()> {
+        let url = format!("http://{CONTROLLER_IP}:{CONTROLLER_PORT}");
+        let token = self.token_file()?;
+        let mut args = vec!["--controller", &url, "--token-file", token.to_str().context("path")?];
+        args.extend(extra);
+        self.start_agent_with(node, &args)
+    }
+
     /// Starts the node's agent fed by the controller, presenting the token in `token_file`.
     pub fn start_agent_with_token(&mut self, node: usize, token_file: &Path) -> Result<()> {
         let url = format!("http://{CONTROLLER_IP}:{CONTROLLER_PORT}");
@@ -738,6 +747,18 @@ impl Cluster {
             .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum())
+    }
+
+    /// Every line the processes labelled `label_prefix...` wrote (stdout and stderr).
+    pub fn log_lines(&self, label_prefix: &str) -> Vec<String> {
+        self.processes
+            .iter()
+            .flatten()
+            .filter(|p| p.label.starts_with(label_prefix))
+            .flat_map(|p| {
+                std::fs::read_to_string(&p.log).unwrap_or_default().lines().map(String::from).collect::<Vec<_>>()
+            })
+            .collect()
     }
 
     pub fn log_of(&self, label_prefix: &str) -> String {

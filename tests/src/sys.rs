@@ -114,3 +114,19 @@ pub fn pid_running(pid: u32) -> bool {
 pub fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
+
+/// `promtool check metrics` on `text`: whether it passed, and what it said. promtool (Debian package
+/// `prometheus`) is a prerequisite that `cargo xtask test` installs.
+pub fn promtool_check(text: &str) -> Result<(bool, String)> {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running promtool (apt-get install prometheus, or `cargo xtask setup`)")?;
+    child.stdin.take().context("promtool stdin")?.write_all(text.as_bytes())?;
+    let out = child.wait_with_output()?;
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    Ok((out.status.success(), said))
+}

@@ -4,78 +4,18 @@
 
 use std::path::Path;
 
+use mesh_tests::app::{self, Server, service};
 use mesh_tests::{Cluster, Pod, cluster, wait_for};
 use serde_json::Value;
 
 const HTTP: &str = env!("CARGO_BIN_EXE_mesh-http");
 
-/// A server pod: node index, name, labels (YAML flow map), and the `mesh-http` arguments after the port
-/// (`["grpc"]`: the gRPC server; `["tcp"]`: a TCP echo server instead).
-struct Server<'a> {
-    node: usize,
-    name: &'a str,
-    labels: &'a str,
-    args: &'a [&'a str],
-}
-
-fn pod_object(c: &Cluster, pod: &Pod, sa: &str, labels: &str) -> String {
-    format!(
-        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {}, labels: {labels}}}\n\
-         spec: {{nodeName: {}, serviceAccountName: {sa}}}\n\
-         status: {{phase: Running, podIPs: [{{ip: {}}}, {{ip: \"{}\"}}]}}\n",
-        pod.name, pod.namespace, c.nodes[pod.node].name, pod.ipv4, pod.ipv6
-    )
-}
-
-/// A Service in `shop` on port 80 (endpoints on 8080); `port_extra` adds e.g. `appProtocol: grpc`.
-fn service(name: &str, ip: &str, selector: &str, port_extra: &str) -> String {
-    format!(
-        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\n\
-         spec: {{clusterIP: {ip}, selector: {selector}, ports: [{{name: web, port: 80, targetPort: 8080{port_extra}}}]}}\n"
-    )
-}
-
-/// Client `default/client` on node 1, the servers (in `shop`, listening on 8080), the controller and both agents
-/// with everything enrolled; `objects` (Services, routes, policies) in the controller's directory. Waits until
-/// node 1 has `routes` routes.
 fn mesh(c: &mut Cluster, servers: &[Server<'_>], objects: &str, routes: usize) -> Pod {
-    let client = c.add_pod(0, "client").unwrap();
-    let mut pods = vec![];
-    let mut yaml = pod_object(c, &client, "client-sa", "{app: client}");
-    for s in servers {
-        let pod = c.add_pod_in(s.node, s.name, "shop").unwrap();
-        yaml.push_str(&pod_object(c, &pod, &format!("{}-sa", s.name), s.labels));
-        pods.push(pod);
-    }
-    c.write_objects("namespaces.yaml", Some(mesh_tests::MESH_NAMESPACES)).unwrap();
-    c.write_objects("pods.yaml", Some(&yaml)).unwrap();
-    c.write_objects("mesh.yaml", Some(objects)).unwrap();
-    c.start_controller().unwrap();
-    c.start_agent_with_controller(0).unwrap();
-    c.start_agent_with_controller(1).unwrap();
-    c.enroll(&client).unwrap();
-    for (s, pod) in servers.iter().zip(&pods) {
-        c.enroll(pod).unwrap();
-        if s.args.first() == Some(&"tcp") {
-            // A plain TCP echo server (mesh-testbin), for opaque traffic.
-            c.serve(pod, 8080).unwrap();
-            continue;
-        }
-        let mut args = vec![if s.args.first() == Some(&"grpc") { "grpc-serve" } else { "serve" }, "8080", s.name];
-        args.extend(s.args.iter().skip_while(|a| **a == "grpc"));
-        c.start_server(pod, Path::new(HTTP), &args, &format!("http-{}", s.name)).unwrap();
-    }
-    let services = objects.matches("kind: Service\n").count();
-    wait_for("services and routes on node 1", || {
-        c.config_len(0, "services") == services && c.config_len(0, "routes") == routes
-    });
-    client
+    app::mesh(c, Path::new(HTTP), servers, objects, routes, &[])
 }
 
 fn get(c: &Cluster, client: &Pod, args: &[&str]) -> Value {
-    let mut all = vec!["get"];
-    all.extend(args);
-    c.run_in(client, Path::new(HTTP), &all).unwrap()
+    app::get(c, Path::new(HTTP), client, args)
 }
 
 fn count(report: &Value, field: &str, key: &str) -> u64 {
@@ -87,9 +27,9 @@ fn server_count(c: &Cluster, client: &Pod, url: &str) -> u64 {
 }
 
 const WEB_SERVERS: [Server<'static>; 3] = [
-    Server { node: 1, name: "web-v1", labels: "{app: web, version: v1}", args: &[] },
-    Server { node: 1, name: "web-v2", labels: "{app: web, version: v2}", args: &[] },
-    Server { node: 1, name: "shadow", labels: "{app: shadow}", args: &[] },
+    Server { node: 1, name: "web-v1", labels: "{app: web, version: v1}", args: &[], owner: None },
+    Server { node: 1, name: "web-v2", labels: "{app: web, version: v2}", args: &[], owner: None },
+    Server { node: 1, name: "shadow", labels: "{app: shadow}", args: &[], owner: None },
 ];
 
 const WEB_ROUTE: &str = "\
@@ -205,13 +145,13 @@ fn routes_split_match_rewrite_redirect_and_mirror() {
 }
 
 const RESILIENCE_SERVERS: [Server<'static>; 7] = [
-    Server { node: 1, name: "retry", labels: "{app: retry}", args: &[] },
-    Server { node: 1, name: "flaky", labels: "{app: flaky}", args: &["503"] },
-    Server { node: 1, name: "slow", labels: "{app: slow}", args: &[] },
-    Server { node: 1, name: "pool-good", labels: "{app: pool}", args: &[] },
-    Server { node: 1, name: "pool-bad", labels: "{app: pool}", args: &["503"] },
-    Server { node: 0, name: "near", labels: "{app: sticky}", args: &[] },
-    Server { node: 1, name: "far", labels: "{app: sticky}", args: &[] },
+    Server { node: 1, name: "retry", labels: "{app: retry}", args: &[], owner: None },
+    Server { node: 1, name: "flaky", labels: "{app: flaky}", args: &["503"], owner: None },
+    Server { node: 1, name: "slow", labels: "{app: slow}", args: &[], owner: None },
+    Server { node: 1, name: "pool-good", labels: "{app: pool}", args: &[], owner: None },
+    Server { node: 1, name: "pool-bad", labels: "{app: pool}", args: &["503"], owner: None },
+    Server { node: 0, name: "near", labels: "{app: sticky}", args: &[], owner: None },
+    Server { node: 1, name: "far", labels: "{app: sticky}", args: &[], owner: None },
 ];
 
 fn traffic_policy(name: &str, service: &str, spec: &str) -> String {
@@ -349,11 +289,11 @@ fn resilience_from_routes_and_traffic_policies() {
 }
 
 const GRPC_SERVERS: [Server<'static>; 5] = [
-    Server { node: 1, name: "echo-a", labels: "{app: echo, version: a}", args: &["grpc"] },
-    Server { node: 1, name: "echo-b", labels: "{app: echo, version: b}", args: &["grpc"] },
-    Server { node: 1, name: "chat", labels: "{app: chat}", args: &[] },
-    Server { node: 1, name: "raw-1", labels: "{app: raw}", args: &["tcp"] },
-    Server { node: 1, name: "raw-2", labels: "{app: raw}", args: &["tcp"] },
+    Server { node: 1, name: "echo-a", labels: "{app: echo, version: a}", args: &["grpc"], owner: None },
+    Server { node: 1, name: "echo-b", labels: "{app: echo, version: b}", args: &["grpc"], owner: None },
+    Server { node: 1, name: "chat", labels: "{app: chat}", args: &[], owner: None },
+    Server { node: 1, name: "raw-1", labels: "{app: raw}", args: &["tcp"], owner: None },
+    Server { node: 1, name: "raw-2", labels: "{app: raw}", args: &["tcp"], owner: None },
 ];
 
 fn grpc_objects() -> String {
@@ -436,8 +376,8 @@ fn grpc_and_websocket_through_the_mesh() {
 }
 
 const AUTHZ_SERVERS: [Server<'static>; 2] = [
-    Server { node: 1, name: "site", labels: "{app: site}", args: &[] },
-    Server { node: 1, name: "rpc", labels: "{app: rpc}", args: &["grpc"] },
+    Server { node: 1, name: "site", labels: "{app: site}", args: &[], owner: None },
+    Server { node: 1, name: "rpc", labels: "{app: rpc}", args: &["grpc"], owner: None },
 ];
 
 const AUTHZ_OBJECTS: &str = "\

@@ -20,6 +20,8 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     // protoc, for the gRPC API between controller and agents (tonic-prost-build).
     "protobuf-compiler",
+    // promtool, which checks the agents' and the controller's metrics in the observability tests.
+    "prometheus",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 

@@ -114,7 +114,7 @@ async fn handle(s: &Session, req: Request<Incoming>) -> Response<Body> {
             Err(e) => upgrade::unreachable_upstream(&e.to_string()),
         };
     }
-    let (observation, req) = request::start(&s.state, &s.pod, Some(s.peer), req.map(body::boxed));
+    let (observation, req) = request::start(&s.state, &s.pod, (Some(s.peer), Some(s.target)), req.map(body::boxed));
     let response = match authorize(s, &req) {
         Err(refusal) => denied(s, refusal, grpc),
         Ok(()) => to_app(s, grpc, req).await,

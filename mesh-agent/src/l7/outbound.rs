@@ -161,7 +161,7 @@ async fn handle(call: Arc<Call>, req: Request<Incoming>) -> Response<Body> {
     if super::upgrade::is_upgrade(&req) {
         return super::upgrade::outbound(&call, req).await;
     }
-    let (observation, req) = request::start(&call.state, &call.pod, Some(call.client), req.map(body::boxed));
+    let (observation, req) = request::start(&call.state, &call.pod, (Some(call.client), None), req.map(body::boxed));
     let response = route_and_send(&call, req).await;
     let flow = flow(&call, &response);
     observation.finish(response, flow)

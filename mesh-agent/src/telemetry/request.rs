@@ -37,6 +37,7 @@ pub struct Observation {
     state: AgentState,
     pod: Arc<PodContext>,
     client: Option<SocketAddr>,
+    server: Option<SocketAddr>,
     settings: Effective,
     started: Instant,
     started_unix_ns: u64,
@@ -58,11 +59,11 @@ fn grpc_status(headers: &HeaderMap) -> Option<u16> {
     headers.get("grpc-status")?.to_str().ok()?.parse().ok()
 }
 
-/// Starts observing `req` (from `client`) for `pod`: rewrites its trace headers for the next hop and counts its body.
+/// Starts observing `req` (from `client`, to `server` when known before routing) for `pod`: rewrites its trace headers for the next hop and counts its body.
 pub fn start(
     state: &AgentState,
     pod: &Arc<PodContext>,
-    client: Option<SocketAddr>,
+    (client, server): (Option<SocketAddr>, Option<SocketAddr>),
     req: Request<Body>,
 ) -> (Observation, Request<Body>) {
     let settings = super::settings(&state.config(), pod);
@@ -83,6 +84,7 @@ pub fn start(
         state: state.clone(),
         pod: pod.clone(),
         client,
+        server,
         settings,
         started: Instant::now(),
         started_unix_ns: unix_ns(),
@@ -113,7 +115,7 @@ impl Observation {
             status: parts.status.as_u16(),
             grpc_status: grpc_status(&parts.headers),
             flags: parts.headers.get(FLAGS_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("-").to_string(),
-            upstream: parts.extensions.get::<Upstream>().map(|u| u.endpoint),
+            upstream: parts.extensions.get::<Upstream>().map(|u| u.endpoint).or(self.server),
         };
         let bytes = Arc::new(AtomicU64::new(0));
         let counted_bytes = bytes.clone();
