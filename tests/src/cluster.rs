@@ -148,8 +148,9 @@ impl CniOutcome {
     }
 }
 
-/// Checks what the tests need. Missing pieces skip the test locally and fail it in CI.
-fn prerequisites() -> Result<PathBuf, String> {
+/// Checks what the tests need (and mounts bpffs when it is not). Missing pieces skip the test locally and fail
+/// it in CI.
+pub fn prerequisites() -> Result<PathBuf, String> {
     // SAFETY: trivial libc call.
     if unsafe { libc::geteuid() } != 0 {
         return Err("must run as root (network namespaces, cgroups, BPF)".into());
@@ -168,6 +169,13 @@ fn prerequisites() -> Result<PathBuf, String> {
     }
     sys::run("ip", &["-V"]).map_err(|e| format!("iproute2 missing: {e}"))?;
     Ok(cgroup2)
+}
+
+/// A binary of the workspace (`meshctl`, `mesh-controller`, ...), built next to the tests.
+pub fn built_binary(name: &str) -> Result<PathBuf> {
+    let path = bin_dir()?.join(name);
+    anyhow::ensure!(path.is_file(), "{} not found: `cargo build --bins` first", path.display());
+    Ok(path)
 }
 
 /// Locates binaries next to the running test executable (target/<profile>/).

@@ -130,3 +130,21 @@ pub fn promtool_check(text: &str) -> Result<(bool, String)> {
     let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     Ok((out.status.success(), said))
 }
+
+/// Runs `cmd` to completion inside network namespace `netns`; its exit status and output.
+pub fn output_in_netns(netns: &str, cmd: &mut Command) -> Result<std::process::Output> {
+    let ns = File::open(netns_path(netns)).with_context(|| format!("opening netns {netns}"))?;
+    let ns_fd = ns.as_raw_fd();
+    // SAFETY: setns is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("running {:?}", cmd.get_program()))?;
+    drop(ns);
+    Ok(out)
+}

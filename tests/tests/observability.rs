@@ -4,6 +4,7 @@
 //! traffic in their admin API.
 
 use std::path::Path;
+use std::process::Command;
 
 use mesh_tests::app::{self, Server, service};
 use mesh_tests::cluster::{CONTROLLER_IP, METRICS};
@@ -271,6 +272,63 @@ fn metrics_traces_access_logs_and_admin_api_show_the_traffic() {
         tunnels.as_array().unwrap().iter().any(|t| t["peerIdentity"] == "spiffe://cluster.local/ns/shop/sa/reviews-sa")
     );
     drop(receiver);
+    meshctl_reads_the_agents(&c, &client);
+}
+
+/// `meshctl proxy-config`, `check --agent` and `stat` against the live agents (run in the nodes' netns, where
+/// the admin API and metrics listen on loopback).
+fn meshctl_reads_the_agents(c: &Cluster, client: &Pod) {
+    let meshctl = mesh_tests::cluster::built_binary("meshctl").unwrap();
+    let run = |node: usize, args: &[&str]| {
+        let out = sys::output_in_netns(&c.nodes[node].netns, Command::new(&meshctl).args(args)).unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.code().unwrap_or(-1), text)
+    };
+    let (code, table) = run(0, &["proxy-config", "workloads"]);
+    assert_eq!(code, 0, "{table}");
+    assert!(table.starts_with("NAMESPACE"), "{table}");
+    assert!(
+        table.lines().any(|l| l.starts_with("default") && l.contains("client") && l.contains("/sa/client-sa")),
+        "{table}"
+    );
+    let (code, json) = run(0, &["proxy-config", "services", "-o", "json"]);
+    assert_eq!(code, 0, "{json}");
+    let services: Value = serde_json::from_str(&json).unwrap();
+    assert!(services.as_array().unwrap().iter().any(|s| s["name"] == "reviews" && s["ips"][0] == "10.96.0.20"));
+    let (code, yaml) = run(0, &["proxy-config", "certs", "-o", "yaml"]);
+    assert_eq!(code, 0, "{yaml}");
+    let certs: Value = serde_yaml::from_str(&yaml).unwrap();
+    assert_eq!(certs[0]["identity"], "spiffe://cluster.local/ns/default/sa/client-sa");
+    let (code, routes) = run(0, &["proxy-config", "routes", "-o", "json"]);
+    assert_eq!((code, serde_json::from_str::<Value>(&routes).unwrap()), (0, serde_json::json!([])));
+    let (code, said) = run(0, &["proxy-config", "dump", "--agent", "127.0.0.1:1"]);
+    assert_eq!(code, 1, "an unreachable agent is an error: {said}");
+
+    let (code, said) = run(0, &["check", "--no-kubernetes", "--agent", "127.0.0.1:15000"]);
+    assert_eq!(code, 0, "{said}");
+    assert!(said.contains("all checks passed"), "{said}");
+    let (code, said) = run(0, &["check", "--no-kubernetes", "--agent", "127.0.0.1:1"]);
+    assert_eq!(code, 1, "{said}");
+    assert!(said.lines().any(|l| l.starts_with("FAIL") && l.contains("agent 127.0.0.1:1")), "{said}");
+
+    // stat over a 3 s window while the client sends 40 requests per second for 4 s.
+    let (netns, exe) = (c.nodes[1].netns.clone(), meshctl.clone());
+    let stat = std::thread::spawn(move || {
+        let args = ["stat", "shop/reviews-v2", "--metrics", "127.0.0.1:15020", "--window", "3s", "-o", "json"];
+        sys::output_in_netns(&netns, Command::new(exe).args(args)).unwrap()
+    });
+    c.run_in(client, Path::new(HTTP), &["load", "http://10.96.0.20/", "40", "4"]).unwrap();
+    let out = stat.join().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let row = &rows[0];
+    assert_eq!((row["namespace"].as_str(), row["workload"].as_str()), (Some("shop"), Some("reviews-v2")));
+    assert_eq!(row["successRate"], 1.0, "{row}");
+    let rps = row["rps"].as_f64().unwrap();
+    assert!((25.0..=55.0).contains(&rps), "about 40 rps: {row}");
+    assert!(row["latencyP50Ms"].as_f64().is_some_and(|ms| ms > 0.0), "{row}");
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -66,6 +66,8 @@ fn builtins() -> Vec<ResourceType> {
         b("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", true, false),
         b("coordination.k8s.io", "v1", "leases", "Lease", true, false),
         b("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition", false, true),
+        b("apps", "v1", "deployments", "Deployment", true, true),
+        b("apps", "v1", "daemonsets", "DaemonSet", true, true),
         b("authentication.k8s.io", "v1", "tokenreviews", "TokenReview", false, false),
     ];
     for t in &mut out {
