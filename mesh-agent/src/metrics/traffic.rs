@@ -417,3 +417,70 @@ fn tcp_labels(flow: &Flow) -> Vec<(&'static str, String)> {
     labels.push(("connection_security_policy", flow.security.as_str().to_string()));
     labels
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::labels::{DestinationService, Reporter, Security};
+
+    fn flow(local: &str) -> Flow {
+        let mut source = Peer::unknown();
+        source.workload = local.into();
+        Flow {
+            reporter: Reporter::Source,
+            source,
+            destination: Peer::unknown(),
+            service: DestinationService::of("shop", "reviews"),
+            security: Security::MutualTls,
+        }
+    }
+
+    fn key(local: &str) -> RequestKey {
+        RequestKey { flow: flow(local), protocol: "http", response_code: 200, grpc_status: None, flags: "-".into() }
+    }
+
+    fn samples(t: &Traffic, naming: Naming, name: &str) -> usize {
+        t.families(naming).iter().filter(|f| f.get_name() == name).map(|f| f.get_metric().len()).sum()
+    }
+
+    #[test]
+    fn requests_render_in_both_namings_with_unit_conversion() {
+        let t = Traffic::default();
+        t.request(key("a"), Duration::from_millis(3), 10, 2000);
+        let native = t.families(Naming::Native);
+        let duration = native.iter().find(|f| f.get_name() == "nodemesh_request_duration_seconds").unwrap();
+        let h = duration.get_metric()[0].get_histogram();
+        assert!((h.get_sample_sum() - 0.003).abs() < 1e-9);
+        assert_eq!(h.get_bucket()[2].get_upper_bound(), 0.005);
+        assert_eq!(h.get_bucket()[2].get_cumulative_count(), 1);
+        let istio = t.families(Naming::Istio);
+        let duration = istio.iter().find(|f| f.get_name() == "istio_request_duration_milliseconds").unwrap();
+        assert!((duration.get_metric()[0].get_histogram().get_sample_sum() - 3.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn live_bytes_count_at_scrape_and_departed_workloads_are_pruned_after_grace() {
+        let t = Traffic::default();
+        let addr: SocketAddr = "10.0.0.1:1".parse().unwrap();
+        let open = t.open(flow("gone"), addr, addr);
+        open.bytes().received.fetch_add(100, Ordering::Relaxed);
+        let received = |t: &Traffic| {
+            t.families(Naming::Native)
+                .iter()
+                .find(|f| f.get_name() == "nodemesh_tcp_received_bytes_total")
+                .map(|f| f.get_metric()[0].get_counter().get_value())
+        };
+        assert_eq!(received(&t), Some(100.0), "a live connection's bytes show before it closes");
+        t.request(key("left"), Duration::from_millis(1), 0, 0);
+        t.request(key("here"), Duration::from_millis(1), 0, 0);
+        t.prune(|p| &*p.workload == "here", Duration::ZERO);
+        assert_eq!(samples(&t, Naming::Native, "nodemesh_requests_total"), 1, "the departed workload's series go");
+        assert_eq!(received(&t), Some(100.0), "not while its connection lives");
+        drop(open);
+        assert_eq!(received(&t), Some(100.0), "closing moves the bytes into the totals");
+        t.prune(|p| &*p.workload == "here", Duration::from_secs(60));
+        assert_eq!(received(&t), Some(100.0), "kept within the grace period");
+        t.prune(|p| &*p.workload == "here", Duration::ZERO);
+        assert_eq!(received(&t), None);
+    }
+}

@@ -228,3 +228,57 @@ fn documented_l7_examples_are_accepted() {
     }
     assert_eq!(pages, 7);
 }
+
+#[test]
+fn workloads_are_named_after_their_owners_and_telemetry_is_checked() {
+    let objects = parse(
+        r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {nodemesh.io/mesh: enabled}}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: reviews-v2-5d8f7c9b4-x7k2p
+  namespace: shop
+  labels: {app: reviews, pod-template-hash: 5d8f7c9b4}
+  ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: reviews-v2-5d8f7c9b4, controller: true}]
+spec: {nodeName: node-1}
+status: {phase: Running, podIP: 10.244.1.2}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: db-0
+  namespace: shop
+  ownerReferences: [{apiVersion: apps/v1, kind: StatefulSet, name: db, controller: true}]
+spec: {nodeName: node-1}
+status: {phase: Running, podIP: 10.244.1.3}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: debug, namespace: shop}
+spec: {nodeName: node-1}
+status: {phase: Running, podIP: 10.244.1.4}
+---
+apiVersion: nodemesh.io/v1alpha1
+kind: Telemetry
+metadata: {name: logs, namespace: shop}
+spec: {accessLogging: {enabled: true}, tracing: {samplingPercentage: 10}}
+---
+apiVersion: nodemesh.io/v1alpha1
+kind: Telemetry
+metadata: {name: too-much, namespace: shop}
+spec: {tracing: {samplingPercentage: 150}}
+"#,
+    );
+    let (mesh, verdicts) = Mesh::from_objects(&objects);
+    let config = mesh.node_config("node-1", "cluster.local");
+    let name = |pod: &str| config.workload("shop", pod).map(|w| w.workload_name().to_string());
+    assert_eq!(name("reviews-v2-5d8f7c9b4-x7k2p").as_deref(), Some("reviews-v2"));
+    assert_eq!(name("db-0").as_deref(), Some("db"));
+    assert_eq!(name("debug").as_deref(), Some("debug"), "no owner: the pod itself");
+    assert_eq!(config.telemetry.len(), 1);
+    assert_eq!(reason_of(&verdicts, "too-much"), Some("Invalid"));
+}
