@@ -189,7 +189,17 @@ fn flow(call: &Call, response: &Response<Body>) -> Flow {
     }
 }
 
+/// Routes and sends the request; the response carries the matched route's name for telemetry.
 async fn route_and_send(call: &Arc<Call>, req: Request<Body>) -> Response<Body> {
+    let mut route = None;
+    let mut response = send_routed(call, req, &mut route).await;
+    if let Some(route) = route {
+        response.extensions_mut().insert(request::RouteName(route));
+    }
+    response
+}
+
+async fn send_routed(call: &Arc<Call>, req: Request<Body>, route: &mut Option<String>) -> Response<Body> {
     let grpc = is_grpc(req.headers());
     let config = call.state.config();
     let l7 = call.state.l7();
@@ -198,6 +208,7 @@ async fn route_and_send(call: &Arc<Call>, req: Request<Body>) -> Response<Body> 
     let table = l7.routes.get(&config, &svc.namespace, &svc.name, port, &call.pod.net.namespace);
     let (mut parts, body) = req.into_parts();
     let selected = table.select(&RequestView::new(&parts.method, &parts.uri, &parts.headers));
+    *route = selected.as_ref().map(|s| format!("{}/{}", s.route.namespace, s.route.name));
     if selected.is_none() && !table.is_empty() {
         return reply(grpc, StatusCode::NOT_FOUND, None, Some(Flag::NoRoute), "no route matches the request");
     }

@@ -33,6 +33,10 @@ pub struct Upstream {
     pub meshed: bool,
 }
 
+/// The route (`namespace/name`) that matched a request, left in the response's extensions for telemetry.
+#[derive(Clone, Debug)]
+pub struct RouteName(pub String);
+
 pub struct Observation {
     state: AgentState,
     pod: Arc<PodContext>,
@@ -105,6 +109,7 @@ struct Outcome {
     grpc_status: Option<u16>,
     flags: String,
     upstream: Option<SocketAddr>,
+    route: Option<String>,
 }
 
 impl Observation {
@@ -116,6 +121,7 @@ impl Observation {
             grpc_status: grpc_status(&parts.headers),
             flags: parts.headers.get(FLAGS_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("-").to_string(),
             upstream: parts.extensions.get::<Upstream>().map(|u| u.endpoint).or(self.server),
+            route: parts.extensions.get::<RouteName>().map(|r| r.0.clone()),
         };
         let bytes = Arc::new(AtomicU64::new(0));
         let counted_bytes = bytes.clone();
@@ -151,7 +157,7 @@ impl Observation {
                 status: outcome.status,
                 grpc_status,
                 flags: &outcome.flags,
-                route: None,
+                route: outcome.route.as_deref(),
                 request_bytes,
                 response_bytes,
                 duration,
@@ -180,6 +186,9 @@ impl Observation {
             ];
             if let Some(s) = grpc_status {
                 attributes.push(int_attribute("rpc.grpc.status_code", i64::from(s)));
+            }
+            if let Some(route) = &outcome.route {
+                attributes.push(string_attribute("nodemesh.route", route.clone()));
             }
             if let Some(u) = outcome.upstream {
                 attributes.push(string_attribute("upstream.address", u.to_string()));
