@@ -440,7 +440,7 @@ mod tests {
     }
 
     fn samples(t: &Traffic, naming: Naming, name: &str) -> usize {
-        t.families(naming).iter().filter(|f| f.get_name() == name).map(|f| f.get_metric().len()).sum()
+        t.families(naming).iter().filter(|f| f.name() == name).map(|f| f.get_metric().len()).sum()
     }
 
     #[test]
@@ -448,13 +448,13 @@ mod tests {
         let t = Traffic::default();
         t.request(key("a"), Duration::from_millis(3), 10, 2000);
         let native = t.families(Naming::Native);
-        let duration = native.iter().find(|f| f.get_name() == "nodemesh_request_duration_seconds").unwrap();
+        let duration = native.iter().find(|f| f.name() == "nodemesh_request_duration_seconds").unwrap();
         let h = duration.get_metric()[0].get_histogram();
         assert!((h.get_sample_sum() - 0.003).abs() < 1e-9);
-        assert_eq!(h.get_bucket()[2].get_upper_bound(), 0.005);
-        assert_eq!(h.get_bucket()[2].get_cumulative_count(), 1);
+        assert_eq!(h.get_bucket()[2].upper_bound(), 0.005);
+        assert_eq!(h.get_bucket()[2].cumulative_count(), 1);
         let istio = t.families(Naming::Istio);
-        let duration = istio.iter().find(|f| f.get_name() == "istio_request_duration_milliseconds").unwrap();
+        let duration = istio.iter().find(|f| f.name() == "istio_request_duration_milliseconds").unwrap();
         assert!((duration.get_metric()[0].get_histogram().get_sample_sum() - 3.0).abs() < 1e-9);
     }
 
@@ -467,7 +467,7 @@ mod tests {
         let received = |t: &Traffic| {
             t.families(Naming::Native)
                 .iter()
-                .find(|f| f.get_name() == "nodemesh_tcp_received_bytes_total")
+                .find(|f| f.name() == "nodemesh_tcp_received_bytes_total")
                 .map(|f| f.get_metric()[0].get_counter().get_value())
         };
         assert_eq!(received(&t), Some(100.0), "a live connection's bytes show before it closes");
