@@ -313,6 +313,7 @@ fn meshctl_reads_the_agents(c: &Cluster, client: &Pod) {
     );
     let (code, said) = run(0, &["proxy-config", "dump", "--agent", "127.0.0.1:1"]);
     assert_eq!(code, 1, "an unreachable agent is an error: {said}");
+    meshctl_reaches_agents_through_kubernetes(c, &meshctl);
 
     let (code, said) = run(0, &["check", "--no-kubernetes", "--agent", "127.0.0.1:15000"]);
     assert_eq!(code, 0, "{said}");
@@ -339,6 +340,42 @@ fn meshctl_reads_the_agents(c: &Cluster, client: &Pod) {
     let rps = row["rps"].as_f64().unwrap();
     assert!((25.0..=55.0).contains(&rps), "about 40 rps: {row}");
     assert!(row["latencyP50Ms"].as_f64().is_some_and(|ms| ms > 0.0), "{row}");
+}
+
+/// `proxy-config --node`: the agent pod of a node found through the Kubernetes API (the fake one, whose
+/// port-forward reaches the node's loopback, as the kubelet does for a hostNetwork pod).
+fn meshctl_reaches_agents_through_kubernetes(c: &Cluster, meshctl: &Path) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let api = runtime.block_on(async { mesh_tests::fakeapi::FakeApi::spawn() }).unwrap();
+    api.apply_yaml("apiVersion: v1\nkind: Namespace\nmetadata: {name: nodemesh-system}\n").unwrap();
+    for (i, node) in c.nodes.iter().enumerate() {
+        let pod = format!("nodemesh-agent-{i}");
+        api.apply_yaml(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: nodemesh-system, labels: {{app: nodemesh-agent}}}}\n\
+             spec: {{nodeName: {}, hostNetwork: true, containers: [{{name: agent, image: nodemesh}}]}}\n",
+            node.name
+        ))
+        .unwrap();
+        api.forward_pod("nodemesh-system", &pod, &node.netns);
+    }
+    let kubeconfig = c.tmp_dir().join("meshctl-kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let run = |args: &[&str]| Command::new(meshctl).args(args).env("KUBECONFIG", &kubeconfig).output().unwrap();
+    for (i, node) in c.nodes.iter().enumerate() {
+        let out = run(&["proxy-config", "workloads", "--node", &node.name, "-o", "json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let workloads: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let expected = if i == 0 { vec!["client"] } else { vec!["reviews", "ratings"] };
+        let mut names: Vec<&str> = workloads.as_array().unwrap().iter().filter_map(|w| w["name"].as_str()).collect();
+        names.sort();
+        let mut expected = expected;
+        expected.sort();
+        assert_eq!(names, expected, "node {}", node.name);
+    }
+    let out = run(&["proxy-config", "certs", "--node", "no-such-node"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("runs on node no-such-node"));
+    drop(runtime);
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -9,6 +9,7 @@
 //! with structural-schema validation (422); TokenReview.
 
 mod discovery;
+mod portforward;
 mod schema;
 mod select;
 mod store;
@@ -36,6 +37,8 @@ pub struct FakeApi {
     store: Arc<Mutex<Store>>,
     events: broadcast::Sender<Event>,
     pub url: String,
+    /// `namespace/pod` → the network namespace whose loopback `pods/portforward` reaches.
+    forwards: Arc<Mutex<std::collections::BTreeMap<String, String>>>,
 }
 
 /// Where a request points.
@@ -66,8 +69,16 @@ impl FakeApi {
         let addr: SocketAddr = listener.local_addr()?;
         let listener = tokio::net::TcpListener::from_std(listener).context("tokio listener")?;
         let (events, _) = broadcast::channel(4096);
-        let api = FakeApi { store: Arc::new(Mutex::new(Store::new())), events, url: format!("http://{addr}") };
-        let app = axum::Router::new().fallback(handle).with_state(api.clone());
+        let api = FakeApi {
+            store: Arc::new(Mutex::new(Store::new())),
+            events,
+            url: format!("http://{addr}"),
+            forwards: Default::default(),
+        };
+        let app = axum::Router::new()
+            .route("/api/v1/namespaces/{ns}/pods/{name}/portforward", axum::routing::get(portforward::handle))
+            .fallback(handle)
+            .with_state(api.clone());
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
@@ -83,6 +94,12 @@ impl FakeApi {
     /// can make a resourceVersion expire.
     pub fn set_log_size(&self, events: usize) {
         self.lock().log_size = events.max(1);
+    }
+
+    /// Lets `pods/portforward` of `namespace/pod` reach ports on the loopback of network namespace `netns` (as
+    /// the kubelet reaches the pod's; for a hostNetwork pod, the node's).
+    pub fn forward_pod(&self, namespace: &str, pod: &str, netns: &str) {
+        self.forwards.lock().unwrap_or_else(|e| e.into_inner()).insert(format!("{namespace}/{pod}"), netns.to_string());
     }
 
     /// A kubeconfig for this server.

@@ -12,28 +12,84 @@ use crate::output::{self, Format};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The agents' namespace, pod label and admin port in a Kubernetes install (manifests/).
+const NAMESPACE: &str = "nodemesh-system";
+const AGENT_SELECTOR: &str = "app=nodemesh-agent";
+const ADMIN_PORT: u16 = 15000;
+
+/// An agent's admin API: at an address, or the agent pod of a node reached through the Kubernetes API's
+/// port-forward.
+pub enum Agent {
+    Direct(String),
+    Node(String),
+}
+
+impl std::fmt::Display for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Agent::Direct(addr) => write!(f, "{addr}"),
+            Agent::Node(node) => write!(f, "the agent on node {node}"),
+        }
+    }
+}
+
+/// `GET path` over `io` (HTTP/1.1): the status and body.
+async fn request<I>(io: I, host: &str, path: &str) -> anyhow::Result<(u16, String)>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path).header(hyper::header::HOST, host).body(Empty::<Bytes>::new())?;
+    let response = sender.send_request(req).await?;
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
 /// `GET http://addr/path`: the status and body.
 pub async fn get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
     let work = async {
         let stream = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
-        let req = hyper::Request::get(path).header(hyper::header::HOST, addr).body(Empty::<Bytes>::new())?;
-        let response = sender.send_request(req).await?;
-        let status = response.status().as_u16();
-        let body = response.into_body().collect().await?.to_bytes();
-        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+        request(stream, addr, path).await
     };
     tokio::time::timeout(TIMEOUT, work).await.with_context(|| format!("{addr}{path}: no answer in {TIMEOUT:?}"))?
 }
 
+/// `GET path` from the admin API of the agent pod on `node`, through a port-forward.
+async fn get_from_node(node: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Api, ListParams};
+    let client =
+        kube::Client::try_default().await.context("--node needs Kubernetes access (in-cluster or KUBECONFIG)")?;
+    let pods: Api<Pod> = Api::namespaced(client, NAMESPACE);
+    let list = pods.list(&ListParams::default().labels(AGENT_SELECTOR)).await.context("listing agent pods")?;
+    let pod = list
+        .items
+        .into_iter()
+        .find(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
+        .with_context(|| format!("no {AGENT_SELECTOR} pod in {NAMESPACE} runs on node {node}"))?;
+    let name = pod.metadata.name.unwrap_or_default();
+    let mut forward =
+        pods.portforward(&name, &[ADMIN_PORT]).await.with_context(|| format!("port-forward to {name}"))?;
+    let stream = forward.take_stream(ADMIN_PORT).context("the port-forward has no stream")?;
+    let answer = request(stream, "localhost", path).await;
+    forward.abort();
+    answer
+}
+
 /// `GET` of an admin endpoint that answers JSON.
-pub async fn get_json(addr: &str, path: &str) -> anyhow::Result<Value> {
-    let (status, body) = get(addr, path).await?;
+pub async fn get_json(agent: &Agent, path: &str) -> anyhow::Result<Value> {
+    let (status, body) = match agent {
+        Agent::Direct(addr) => get(addr, path).await?,
+        Agent::Node(node) => tokio::time::timeout(TIMEOUT, get_from_node(node, path))
+            .await
+            .with_context(|| format!("{agent}: no answer in {TIMEOUT:?}"))??,
+    };
     if status != 200 {
-        bail!("{addr}{path} answered {status}: {}", body.trim());
+        bail!("{agent}{path} answered {status}: {}", body.trim());
     }
-    serde_json::from_str(&body).with_context(|| format!("{addr}{path} did not answer JSON"))
+    serde_json::from_str(&body).with_context(|| format!("{agent}{path} did not answer JSON"))
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -65,7 +121,7 @@ fn list(v: &Value) -> Value {
     if v.is_null() { Value::Array(Vec::new()) } else { v.clone() }
 }
 
-pub async fn proxy_config(format: Format, what: What, agent: &str) -> anyhow::Result<bool> {
+pub async fn proxy_config(format: Format, what: What, agent: &Agent) -> anyhow::Result<bool> {
     let (path, pick): (&str, fn(Value) -> Value) = match what {
         What::Workloads => ("/workloads", |v| v),
         What::Services => ("/services", |v| v),

@@ -41,6 +41,9 @@ enum Command {
         /// The agent's admin API (`host:port`).
         #[arg(long, default_value = "127.0.0.1:15000")]
         agent: String,
+        /// The agent of this node instead, reached through the Kubernetes API (port-forward to the agent pod).
+        #[arg(long, conflicts_with = "agent")]
+        node: Option<String>,
     },
     /// Per-workload success rate, requests per second and latency percentiles, from agents' metrics.
     Stat {
@@ -67,7 +70,10 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Check { agent, no_kubernetes } => check::run(cli.output, &agent, !no_kubernetes).await,
-            Command::ProxyConfig { what, agent } => admin::proxy_config(cli.output, what, &agent).await,
+            Command::ProxyConfig { what, agent, node } => {
+                let agent = node.map_or(admin::Agent::Direct(agent), admin::Agent::Node);
+                admin::proxy_config(cli.output, what, &agent).await
+            }
             Command::Stat { target, metrics, window } => {
                 stat::run(cli.output, target.as_deref(), &metrics, window).await
             }
