@@ -96,11 +96,11 @@ where
     let upstream = async move {
         while let Some(Ok(message)) = stream.next().await {
             match message {
-                Message::Binary(bytes) if bytes.len() > 1 && bytes[0] == 0 => {
-                    if to_pod.write_all(&bytes[1..]).await.is_err() {
-                        break;
-                    }
-                }
+                Message::Binary(bytes) if bytes.len() > 1 && bytes[0] == 0 => match to_pod.write_all(&bytes[1..]).await
+                {
+                    Ok(()) => {}
+                    Err(_) => break,
+                },
                 Message::Close(_) => break,
                 _ => {}
             }
