@@ -209,11 +209,12 @@ impl AgentState {
         self.inner.config_ready.store(true, Ordering::Release);
     }
 
-    /// Ready when the programs are attached, config is loaded and the enrolled pods were re-adopted, and not
-    /// draining.
+    /// Ready when the programs are attached, config is loaded, the enrolled pods were re-adopted and have their
+    /// certificates, and not draining.
     pub fn ready(&self) -> bool {
         self.inner.capture_ready.load(Ordering::Acquire)
             && self.inner.config_ready.load(Ordering::Acquire)
+            && self.inner.secrets.as_ref().is_none_or(SecretManager::all_issued)
             && !self.inner.quitting.load(Ordering::Acquire)
     }
 

@@ -137,6 +137,36 @@ fn controller_ca_signs_only_for_pods_on_the_calling_node() {
     assert_eq!(svid.identity.to_string(), identity);
 }
 
+/// `/healthz/ready` waits for the certificates of enrolled pods: while the controller refuses to sign (it
+/// believes the pod runs elsewhere) the agent is not ready, and it turns ready once the certificate is issued.
+#[test]
+fn readiness_waits_for_workload_certificates() {
+    let mut c = cluster!(1);
+    let pod = c.add_pod(0, "client").unwrap();
+    let here = c.pod_objects(&[(&pod, "client-sa")]);
+    let elsewhere = here.replace(&format!("nodeName: {}", c.nodes[0].name), "nodeName: elsewhere");
+    assert_ne!(here, elsewhere);
+    c.write_objects("namespaces.yaml", Some(mesh_tests::MESH_NAMESPACES)).unwrap();
+    c.write_objects("pods.yaml", Some(&elsewhere)).unwrap();
+    c.start_controller().unwrap();
+    c.start_agent_with_controller(0).unwrap();
+    c.enroll(&pod).unwrap();
+    let ready = |c: &Cluster| {
+        mesh_tests::sys::http_get(&c.nodes[0].netns, mesh_tests::cluster::ADMIN.parse().unwrap(), "/healthz/ready")
+            .map(|(status, _)| status)
+            .unwrap()
+    };
+    wait_for("the identity wanted", || {
+        c.admin(0, "/certs").unwrap()["certificates"].as_array().is_some_and(|a| !a.is_empty())
+    });
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    assert_eq!(ready(&c), 503, "no certificate yet: {}", c.admin(0, "/certs").unwrap());
+    assert!(c.admin(0, "/certs").unwrap()["certificates"][0]["serial"].is_null());
+    c.write_objects("pods.yaml", Some(&here)).unwrap();
+    wait_for("readiness after the certificate is issued", || ready(&c) == 200);
+    assert!(c.admin(0, "/certs").unwrap()["certificates"][0]["serial"].is_string());
+}
+
 fn captured(c: &Cluster, pod: &Pod, target: SocketAddr) -> bool {
     let r = c.client(pod, target, 4 * KIB, 1).unwrap();
     assert!(r.success, "{:?} {}", r.json, r.stderr);

@@ -143,6 +143,11 @@ impl SecretManager {
         }
     }
 
+    /// Whether every identity the enrolled pods need has its certificate (readiness).
+    pub fn all_issued(&self) -> bool {
+        self.entries().values().all(|e| e.current.borrow().is_some())
+    }
+
     pub fn certs(&self) -> Vec<CertView> {
         let mut out: Vec<CertView> = self
             .entries()
