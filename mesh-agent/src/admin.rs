@@ -192,8 +192,7 @@ pub fn admin_routes(state: AgentState) -> Routes {
             "/connections" => json(&state.metrics().traffic.connections()),
             "/tunnels" => json(&state.tunnels().list()),
             "/services" => json(&services(&state)),
-            "/healthz/ready" if state.ready() => reply(StatusCode::OK, "text/plain", "ready\n"),
-            "/healthz/ready" => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n"),
+            "/healthz/ready" => readiness(&state),
             _ => reply(
                 StatusCode::NOT_FOUND,
                 "text/plain",
@@ -201,6 +200,14 @@ pub fn admin_routes(state: AgentState) -> Routes {
             ),
         }
     })
+}
+
+fn readiness(state: &AgentState) -> Reply {
+    if state.ready() {
+        reply(StatusCode::OK, "text/plain", "ready\n")
+    } else {
+        reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")
+    }
 }
 
 const EXPOSITION: &str = "text/plain; version=0.0.4";
@@ -218,6 +225,8 @@ pub fn metrics_routes(state: AgentState) -> Routes {
         let metrics = state.metrics();
         match req.uri().path() {
             "/metrics" => reply(StatusCode::OK, EXPOSITION, metrics.encode(Naming::Native, node::families(&state))),
+            // For the kubelet's probe: the admin API listens on the node's loopback only.
+            "/healthz/ready" => readiness(&state),
             "/stats/prometheus" if metrics.istio_names => {
                 reply(StatusCode::OK, EXPOSITION, metrics.encode(Naming::Istio, node::families(&state)))
             }

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod capture;
+pub mod cni_install;
 pub mod cni_plugin;
 pub mod cni_server;
 pub mod controller;

@@ -29,6 +29,38 @@ enum Command {
     /// Manage a local certificate authority.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Install or remove the nodemesh-cni chained plugin on this node.
+    #[command(subcommand)]
+    Cni(CniCommand),
+}
+
+#[derive(Subcommand)]
+enum CniCommand {
+    /// Copy nodemesh-cni into the CNI bin dir and chain it into the node's primary network config (the
+    /// DaemonSet's init container does this on every start).
+    Install {
+        #[command(flatten)]
+        dirs: CniDirs,
+        /// Agent socket the plugin should use, when not the default.
+        #[arg(long)]
+        agent_socket: Option<String>,
+        /// How long to wait for the node's network plugin to write its config.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
+    },
+    /// Remove nodemesh-cni from every network config and the CNI bin dir (after uninstalling nodemesh).
+    Uninstall {
+        #[command(flatten)]
+        dirs: CniDirs,
+    },
+}
+
+#[derive(Args)]
+struct CniDirs {
+    #[arg(long, default_value = "/opt/cni/bin")]
+    bin_dir: PathBuf,
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    conf_dir: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -121,6 +153,33 @@ fn main() -> anyhow::Result<()> {
             runtime.enable_all().build()?.block_on(run(*args))
         }
         Command::Cleanup(args) => cleanup(&args),
+        Command::Cni(CniCommand::Install { dirs, agent_socket, wait }) => {
+            let binary = std::env::current_exe()?.with_file_name(mesh_agent::cni_install::PLUGIN);
+            let deadline = std::time::Instant::now() + wait;
+            loop {
+                match mesh_agent::cni_install::install(&binary, &dirs.bin_dir, &dirs.conf_dir, agent_socket.as_deref())
+                {
+                    Ok(path) => {
+                        println!("nodemesh-cni chained into {}", path.display());
+                        return Ok(());
+                    }
+                    // The node's network plugin may not have written its config yet.
+                    Err(e @ mesh_agent::cni_install::InstallError::NoConfig(_))
+                        if std::time::Instant::now() < deadline =>
+                    {
+                        eprintln!("{e}; waiting");
+                        std::thread::sleep(std::time::Duration::from_secs(2));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Command::Cni(CniCommand::Uninstall { dirs }) => {
+            for path in mesh_agent::cni_install::uninstall(&dirs.bin_dir, &dirs.conf_dir)? {
+                println!("nodemesh-cni removed from {}", path.display());
+            }
+            Ok(())
+        }
         Command::Ca(CaCommand::Init { dir, trust_domain }) => {
             LocalCa::init(&dir, &trust_domain)?;
             println!("created a root CA in {}", dir.display());
@@ -207,7 +266,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 },
                 Err(e) => tracing::error!(error = format!("{e:#}"), "config reload failed; keeping the previous one"),
             },
-            _ = terminate.recv() => break,
+            // Kubernetes stops pods with SIGTERM: drain like /quitquitquit, within the grace period.
+            _ = terminate.recv() => {
+                state.request_quit();
+                drain(&state, args.drain_timeout).await;
+                break;
+            }
             _ = tokio::signal::ctrl_c() => break,
             _ = state.quit_requested() => {
                 drain(&state, args.drain_timeout).await;

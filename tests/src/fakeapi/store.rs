@@ -68,6 +68,10 @@ fn builtins() -> Vec<ResourceType> {
         b("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition", false, true),
         b("apps", "v1", "deployments", "Deployment", true, true),
         b("apps", "v1", "daemonsets", "DaemonSet", true, true),
+        b("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", false, false),
+        b("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", false, false),
+        b("rbac.authorization.k8s.io", "v1", "roles", "Role", true, false),
+        b("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", true, false),
         b("authentication.k8s.io", "v1", "tokenreviews", "TokenReview", false, false),
     ];
     for t in &mut out {

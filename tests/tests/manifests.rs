@@ -1,0 +1,140 @@
+//! The Kubernetes install (`manifests/`, kustomize): every object renders, parses into its typed k8s-openapi
+//! object without unknown fields, carries the settings the install depends on, and `kubectl apply
+//! --server-side` against the fake API server accepts the whole install.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{Namespace, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use mesh_tests::fakeapi::FakeApi;
+use serde_json::Value;
+
+fn manifests() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests")
+}
+
+fn kubectl() -> Option<PathBuf> {
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join("kubectl")).find(|p| p.is_file())
+}
+
+fn render(dir: &Path) -> Vec<Value> {
+    let kubectl = kubectl().expect("kubectl");
+    let out = Command::new(kubectl).arg("kustomize").arg(dir).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_yaml::Deserializer::from_slice(&out.stdout)
+        .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
+        .filter(|v: &Value| !v.is_null())
+        .collect()
+}
+
+/// Parses `object` as `T` and back: a field `T` does not know (a typo, a wrong level) is lost on the way and
+/// fails the comparison.
+fn typed<T: serde::de::DeserializeOwned + serde::Serialize>(object: &Value) -> T {
+    let parsed: T = serde_json::from_value(object.clone()).unwrap_or_else(|e| panic!("{e}: {object}"));
+    let back = serde_json::to_value(&parsed).unwrap();
+    assert_eq!(normalized(back), normalized(object.clone()), "fields lost in parsing");
+    parsed
+}
+
+/// Without nulls, numbers as floats (a schema's `maximum: 65535` comes back as `65535.0`).
+fn normalized(v: Value) -> Value {
+    match v {
+        Value::Object(m) => {
+            Value::Object(m.into_iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k, normalized(v))).collect())
+        }
+        Value::Array(a) => Value::Array(a.into_iter().map(normalized).collect()),
+        Value::Number(n) => n.as_f64().map_or(Value::Number(n), |f| serde_json::json!(f)),
+        other => other,
+    }
+}
+
+#[test]
+fn every_manifest_parses_into_its_type_and_carries_the_install_settings() {
+    if kubectl().is_none() {
+        assert!(std::env::var("CI").is_err(), "kubectl is missing");
+        return;
+    }
+    let objects = render(&manifests());
+    let mut kinds = Vec::new();
+    for o in &objects {
+        let kind = o["kind"].as_str().unwrap().to_string();
+        match kind.as_str() {
+            "Namespace" => drop(typed::<Namespace>(o)),
+            "ServiceAccount" => drop(typed::<ServiceAccount>(o)),
+            "ClusterRole" => drop(typed::<ClusterRole>(o)),
+            "ClusterRoleBinding" => drop(typed::<ClusterRoleBinding>(o)),
+            "Role" => drop(typed::<Role>(o)),
+            "RoleBinding" => drop(typed::<RoleBinding>(o)),
+            "Service" => drop(typed::<Service>(o)),
+            "CustomResourceDefinition" => drop(typed::<CustomResourceDefinition>(o)),
+            "Deployment" => drop(typed::<Deployment>(o)),
+            "DaemonSet" => drop(typed::<DaemonSet>(o)),
+            other => panic!("unexpected kind {other} in the install"),
+        }
+        kinds.push(kind);
+    }
+    assert_eq!(kinds.iter().filter(|k| *k == "CustomResourceDefinition").count(), mesh_controller::crds::all().len());
+
+    let agent: DaemonSet = typed(objects.iter().find(|o| o["kind"] == "DaemonSet").unwrap());
+    let pod = agent.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.priority_class_name.as_deref(), Some("system-node-critical"));
+    assert_eq!(pod.host_network, Some(true));
+    let container = &pod.containers[0];
+    let caps = container.security_context.as_ref().unwrap().capabilities.as_ref().unwrap();
+    assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
+    assert_eq!(caps.add.clone().unwrap(), ["BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_RESOURCE"]);
+    assert_ne!(container.security_context.as_ref().unwrap().privileged, Some(true));
+    let probe = container.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
+    assert_eq!(probe.path.as_deref(), Some("/healthz/ready"));
+    let installer = &pod.init_containers.as_ref().unwrap()[0];
+    assert_eq!(installer.command.as_ref().unwrap()[..3], ["mesh-agent", "cni", "install"]);
+    assert!(container.image.as_deref().is_some_and(|i| i.starts_with("ghcr.io/nodemesh/nodemesh:")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_applies_the_install_server_side() {
+    let Some(kubectl) = kubectl() else {
+        assert!(std::env::var("CI").is_err(), "kubectl is missing");
+        return;
+    };
+    let api = FakeApi::spawn().unwrap();
+    let dir = std::env::temp_dir().join(format!("nodemesh-manifests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("kubeconfig"), api.kubeconfig()).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(kubectl)
+            .args(["apply", "--server-side", "--validate=false", "-k"])
+            .arg(manifests())
+            .env("KUBECONFIG", &kubeconfig)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    for (api_version, kind, ns, name) in [
+        ("apps/v1", "DaemonSet", Some("nodemesh-system"), "nodemesh-agent"),
+        ("apps/v1", "Deployment", Some("nodemesh-system"), "nodemesh-controller"),
+        ("rbac.authorization.k8s.io/v1", "ClusterRole", None, "nodemesh-controller"),
+        ("apiextensions.k8s.io/v1", "CustomResourceDefinition", None, "telemetries.nodemesh.io"),
+    ] {
+        assert!(api.get(api_version, kind, ns, name).is_some(), "{kind} {name} not applied: {said}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_servicemonitor_overlay_renders() {
+    if kubectl().is_none() {
+        assert!(std::env::var("CI").is_err(), "kubectl is missing");
+        return;
+    }
+    let objects = render(&manifests().join("overlays/servicemonitor"));
+    let kinds: Vec<&str> = objects.iter().filter_map(|o| o["kind"].as_str()).collect();
+    assert!(kinds.contains(&"PodMonitor") && kinds.contains(&"ServiceMonitor") && kinds.contains(&"DaemonSet"));
+}
