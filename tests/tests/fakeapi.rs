@@ -188,7 +188,7 @@ async fn kubectl_apply_get_patch_delete() {
     };
     let crds = crds_dir.to_str().unwrap().to_string();
     tokio::task::spawn_blocking(move || {
-        let (ok, out) = run(&["apply", "--server-side", "--validate=false", "-f", &crds]);
+        let (ok, out) = run(&["apply", "--server-side", "--validate=false", "-k", &crds]);
         assert!(ok, "{out}");
         let (ok, out) = run(&["apply", "--validate=false", "-f", "objects.yaml"]);
         assert!(ok, "{out}");
