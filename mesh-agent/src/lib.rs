@@ -20,3 +20,4 @@ pub mod proxy;
 pub mod state;
 pub mod telemetry;
 pub mod tunnels;
+pub mod uninstall;

@@ -130,6 +130,20 @@ struct RunArgs {
     /// more mean more parallel connections.
     #[arg(long, env = "NODEMESH_WORKER_THREADS")]
     worker_threads: Option<usize>,
+    /// The agent's own DaemonSet (`namespace/name`). When set, stopping checks with the API server whether it is
+    /// gone or being deleted (nodemesh being uninstalled) and only then removes the CNI plugin (see
+    /// `--cni-conf-dir`) and the pinned programs; a restart or an upgrade keeps both.
+    #[arg(long, env = "NODEMESH_DAEMONSET", requires_all = ["cni_conf_dir", "cni_bin_dir"])]
+    daemonset: Option<String>,
+    /// The API server for `--daemonset` (default: the in-cluster address from KUBERNETES_SERVICE_HOST).
+    #[arg(long, env = "NODEMESH_KUBE_API")]
+    kube_api: Option<String>,
+    /// The node's CNI config dir, as mounted into the agent (for removal on uninstall).
+    #[arg(long, env = "NODEMESH_CNI_CONF_DIR")]
+    cni_conf_dir: Option<PathBuf>,
+    /// The node's CNI bin dir, as mounted into the agent (for removal on uninstall).
+    #[arg(long, env = "NODEMESH_CNI_BIN_DIR")]
+    cni_bin_dir: Option<PathBuf>,
     /// How long `/quitquitquit` waits for proxied connections to finish before exiting.
     #[arg(long, env = "NODEMESH_DRAIN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
     drain_timeout: std::time::Duration,
@@ -197,7 +211,7 @@ fn load_config(path: Option<&Path>) -> anyhow::Result<NodeConfig> {
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     node::raise_fd_limit();
     let config = load_config(args.config.as_deref())?;
-    let cgroup_root = match args.cgroup_root {
+    let cgroup_root = match args.cgroup_root.clone() {
         Some(dir) => dir,
         None => node::cgroup2_mount().context("finding the cgroup v2 mount (or pass --cgroup-root)")?,
     };
@@ -226,7 +240,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let state_file = args.paths.state_dir.join("pods.json");
     let istio_names = args.metrics_compat == MetricsCompat::Istio;
-    let state = AgentState::new(args.node, capture, config.clone(), state_file, secrets, istio_names);
+    let state = AgentState::new(args.node.clone(), capture, config.clone(), state_file, secrets, istio_names);
     state.set_config(config).context("applying capture exclusions")?;
     // Config from the controller replaces the seed above once it arrives; until then the agent is not ready.
     if let Some(client) = controller {
@@ -270,6 +284,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = terminate.recv() => {
                 state.request_quit();
                 drain(&state, args.drain_timeout).await;
+                if uninstalling(&args).await {
+                    remove_from_node(&args);
+                    return Ok(());
+                }
                 break;
             }
             _ = tokio::signal::ctrl_c() => break,
@@ -282,6 +300,46 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Pins stay: enrolled pods remain captured (fail-closed) and the next agent re-adopts them.
     tracing::info!("agent stopping; capture stays pinned for the next agent (`mesh-agent cleanup` removes it)");
     Ok(())
+}
+
+/// Whether the agent's DaemonSet is gone or being deleted (only with `--daemonset`; any doubt is a no).
+async fn uninstalling(args: &RunArgs) -> bool {
+    let Some((namespace, name)) = args.daemonset.as_deref().and_then(|d| d.split_once('/')) else { return false };
+    let located = mesh_agent::uninstall::OwnDaemonSet::locate(
+        args.kube_api.as_deref(),
+        namespace,
+        name,
+        args.token_file.as_deref(),
+    );
+    let Some(ds) = located else {
+        tracing::warn!(
+            "--daemonset without API access (no KUBERNETES_SERVICE_HOST or --kube-api); keeping the CNI plugin"
+        );
+        return false;
+    };
+    match mesh_agent::uninstall::check(&ds).await {
+        Ok(verdict) => {
+            tracing::info!(?verdict, daemonset = %format!("{namespace}/{name}"), "checked the agent's DaemonSet");
+            verdict == mesh_agent::uninstall::Verdict::Uninstalling
+        }
+        Err(e) => {
+            tracing::warn!(error = format!("{e:#}"), "cannot tell an uninstall from a restart; keeping the CNI plugin");
+            false
+        }
+    }
+}
+
+/// nodemesh is being uninstalled: take the CNI plugin and the capture off this node.
+fn remove_from_node(args: &RunArgs) {
+    if let (Some(bin), Some(conf)) = (&args.cni_bin_dir, &args.cni_conf_dir) {
+        match mesh_agent::cni_install::uninstall(bin, conf) {
+            Ok(changed) => tracing::info!(configs = ?changed, "nodemesh-cni removed"),
+            Err(e) => tracing::error!(error = %e, "cannot remove nodemesh-cni"),
+        }
+    }
+    if let Err(e) = cleanup(&args.paths) {
+        tracing::error!(error = format!("{e:#}"), "cannot remove the capture");
+    }
 }
 
 /// Lets proxied connections finish (not ready meanwhile, so no new traffic is steered here by orchestration),
