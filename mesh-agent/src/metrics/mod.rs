@@ -6,6 +6,7 @@
 
 pub mod labels;
 pub mod node;
+mod samples;
 pub mod traffic;
 
 use prometheus::core::{Collector, Desc};

@@ -1,9 +1,13 @@
 //! Metrics read from the agent's state at scrape time: the process (memory, file descriptors, threads, runtime
 //! tasks), the eBPF side (map entries, program memory), the config in force and certificate expiry.
 
-use prometheus::proto::{Gauge, LabelPair, Metric, MetricFamily, MetricType};
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use prometheus::proto::{MetricFamily, MetricType};
 
 use super::labels::Peer;
+use super::samples;
 use crate::state::AgentState;
 
 /// Drops, every few seconds, the traffic series of local workloads that left the node `grace` ago.
@@ -12,51 +16,22 @@ pub async fn prune_departed(state: AgentState, grace: std::time::Duration) {
     loop {
         tokio::time::sleep(every).await;
         let config = state.config();
-        let here: Vec<Peer> = state.pods().values().map(|e| Peer::local(&config, &e.pod)).collect();
-        state
-            .metrics()
-            .traffic
-            .prune(|p| here.iter().any(|h| h.workload == p.workload && h.namespace == p.namespace), grace);
+        let here: HashSet<(Arc<str>, Arc<str>)> =
+            state.pods().values().map(|e| Peer::local(&config, &e.pod)).map(|p| (p.namespace, p.workload)).collect();
+        state.metrics().traffic.prune(|p| here.contains(&(p.namespace.clone(), p.workload.clone())), grace);
     }
 }
 
 /// One gauge family with its samples (`labels`, value).
 fn gauges(name: &str, help: &str, samples: Vec<(Vec<(&str, String)>, f64)>) -> MetricFamily {
-    let mut f = MetricFamily::default();
-    f.set_name(name.to_string());
-    f.set_help(help.to_string());
-    f.set_field_type(MetricType::GAUGE);
-    for (labels, value) in samples {
-        let mut g = Gauge::default();
-        g.set_value(value);
-        let mut m = Metric::default();
-        m.set_label(
-            labels
-                .into_iter()
-                .map(|(k, v)| {
-                    let mut p = LabelPair::default();
-                    p.set_name(k.to_string());
-                    p.set_value(v);
-                    p
-                })
-                .collect(),
-        );
-        m.set_gauge(g);
-        f.mut_metric().push(m);
-    }
+    let mut f = samples::family(name, help, MetricType::GAUGE);
+    f.set_metric(samples.into_iter().map(|(labels, value)| samples::gauge(&labels, value)).collect());
     f
 }
 
 fn counter(name: &str, help: &str, value: f64) -> MetricFamily {
-    let mut f = MetricFamily::default();
-    f.set_name(name.to_string());
-    f.set_help(help.to_string());
-    f.set_field_type(MetricType::COUNTER);
-    let mut c = prometheus::proto::Counter::default();
-    c.set_value(value);
-    let mut m = Metric::default();
-    m.set_counter(c);
-    f.mut_metric().push(m);
+    let mut f = samples::family(name, help, MetricType::COUNTER);
+    f.set_metric(vec![samples::counter(&[], value)]);
     f
 }
 

@@ -7,16 +7,17 @@
 //! when they close, and `/connections` lists them. Series of workloads that left the node are dropped once
 //! they have been idle for a grace period.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use prometheus::proto::{Bucket, Counter, Histogram, LabelPair, Metric, MetricFamily, MetricType};
+use prometheus::proto::{Bucket, Histogram, MetricFamily, MetricType};
 use serde::Serialize;
 
 use super::labels::{Flow, Peer};
+use super::samples::{counter, family, histogram};
 
 /// Istio's default duration buckets, in milliseconds (seconds for the native names).
 const DURATION_BUCKETS_MS: [f64; 19] = [
@@ -254,13 +255,15 @@ impl Traffic {
     /// Drops the series of local workloads that `present` no longer knows, once idle for `grace`.
     pub fn prune(&self, present: impl Fn(&Peer) -> bool, grace: Duration) {
         let mut store = lock(&self.store);
+        let Store { requests, tcp, live, .. } = &mut *store;
         let now = Instant::now();
-        let live_flows: Vec<Flow> = store.live.values().map(|l| l.info.flow.clone()).collect();
+        // A set, not a scan per series: this runs under the lock the data path takes.
+        let live_flows: HashSet<&Flow> = live.values().map(|l| &l.info.flow).collect();
         let keep = |flow: &Flow, touched: Instant| {
             present(flow.local()) || now.duration_since(touched) < grace || live_flows.contains(flow)
         };
-        store.requests.retain(|k, e| keep(&k.flow, e.touched));
-        store.tcp.retain(|k, e| keep(k, e.touched));
+        requests.retain(|k, e| keep(&k.flow, e.touched));
+        tcp.retain(|k, e| keep(k, e.touched));
     }
 
     /// The metric families in one naming scheme.
@@ -361,42 +364,6 @@ impl Naming {
             Naming::Istio => 1.0,
         }
     }
-}
-
-fn family(name: &str, help: &str, kind: MetricType) -> MetricFamily {
-    let mut f = MetricFamily::default();
-    f.set_name(name.to_string());
-    f.set_help(help.to_string());
-    f.set_field_type(kind);
-    f
-}
-
-fn pairs(labels: &[(&str, String)]) -> Vec<LabelPair> {
-    labels
-        .iter()
-        .map(|(k, v)| {
-            let mut p = LabelPair::default();
-            p.set_name(k.to_string());
-            p.set_value(v.clone());
-            p
-        })
-        .collect()
-}
-
-fn counter(labels: &[(&str, String)], value: f64) -> Metric {
-    let mut c = Counter::default();
-    c.set_value(value);
-    let mut m = Metric::default();
-    m.set_label(pairs(labels));
-    m.set_counter(c);
-    m
-}
-
-fn histogram(labels: &[(&str, String)], h: Histogram) -> Metric {
-    let mut m = Metric::default();
-    m.set_label(pairs(labels));
-    m.set_histogram(h);
-    m
 }
 
 fn request_labels(key: &RequestKey) -> Vec<(&'static str, String)> {
