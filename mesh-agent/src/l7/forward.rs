@@ -195,8 +195,8 @@ pub async fn forward(
         }
         return match result {
             Ok(response) => {
+                let meshed = response.extensions().get::<upstream::Meshed>().is_some_and(|m| m.0);
                 let mut response = upstream::response_for_downstream(response);
-                let meshed = matches!(upstream::route_to(&call.state, &call.pod, target), upstream::Route::Mesh { .. });
                 response.extensions_mut().insert(Upstream { endpoint: target, backend: backend.clone(), meshed });
                 response
             }

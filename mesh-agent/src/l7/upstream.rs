@@ -76,6 +76,10 @@ pub async fn connect(
     }
 }
 
+/// Left in a response's extensions by [`send`]: whether the endpoint was reached over HBONE (mTLS).
+#[derive(Clone, Copy, Debug)]
+pub struct Meshed(pub bool);
+
 /// Sends a request to one endpoint over the node's pooled connections. `app` is the protocol the application
 /// speaks (the caller's); meshed endpoints are always reached over agent-to-agent HTTP/2.
 pub async fn send(
@@ -92,12 +96,15 @@ pub async fn send(
     let wire = if mesh { Protocol::Http2 } else { app };
     let key = UpstreamKey { netns_cookie: pod.netns.cookie(), target, mesh, protocol: app };
     let req = for_protocol(req, wire);
-    pool.send(key, wire, req, || async move {
-        let permit = connection_guard().ok_or(UpstreamError::Overflow)?;
-        let (io, guard) = connect(state, pod, &route, target, mesh.then_some(app)).await?;
-        Ok((io, Box::new((guard, permit)) as Guard))
-    })
-    .await
+    let mut response = pool
+        .send(key, wire, req, || async move {
+            let permit = connection_guard().ok_or(UpstreamError::Overflow)?;
+            let (io, guard) = connect(state, pod, &route, target, mesh.then_some(app)).await?;
+            Ok((io, Box::new((guard, permit)) as Guard))
+        })
+        .await?;
+    response.extensions_mut().insert(Meshed(mesh));
+    Ok(response)
 }
 
 /// Connection-specific headers never cross a proxy (RFC 9110 §7.6.1); HTTP/2 forbids them outright.
