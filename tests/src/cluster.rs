@@ -748,13 +748,7 @@ impl Cluster {
     /// The value of one metric sample, e.g. `nodemesh_tcp_connections_opened_total{direction="outbound",...}`;
     /// every label given must match. 0 when absent.
     pub fn metric(&self, node: usize, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
-        let text = self.metrics(node)?;
-        Ok(text
-            .lines()
-            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-            .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum())
+        Ok(crate::metric_sum(&self.metrics(node)?, name, labels))
     }
 
     /// Every line the processes labelled `label_prefix...` wrote (stdout and stderr).

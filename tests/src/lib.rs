@@ -36,6 +36,16 @@ kind: Namespace
 metadata: {name: shop, labels: {nodemesh.io/mesh: enabled}}
 ";
 
+/// The sum of the samples of `name` in Prometheus exposition `text` whose labels include all of `labels`; 0 when
+/// there is none.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Polls `done` every 50 ms for up to 15 s; panics naming `what` when it never holds.
 pub fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);

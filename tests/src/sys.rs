@@ -52,15 +52,30 @@ pub struct Placement<'a> {
     pub cgroup: &'a Path,
 }
 
+/// Makes `cmd`'s child join network namespace `netns` before exec; keep the returned file open until it is
+/// spawned.
+fn join_netns_before_exec(cmd: &mut Command, netns: &str) -> Result<File> {
+    let ns = File::open(netns_path(netns)).with_context(|| format!("opening netns {netns}"))?;
+    let ns_fd = ns.as_raw_fd();
+    // SAFETY: setns is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(ns)
+}
+
 /// Starts `cmd` inside `placement`. The child joins the cgroup and the netns before exec, so even its first
 /// instruction runs in place.
 pub fn spawn_in(placement: &Placement<'_>, cmd: &mut Command, log: &Path) -> Result<Child> {
-    let ns = File::open(netns_path(placement.netns)).with_context(|| format!("opening netns {}", placement.netns))?;
     let procs = CString::new(placement.cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes())?;
     let log_file = File::create(log)?;
-    let ns_fd = ns.as_raw_fd();
     cmd.stdin(Stdio::null()).stdout(log_file.try_clone()?).stderr(log_file);
-    // SAFETY: only async-signal-safe calls (open, write, close, setns) between fork and exec.
+    // SAFETY: only async-signal-safe calls (open, write, close) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
             let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
@@ -72,12 +87,11 @@ pub fn spawn_in(placement: &Placement<'_>, cmd: &mut Command, log: &Path) -> Res
             if wrote != 1 {
                 return Err(std::io::Error::last_os_error());
             }
-            if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
             Ok(())
         });
     }
+    // Hooks run in order: the cgroup first, then the netns.
+    let ns = join_netns_before_exec(cmd, placement.netns)?;
     let child = cmd.spawn().with_context(|| format!("starting {:?}", cmd.get_program()))?;
     drop(ns);
     Ok(child)
@@ -133,17 +147,7 @@ pub fn promtool_check(text: &str) -> Result<(bool, String)> {
 
 /// Runs `cmd` to completion inside network namespace `netns`; its exit status and output.
 pub fn output_in_netns(netns: &str, cmd: &mut Command) -> Result<std::process::Output> {
-    let ns = File::open(netns_path(netns)).with_context(|| format!("opening netns {netns}"))?;
-    let ns_fd = ns.as_raw_fd();
-    // SAFETY: setns is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    let ns = join_netns_before_exec(cmd, netns)?;
     let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("running {:?}", cmd.get_program()))?;
     drop(ns);
     Ok(out)

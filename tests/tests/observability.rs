@@ -9,7 +9,7 @@ use std::process::Command;
 use mesh_tests::app::{self, Server, service};
 use mesh_tests::cluster::{CONTROLLER_IP, METRICS};
 use mesh_tests::otlp::Receiver;
-use mesh_tests::{Cluster, Pod, addr, cluster, sys, wait_for};
+use mesh_tests::{Cluster, Pod, addr, cluster, metric_sum, sys, wait_for};
 use serde_json::Value;
 
 const HTTP: &str = env!("CARGO_BIN_EXE_mesh-http");
@@ -74,15 +74,6 @@ fn call_labels(reporter: &'static str, code: &'static str) -> Vec<(&'static str,
     ]
 }
 
-/// The sum of the samples of `name` in exposition `text` whose labels include all of `labels`.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 fn scrape(c: &Cluster, node: usize, path: &str) -> String {
     let (status, body) = sys::http_get(&c.nodes[node].netns, METRICS.parse().unwrap(), path).unwrap();
     assert_eq!(status, 200, "{path}: {body}");
@@ -128,22 +119,22 @@ fn metrics_traces_access_logs_and_admin_api_show_the_traffic() {
     // Metrics: the exact label set, counted once per request on each reporter, in both naming schemes.
     for (node, reporter) in [(0, "source"), (1, "destination")] {
         wait_for("request metrics", || {
-            sample(&scrape(&c, node, "/metrics"), "nodemesh_requests_total", &call_labels(reporter, "200")) == 6.0
+            metric_sum(&scrape(&c, node, "/metrics"), "nodemesh_requests_total", &call_labels(reporter, "200")) == 6.0
         });
         let native = scrape(&c, node, "/metrics");
-        assert_eq!(sample(&native, "nodemesh_requests_total", &call_labels(reporter, "503")), 1.0);
+        assert_eq!(metric_sum(&native, "nodemesh_requests_total", &call_labels(reporter, "503")), 1.0);
         let ok = call_labels(reporter, "200");
-        assert_eq!(sample(&native, "nodemesh_request_duration_seconds_count", &ok), 6.0);
-        assert_eq!(sample(&native, "nodemesh_response_size_bytes_count", &ok), 6.0);
-        assert!(sample(&native, "nodemesh_response_size_bytes_sum", &ok) > 6.0 * 50.0, "JSON echo bodies");
+        assert_eq!(metric_sum(&native, "nodemesh_request_duration_seconds_count", &ok), 6.0);
+        assert_eq!(metric_sum(&native, "nodemesh_response_size_bytes_count", &ok), 6.0);
+        assert!(metric_sum(&native, "nodemesh_response_size_bytes_sum", &ok) > 6.0 * 50.0, "JSON echo bodies");
         let (passed, said) = sys::promtool_check(&native).unwrap();
         assert!(passed, "promtool on node {node}'s /metrics:\n{said}");
 
         let istio = scrape(&c, node, "/stats/prometheus");
-        assert_eq!(sample(&istio, "istio_requests_total", &ok), 6.0);
-        assert_eq!(sample(&istio, "istio_request_duration_milliseconds_count", &ok), 6.0);
-        let native_sum = sample(&native, "nodemesh_request_duration_seconds_sum", &ok);
-        let istio_sum = sample(&istio, "istio_request_duration_milliseconds_sum", &ok);
+        assert_eq!(metric_sum(&istio, "istio_requests_total", &ok), 6.0);
+        assert_eq!(metric_sum(&istio, "istio_request_duration_milliseconds_count", &ok), 6.0);
+        let native_sum = metric_sum(&native, "nodemesh_request_duration_seconds_sum", &ok);
+        let istio_sum = metric_sum(&istio, "istio_request_duration_milliseconds_sum", &ok);
         assert!(istio_sum >= native_sum * 1000.0 * 0.999, "milliseconds: {istio_sum} vs {native_sum} s");
         // Istio's own names break one promtool lint (milliseconds are not a base unit); nothing else may fail.
         let (_, said) = sys::promtool_check(&istio).unwrap();
@@ -153,19 +144,19 @@ fn metrics_traces_access_logs_and_admin_api_show_the_traffic() {
             "promtool on node {node}'s /stats/prometheus:\n{said}"
         );
         for name in ["process_resident_memory_bytes", "process_open_fds", "nodemesh_runtime_tasks"] {
-            assert!(sample(&native, name, &[]) > 0.0, "{name}");
+            assert!(metric_sum(&native, name, &[]) > 0.0, "{name}");
         }
-        assert!(sample(&native, "nodemesh_ebpf_map_entries", &[("map", "ENROLLED")]) >= 1.0);
+        assert!(metric_sum(&native, "nodemesh_ebpf_map_entries", &[("map", "ENROLLED")]) >= 1.0);
     }
 
     // The controller's metrics.
     let controller = addr(CONTROLLER_IP.parse::<std::net::Ipv4Addr>().unwrap(), 15014);
     let (status, text) = sys::http_get(&c.fabric, controller, "/metrics").unwrap();
     assert_eq!(status, 200);
-    assert_eq!(sample(&text, "nodemesh_controller_connected_agents", &[]), 2.0, "{text}");
-    let signed = sample(&text, "nodemesh_controller_certificate_requests_total", &[("result", "signed")]);
+    assert_eq!(metric_sum(&text, "nodemesh_controller_connected_agents", &[]), 2.0, "{text}");
+    let signed = metric_sum(&text, "nodemesh_controller_certificate_requests_total", &[("result", "signed")]);
     assert_eq!(signed, 3.0, "one certificate per identity: client, reviews, ratings");
-    assert_eq!(sample(&text, "nodemesh_controller_objects", &[("kind", "Telemetry")]), 1.0);
+    assert_eq!(metric_sum(&text, "nodemesh_controller_objects", &[("kind", "Telemetry")]), 1.0);
     let (passed, said) = sys::promtool_check(&text).unwrap();
     assert!(passed, "promtool on the controller:\n{said}");
 
@@ -232,13 +223,13 @@ fn metrics_traces_access_logs_and_admin_api_show_the_traffic() {
             ("connection_security_policy", "mutual_tls"),
         ];
         wait_for("TCP metrics", || {
-            sample(&scrape(&c, node, "/metrics"), "nodemesh_tcp_connections_closed_total", &tcp) == 1.0
+            metric_sum(&scrape(&c, node, "/metrics"), "nodemesh_tcp_connections_closed_total", &tcp) == 1.0
         });
         let native = scrape(&c, node, "/metrics");
-        assert_eq!(sample(&native, "nodemesh_tcp_connections_opened_total", &tcp), 1.0);
-        assert!(sample(&native, "nodemesh_tcp_received_bytes_total", &tcp) >= 65536.0);
-        assert!(sample(&native, "nodemesh_tcp_sent_bytes_total", &tcp) >= 65536.0, "echoed back");
-        assert_eq!(sample(&scrape(&c, node, "/stats/prometheus"), "istio_tcp_connections_opened_total", &tcp), 1.0);
+        assert_eq!(metric_sum(&native, "nodemesh_tcp_connections_opened_total", &tcp), 1.0);
+        assert!(metric_sum(&native, "nodemesh_tcp_received_bytes_total", &tcp) >= 65536.0);
+        assert!(metric_sum(&native, "nodemesh_tcp_sent_bytes_total", &tcp) >= 65536.0, "echoed back");
+        assert_eq!(metric_sum(&scrape(&c, node, "/stats/prometheus"), "istio_tcp_connections_opened_total", &tcp), 1.0);
         let lines = access_log(&c, node);
         let line = lines
             .iter()
@@ -259,7 +250,7 @@ fn metrics_traces_access_logs_and_admin_api_show_the_traffic() {
         .clone();
     assert!(cert["serial"].as_str().is_some_and(|s| !s.is_empty()));
     let not_after = cert["notAfter"].as_i64().unwrap();
-    let expiry = sample(
+    let expiry = metric_sum(
         &scrape(&c, 0, "/metrics"),
         "nodemesh_certificate_expiration_timestamp_seconds",
         &[("identity", "spiffe://cluster.local/ns/default/sa/client-sa")],
