@@ -11,34 +11,40 @@ use super::destination::Endpoint;
 
 /// How quickly old latency observations fade.
 const EWMA_DECAY: Duration = Duration::from_secs(10);
-/// Latency assumed for an endpoint never measured: new endpoints get tried, but not flooded.
-const DEFAULT_LATENCY_MS: f64 = 1.0;
 const RING_POINTS_PER_ENDPOINT: usize = 128;
 /// Maglev lookup table size: a prime well above the endpoint count (Envoy's default).
 const MAGLEV_TABLE_SIZE: usize = 65537;
 
-/// Exponentially weighted moving average of response latency.
+/// A peak-sensitive, decaying estimate of an endpoint's response latency (the "peak EWMA" of Finagle and
+/// Linkerd). A slower response raises it at once; faster ones pull it down over `EWMA_DECAY`; and while the
+/// endpoint gets no traffic it fades toward zero, so an endpoint avoided for being slow is tried again later
+/// instead of starving. An endpoint never measured costs nothing: it is tried as soon as it is drawn.
+#[derive(Default)]
 pub struct Ewma {
     latency_ms: f64,
     at: Option<Instant>,
 }
 
-impl Default for Ewma {
-    fn default() -> Self {
-        Ewma { latency_ms: DEFAULT_LATENCY_MS, at: None }
-    }
-}
-
 impl Ewma {
     pub fn observe(&mut self, latency: Duration, now: Instant) {
         let sample = latency.as_secs_f64() * 1000.0;
-        let weight = self.at.map_or(0.0, |at| (-(now - at).as_secs_f64() / EWMA_DECAY.as_secs_f64()).exp());
-        self.latency_ms = self.latency_ms * weight + sample * (1.0 - weight);
+        let current = self.latency_ms(now);
+        self.latency_ms = match self.at {
+            Some(at) if sample < current => {
+                let weight = (-(now.saturating_duration_since(at)).as_secs_f64() / EWMA_DECAY.as_secs_f64()).exp();
+                current * weight + sample * (1.0 - weight)
+            }
+            _ => sample,
+        };
         self.at = Some(now);
     }
 
-    pub fn latency_ms(&self) -> f64 {
-        self.latency_ms
+    /// The estimate at `now`, faded by the time since the last observation.
+    pub fn latency_ms(&self, now: Instant) -> f64 {
+        self.at.map_or(0.0, |at| {
+            let idle = now.saturating_duration_since(at).as_secs_f64();
+            self.latency_ms * (-idle / EWMA_DECAY.as_secs_f64()).exp()
+        })
     }
 }
 
@@ -237,9 +243,30 @@ mod tests {
     fn ewma_follows_recent_latency() {
         let mut ewma = Ewma::default();
         let t = Instant::now();
+        assert_eq!(ewma.latency_ms(t), 0.0, "never measured: tried first");
         ewma.observe(Duration::from_millis(100), t);
-        assert!((ewma.latency_ms() - 100.0).abs() < 1e-6, "first sample taken as is");
-        ewma.observe(Duration::from_millis(0), t + Duration::from_secs(10));
-        assert!(ewma.latency_ms() < 40.0, "{}", ewma.latency_ms());
+        assert!((ewma.latency_ms(t) - 100.0).abs() < 1e-6, "first sample taken as is");
+        let later = t + Duration::from_secs(10);
+        ewma.observe(Duration::from_millis(0), later);
+        assert!(ewma.latency_ms(later) < 40.0, "{}", ewma.latency_ms(later));
+    }
+
+    #[test]
+    fn ewma_jumps_to_a_peak_and_fades_while_idle() {
+        let mut ewma = Ewma::default();
+        let t = Instant::now();
+        ewma.observe(Duration::from_millis(1), t);
+        ewma.observe(Duration::from_millis(50), t + Duration::from_millis(5));
+        assert!(
+            (ewma.latency_ms(t + Duration::from_millis(5)) - 50.0).abs() < 1e-6,
+            "a slower response counts at once"
+        );
+        // Many fast responses in quick succession barely move it: one slow answer keeps mattering for a while.
+        for i in 1..=10 {
+            ewma.observe(Duration::from_millis(1), t + Duration::from_millis(5 + i));
+        }
+        assert!(ewma.latency_ms(t + Duration::from_millis(15)) > 45.0);
+        // Untouched for half a minute it fades, so the balancer tries the endpoint again.
+        assert!(ewma.latency_ms(t + Duration::from_secs(30)) < 3.0);
     }
 }

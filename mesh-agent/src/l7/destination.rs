@@ -68,8 +68,9 @@ impl Endpoint {
 
     /// Least-request cost: expected latency times the requests it would queue behind.
     pub fn load(&self) -> f64 {
-        let latency = self.latency.lock().unwrap_or_else(|p| p.into_inner()).latency_ms();
-        latency * (self.in_flight.load(Ordering::Acquire) + 1) as f64
+        let latency = self.latency.lock().unwrap_or_else(|p| p.into_inner()).latency_ms(Instant::now());
+        // A floor of 1 µs, so requests in flight count even on an endpoint not measured yet.
+        latency.max(0.001) * (self.in_flight.load(Ordering::Acquire) + 1) as f64
     }
 
     pub fn is_ejected(&self, now: Instant) -> bool {
@@ -223,7 +224,7 @@ impl Destination {
                 node: e.node.clone(),
                 locality: e.locality.clone(),
                 in_flight: e.in_flight.load(Ordering::Acquire),
-                latency_ms: e.latency.lock().unwrap_or_else(|p| p.into_inner()).latency_ms(),
+                latency_ms: e.latency.lock().unwrap_or_else(|p| p.into_inner()).latency_ms(now),
                 ejected: e.is_ejected(now),
             })
             .collect()
