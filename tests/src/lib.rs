@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod cluster;
+pub mod demo;
 pub mod fakeapi;
 pub mod otlp;
 pub mod probe;

@@ -1,7 +1,8 @@
-//! Project tasks: `cargo xtask setup | test | build-ebpf`.
+//! Project tasks: `cargo xtask demo | test | bench | setup | gen-manifests | build-ebpf`.
 //!
-//! `test` is what CI runs (`.ci/run`): it installs what a fresh Debian machine lacks (when run as root), then
-//! runs formatting, clippy, and every unit and end-to-end test.
+//! `demo` builds everything and runs Bookinfo on a two-node mesh on this machine (`mesh-demo`). `test` is what CI
+//! runs (`.ci/run`): it installs what a fresh Debian machine lacks (when run as root), then runs formatting,
+//! clippy, every unit and end-to-end test, and the demo's non-interactive walk-through.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -29,6 +30,7 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("setup") => setup(),
+        Some("demo") => demo(&args[1..]),
         Some("test") => test(&args[1..]),
         Some("bench") if args.get(1).map(String::as_str) == Some("control-plane") => bench_control_plane(),
         Some("bench") => bench(),
@@ -49,7 +51,8 @@ fn main() -> Result<()> {
         Some("build-ebpf") => step("build the agent with its eBPF object", cargo(&["build", "-p", "mesh-agent"])),
         _ => {
             eprintln!(
-                "usage: cargo xtask <task>\n\n  setup        install missing build and test prerequisites (Debian, as root)\n  \
+                "usage: cargo xtask <task>\n\n  demo [--smoke]  Bookinfo on a two-node mesh on this machine (root); --smoke: walk through once and exit\n  \
+                 setup        install missing build and test prerequisites (Debian, as root)\n  \
                  test         setup, then fmt --check, clippy -D warnings, build, all tests\n  \
                  gen-manifests  write manifests/crds/*.yaml from the CRD types\n  \
                  bench        direct vs plaintext-via-agents vs mTLS-via-agents; JSON in target/bench/\n  \
@@ -146,6 +149,22 @@ fn is_bpffs_mounted() -> bool {
         .unwrap_or(false)
 }
 
+/// Builds what the demo needs, then becomes `mesh-demo` (so Ctrl-C reaches it directly and it cleans up).
+fn demo(args: &[String]) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    if !is_root() {
+        bail!("the demo creates network namespaces, cgroups and eBPF programs: run it as root");
+    }
+    setup()?;
+    step(
+        "cargo build --bins (agent with its eBPF programs, CNI plugin, controller, meshctl, Bookinfo)",
+        cargo(&["build", "--bins", "--locked"]),
+    )?;
+    let mut run = Command::new(workspace().join("target/debug/mesh-demo"));
+    run.args(args).current_dir(workspace());
+    Err(run.exec()).context("starting target/debug/mesh-demo")
+}
+
 fn bench() -> Result<()> {
     setup()?;
     step("cargo build --release --bins", cargo(&["build", "--release", "--bins", "--locked"]))?;
@@ -173,13 +192,23 @@ fn test(extra: &[String]) -> Result<()> {
     if !extra.is_empty() {
         test.arg("--").args(extra);
     }
-    let totals = run_tests(test)?;
-    // One plain closing line over all test binaries, so CI sees the real count.
+    let mut totals = run_tests(test)?;
+    // The demo's walk-through counts as one more end-to-end test.
+    let mut demo = Command::new(workspace().join("target/debug/mesh-demo"));
+    demo.arg("--smoke").current_dir(workspace());
+    match step("cargo xtask demo --smoke (the README's walk-through, checked step by step)", demo) {
+        Ok(()) => totals.passed += 1,
+        Err(e) => {
+            eprintln!("{e:#}");
+            totals.failed += 1;
+        }
+    }
+    // One plain closing line over all test binaries and the demo, so CI sees the real count.
     println!("nodemesh: {} passed, {} failed", totals.passed, totals.failed);
     if totals.failed > 0 || !totals.success {
         bail!("tests failed");
     }
-    if totals.passed == 0 {
+    if totals.passed <= 1 {
         bail!("no test ran");
     }
     eprintln!("==> all checks passed in {:.0}s", start.elapsed().as_secs_f64());
