@@ -229,6 +229,35 @@ fn documented_l7_examples_are_accepted() {
     assert_eq!(pages, 7);
 }
 
+/// The examples of README.md's configuration reference are accepted, with every reference resolved, next to the
+/// Services they name.
+#[test]
+fn readme_configuration_reference_is_accepted() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let section = readme.split("## Configuration reference").nth(1).unwrap().split("\n## ").next().unwrap();
+    let examples = yaml_blocks(section);
+    let mut app = String::new();
+    for (namespace, services) in [
+        ("bookinfo", &["reviews", "reviews-v1", "reviews-v2", "reviews-v3", "ratings", "details"][..]),
+        ("shop", &["cart", "cart-v2"]),
+    ] {
+        app.push_str(&format!("---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {namespace}}}\n"));
+        for (i, name) in services.iter().enumerate() {
+            app.push_str(&format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {namespace}}}\n\
+                 spec: {{clusterIP: 10.96.7.{i}, selector: {{app: {name}}}, ports: [{{port: 9080}}, {{port: 80}}]}}\n"
+            ));
+        }
+    }
+    let objects = parse(&format!("{app}---\n{examples}"));
+    let (_, verdicts) = Mesh::from_objects(&objects);
+    let checked = verdicts.len();
+    for v in &verdicts {
+        assert!(v.rejected.is_none() && v.unresolved.is_none(), "README example: {v:?}");
+    }
+    assert!(checked >= 7, "every kind of the reference has an example ({checked} verdicts)");
+}
+
 #[test]
 fn workloads_are_named_after_their_owners_and_telemetry_is_checked() {
     let objects = parse(

@@ -80,7 +80,9 @@ pub fn run(options: &Options, stop: &AtomicBool) -> Result<()> {
     let mut demo = Demo { c, app, bookinfo, meshctl, endpoints, progress, stop };
 
     let outcome = walkthrough::run(&mut demo);
-    if let Err(e) = &outcome {
+    if outcome.is_err() && demo.stopped() {
+        println!("\nInterrupted.");
+    } else if let Err(e) = &outcome {
         println!("\nThe demo FAILED: {e:#}\n");
         for prefix in ["controller", "agent-n1", "agent-n2"] {
             let lines = demo.c.log_lines(prefix);
