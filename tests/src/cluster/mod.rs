@@ -22,6 +22,12 @@ use serde_json::Value;
 
 use crate::sys::{self, Placement, ip, pid_alive};
 
+mod clients;
+mod cni;
+
+pub use clients::{ClientReport, PendingClient};
+pub use cni::CniOutcome;
+
 static SEQUENCE: AtomicU32 = AtomicU32::new(0);
 static SWEEP: Once = Once::new();
 const PREFIX: &str = "nmt";
@@ -76,76 +82,6 @@ pub struct Cluster {
     /// `RUST_LOG` of the agents: debug for tests (post-mortems), quieter for the bench.
     pub agent_log: String,
     controller: Option<usize>,
-}
-
-/// What `mesh-testbin client` reported.
-#[derive(Debug)]
-pub struct ClientReport {
-    pub success: bool,
-    pub json: Value,
-    pub stderr: String,
-}
-
-impl ClientReport {
-    pub fn field(&self, name: &str) -> String {
-        self.json.get(name).and_then(Value::as_str).unwrap_or("").to_string()
-    }
-    pub fn ok_connections(&self) -> u64 {
-        self.json.get("ok").and_then(Value::as_u64).unwrap_or(0)
-    }
-}
-
-/// A client started with [`Cluster::client_start`].
-pub struct PendingClient {
-    child: Child,
-    log: PathBuf,
-}
-
-impl PendingClient {
-    /// Waits (at most 120 s) for the report.
-    pub fn wait(mut self) -> Result<ClientReport> {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let status = loop {
-            if let Some(s) = self.child.try_wait()? {
-                break s;
-            }
-            if Instant::now() > deadline {
-                bail!("client timed out after 120s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let text = std::fs::read_to_string(&self.log)?;
-        let json_line = text.lines().find(|l| l.starts_with('{')).unwrap_or("null");
-        Ok(ClientReport {
-            success: status.success(),
-            json: serde_json::from_str(json_line).unwrap_or(Value::Null),
-            stderr: text.lines().filter(|l| !l.starts_with('{')).collect::<Vec<_>>().join("\n"),
-        })
-    }
-}
-
-impl Drop for PendingClient {
-    fn drop(&mut self) {
-        // Reaped already when `wait` returned; otherwise (timeout, panic) it must not outlive the test.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Result of one `nodemesh-cni` invocation.
-#[derive(Debug)]
-pub struct CniOutcome {
-    pub exit_ok: bool,
-    pub stdout: String,
-}
-
-impl CniOutcome {
-    pub fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout).unwrap_or(Value::Null)
-    }
-    pub fn error_code(&self) -> Option<u64> {
-        self.json().get("code").and_then(Value::as_u64)
-    }
 }
 
 /// Checks what the tests need (and mounts bpffs when it is not). Missing pieces skip the test locally and fail
@@ -418,77 +354,6 @@ impl Cluster {
         Ok(())
     }
 
-    /// Runs `mesh-testbin client` in a pod and waits (bounded) for its report.
-    pub fn client(&self, pod: &Pod, target: SocketAddr, bytes: u64, conns: usize) -> Result<ClientReport> {
-        self.client_with(pod, target, bytes, conns, &[])
-    }
-
-    /// The same with `MESH_TESTBIN_*` settings (marker payload, hold time).
-    pub fn client_with(
-        &self,
-        pod: &Pod,
-        target: SocketAddr,
-        bytes: u64,
-        conns: usize,
-        env: &[(&str, &str)],
-    ) -> Result<ClientReport> {
-        self.client_in(&Placement { netns: &pod.netns, cgroup: &pod.cgroup }, target, bytes, conns, env)
-    }
-
-    /// The same from the node itself (its netns, its "host" cgroup), like a kubelet probe.
-    pub fn client_from_node(&self, node: usize, target: SocketAddr, bytes: u64) -> Result<ClientReport> {
-        let n = &self.nodes[node];
-        self.client_in(&Placement { netns: &n.netns, cgroup: &n.cgroup.join("host") }, target, bytes, 1, &[])
-    }
-
-    fn client_in(
-        &self,
-        place: &Placement<'_>,
-        target: SocketAddr,
-        bytes: u64,
-        conns: usize,
-        env: &[(&str, &str)],
-    ) -> Result<ClientReport> {
-        let mut cmd = Command::new(&self.testbin);
-        cmd.args(["client", &target.to_string(), &bytes.to_string(), &conns.to_string()]).envs(env.iter().copied());
-        let log = self.tmp.join(format!("client-{}.log", SEQUENCE.fetch_add(1, Ordering::Relaxed)));
-        let child = sys::spawn_in(place, &mut cmd, &log)?;
-        PendingClient { child, log }.wait()
-    }
-
-    /// Starts a client without waiting; [`PendingClient::wait`] collects its report.
-    pub fn client_start(
-        &self,
-        pod: &Pod,
-        target: SocketAddr,
-        bytes: u64,
-        env: &[(&str, &str)],
-    ) -> Result<PendingClient> {
-        let mut cmd = Command::new(&self.testbin);
-        cmd.args(["client", &target.to_string(), &bytes.to_string(), "1"]).envs(env.iter().copied());
-        let log = self.tmp.join(format!("client-{}.log", SEQUENCE.fetch_add(1, Ordering::Relaxed)));
-        let child = sys::spawn_in(&Placement { netns: &pod.netns, cgroup: &pod.cgroup }, &mut cmd, &log)?;
-        Ok(PendingClient { child, log })
-    }
-
-    /// Runs `mesh-testbin ARGS...` in a pod; returns its JSON report.
-    pub fn testbin(&self, pod: &Pod, args: &[&str]) -> Result<Value> {
-        self.run_in(pod, &self.testbin, args)
-    }
-
-    /// Runs a client program in a pod to the end (bounded) and parses the JSON it prints.
-    pub fn run_in(&self, pod: &Pod, exe: &Path, args: &[&str]) -> Result<Value> {
-        let mut cmd = Command::new(exe);
-        cmd.args(args);
-        let log = self.tmp.join(format!("testbin-{}.log", SEQUENCE.fetch_add(1, Ordering::Relaxed)));
-        let child = sys::spawn_in(&Placement { netns: &pod.netns, cgroup: &pod.cgroup }, &mut cmd, &log)?;
-        let report = PendingClient { child, log }.wait()?;
-        if !report.success {
-            bail!("{} {} failed: {}", exe.display(), args.join(" "), report.stderr);
-        }
-        Ok(report.json)
-    }
-
     pub fn agent_pid(&self, node: usize) -> Option<u32> {
         Some(self.processes[self.nodes[node].agent?].as_ref()?.child.id())
     }
@@ -663,62 +528,6 @@ impl Cluster {
         // SAFETY: plain kill(2) on our own child.
         if unsafe { libc::kill(pid as i32, signal) } != 0 {
             bail!("kill: {}", std::io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    /// Invokes the real `nodemesh-cni` binary as a container runtime would.
-    pub fn cni_raw(&self, env: &[(&str, &str)], stdin: &str) -> Result<CniOutcome> {
-        use std::io::Write;
-        let mut child = Command::new(self.bin_dir.join("nodemesh-cni"))
-            .env_clear()
-            .envs(env.iter().copied())
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()?;
-        child.stdin.take().context("stdin")?.write_all(stdin.as_bytes())?;
-        let out = child.wait_with_output()?;
-        Ok(CniOutcome {
-            exit_ok: out.status.success(),
-            stdout: String::from_utf8_lossy(&out.stdout).trim().to_string(),
-        })
-    }
-
-    /// The network config a runtime passes to a chained plugin, with the main plugin's result.
-    pub fn cni_config(&self, pod: &Pod) -> String {
-        let socket = self.nodes[pod.node].cni_socket.display();
-        format!(
-            r#"{{"cniVersion":"1.0.0","name":"k8s-pod-network","type":"nodemesh-cni","agentSocket":"{socket}",
-                "prevResult":{{"cniVersion":"1.0.0","interfaces":[{{"name":"eth0","sandbox":"{netns}"}}],
-                "ips":[{{"address":"{v4}/24","interface":0}},{{"address":"{v6}/64","interface":0}}]}}}}"#,
-            netns = sys::netns_path(&pod.netns).display(),
-            v4 = pod.ipv4,
-            v6 = pod.ipv6,
-        )
-    }
-
-    pub fn cni(&self, command: &str, pod: &Pod) -> Result<CniOutcome> {
-        let netns = sys::netns_path(&pod.netns);
-        let args = format!(
-            "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_UID=uid-{}",
-            pod.namespace, pod.name, pod.name
-        );
-        let env = [
-            ("CNI_COMMAND", command),
-            ("CNI_CONTAINERID", pod.container_id.as_str()),
-            ("CNI_NETNS", netns.to_str().unwrap_or_default()),
-            ("CNI_IFNAME", "eth0"),
-            ("CNI_PATH", "/opt/cni/bin"),
-            ("CNI_ARGS", args.as_str()),
-        ];
-        self.cni_raw(&env, &self.cni_config(pod))
-    }
-
-    /// CNI ADD that must succeed.
-    pub fn enroll(&self, pod: &Pod) -> Result<()> {
-        let out = self.cni("ADD", pod)?;
-        if !out.exit_ok {
-            bail!("CNI ADD for {} failed: {}", pod.name, out.stdout);
         }
         Ok(())
     }
