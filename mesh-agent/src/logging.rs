@@ -18,7 +18,9 @@ static LEVELS: OnceLock<Levels> = OnceLock::new();
 pub fn init() {
     let directives = std::env::var("RUST_LOG").ok().filter(|d| EnvFilter::try_new(d).is_ok()).unwrap_or("info".into());
     let (filter, handle) = reload::Layer::new(EnvFilter::new(&directives));
-    if tracing_subscriber::registry().with(filter).with(tracing_subscriber::fmt::layer()).try_init().is_ok() {
+    // Colour only on a terminal: `kubectl logs` and log collectors get plain text.
+    let output = tracing_subscriber::fmt::layer().with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
+    if tracing_subscriber::registry().with(filter).with(output).try_init().is_ok() {
         let _ = LEVELS.set(Levels { handle, current: Mutex::new(directives) });
     }
 }

@@ -49,8 +49,10 @@ struct ServeArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Colour only on a terminal: `kubectl logs` and log collectors get plain text.
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     match Cli::parse() {
         Cli::Serve(args) => tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args)),
