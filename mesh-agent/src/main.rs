@@ -111,10 +111,13 @@ struct RunArgs {
     /// Unix socket the nodemesh-cni plugin connects to.
     #[arg(long, env = "NODEMESH_CNI_SOCKET", default_value = DEFAULT_AGENT_SOCKET)]
     cni_socket: PathBuf,
-    /// The controller's gRPC address (e.g. `http://mesh-controller.nodemesh-system:15012`): the normal mode.
-    /// Config and certificates then come from it; `--config` only seeds the config until it answers.
+    /// The controller's gRPC address (e.g. `https://nodemesh-controller.nodemesh-system.svc:15012`): the normal
+    /// mode. Config and certificates then come from it; `--config` only seeds the config until it answers.
     #[arg(long, env = "NODEMESH_CONTROLLER", conflicts_with = "ca_dir")]
     controller: Option<String>,
+    /// PEM root certificate(s) the controller's TLS certificate must chain to (the mesh CA's root).
+    #[arg(long, env = "NODEMESH_CONTROLLER_CA", requires = "controller")]
+    controller_ca: Option<PathBuf>,
     /// File with the token for the controller: the bootstrap token, or in Kubernetes the agent's projected
     /// service-account token (re-read for every call, as the kubelet rotates it).
     #[arg(long, env = "NODEMESH_TOKEN_FILE", requires = "controller")]
@@ -223,7 +226,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let controller = match &args.controller {
         Some(url) => {
             let token_file = args.token_file.as_ref().context("--controller needs --token-file")?;
-            Some(ControllerClient::new(url, token_file, args.node.clone())?)
+            Some(ControllerClient::new(url, args.controller_ca.as_deref(), token_file, args.node.clone())?)
         }
         None => None,
     };

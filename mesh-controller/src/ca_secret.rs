@@ -1,14 +1,15 @@
 //! The root CA in Kubernetes mode: a Secret (`ca.crt`, `ca.key`, optional `root.crt` when the CA is an
 //! intermediate), created with a new self-signed root on first start. Two controllers starting at once both try
-//! to create it; the loser reads the winner's.
+//! to create it; the loser reads the winner's. Its root certificate is published in a ConfigMap the agents
+//! mount (like Istio's `istio-ca-root-cert`), since they need it before they can trust the controller.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::{ObjectMeta, PostParams};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use mesh_agent::identity::LocalCa;
 use mesh_agent::identity::ca::{CA_CERT, CA_KEY, ROOT_CERT, new_root};
@@ -50,4 +51,24 @@ pub async fn load_or_create(
         }
     }
     bail!("{origin} keeps disappearing")
+}
+
+/// Key of the root certificates (PEM) in the published ConfigMap.
+pub const ROOT_CONFIGMAP_KEY: &str = "root-cert.pem";
+
+/// Writes the CA's root certificates into ConfigMap `namespace/name` (server-side apply: created or updated).
+pub async fn publish_root(client: Client, namespace: &str, name: &str, ca: &LocalCa) -> anyhow::Result<()> {
+    let configmap = ConfigMap {
+        metadata: ObjectMeta { name: Some(name.into()), namespace: Some(namespace.into()), ..Default::default() },
+        data: Some(BTreeMap::from([(ROOT_CONFIGMAP_KEY.to_string(), crate::tls::roots_pem(ca))])),
+        ..Default::default()
+    };
+    let mut value = serde_json::to_value(&configmap)?;
+    value["apiVersion"] = "v1".into();
+    value["kind"] = "ConfigMap".into();
+    Api::<ConfigMap>::namespaced(client, namespace)
+        .patch(name, &PatchParams::apply("nodemesh-controller").force(), &Patch::Apply(value))
+        .await
+        .with_context(|| format!("publishing the CA root in ConfigMap {namespace}/{name}"))?;
+    Ok(())
 }

@@ -9,3 +9,4 @@ pub mod mesh;
 pub mod metrics;
 pub mod server;
 pub mod source;
+pub mod tls;

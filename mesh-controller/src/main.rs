@@ -9,12 +9,13 @@ use mesh_controller::auth::Authenticator;
 use mesh_controller::metrics::Metrics;
 use mesh_controller::server::Controller;
 use mesh_controller::source;
+use mesh_controller::tls::ServingCert;
 
 #[derive(Parser)]
 #[command(name = "mesh-controller", version, about = "nodemesh controller")]
 enum Cli {
     /// Serve config and certificates to the agents.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Write the CustomResourceDefinitions of nodemesh.io as YAML files into DIR.
     Crds { out: PathBuf },
 }
@@ -46,6 +47,22 @@ struct ServeArgs {
     /// Prometheus metrics (`/metrics`).
     #[arg(long, env = "NODEMESH_METRICS", default_value = "0.0.0.0:15014")]
     metrics: SocketAddr,
+    /// Names agents may dial the controller by: the DNS names of its serving certificate (the listen address,
+    /// when it is a specific IP, is added as an IP name).
+    #[arg(
+        long = "server-name",
+        env = "NODEMESH_SERVER_NAMES",
+        value_delimiter = ',',
+        default_value = "nodemesh-controller.nodemesh-system.svc,nodemesh-controller.nodemesh-system.svc.cluster.local,nodemesh-controller.nodemesh-system,localhost"
+    )]
+    server_names: Vec<String>,
+    /// Kubernetes mode: the ConfigMap (`namespace/name`) the CA's root certificate is published in, key
+    /// `root-cert.pem`; agents mount it to verify the controller.
+    #[arg(long, env = "NODEMESH_CA_ROOT_CONFIGMAP", default_value = "nodemesh-system/nodemesh-ca-root")]
+    ca_root_configmap: String,
+    /// Serve plaintext gRPC instead of TLS (trusted networks and benchmarks only: agents' tokens travel in clear).
+    #[arg(long, env = "NODEMESH_PLAINTEXT")]
+    plaintext: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -55,7 +72,7 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     match Cli::parse() {
-        Cli::Serve(args) => tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args)),
+        Cli::Serve(args) => tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(*args)),
         Cli::Crds { out } => {
             std::fs::create_dir_all(&out)?;
             for (file, yaml) in mesh_controller::crds::all() {
@@ -82,6 +99,9 @@ async fn run(cli: ServeArgs) -> anyhow::Result<()> {
         let client = kube::Client::try_default().await.context("connecting to the Kubernetes API server")?;
         let (namespace, name) = cli.ca_secret.split_once('/').context("--ca-secret must be namespace/name")?;
         let ca = mesh_controller::ca_secret::load_or_create(client.clone(), namespace, name, &cli.trust_domain).await?;
+        let (namespace, name) =
+            cli.ca_root_configmap.split_once('/').context("--ca-root-configmap must be namespace/name")?;
+        mesh_controller::ca_secret::publish_root(client.clone(), namespace, name, &ca).await?;
         let snapshots = source::kubernetes::watch(client.clone()).await?;
         (snapshots, ca, Authenticator::token_review(client, &cli.agent_service_account))
     } else if let Some(path) = cli.source.strip_prefix("dir:") {
@@ -110,14 +130,25 @@ async fn run(cli: ServeArgs) -> anyhow::Result<()> {
     let routes: mesh_agent::admin::Routes =
         Arc::new(move |req| mesh_agent::admin::metrics_reply(req, metrics_route.encode()));
     tokio::spawn(mesh_agent::admin::serve_http(listener, routes));
-    let controller = Controller::new(snapshots, Arc::new(ca), cli.trust_domain, auth, metrics);
-    tracing::info!(listen = %cli.listen, source = %cli.source, "controller serving");
-    tonic::transport::Server::builder()
-        .add_routes(controller.router())
-        .serve_with_shutdown(cli.listen, async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+    let ca = Arc::new(ca);
+    let controller = Controller::new(snapshots, ca.clone(), cli.trust_domain, auth, metrics);
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let server = tonic::transport::Server::builder().add_routes(controller.router());
+    if cli.plaintext {
+        tracing::warn!(listen = %cli.listen, source = %cli.source, "controller serving PLAINTEXT gRPC (--plaintext)");
+        return server.serve_with_shutdown(cli.listen, shutdown).await.context("gRPC server");
+    }
+    let ips: Vec<std::net::IpAddr> = Some(cli.listen.ip()).filter(|ip| !ip.is_unspecified()).into_iter().collect();
+    let cert =
+        ServingCert::new(ca, cli.server_names.clone(), ips.clone()).context("the controller's serving certificate")?;
+    cert.spawn_renewal();
+    let listener =
+        tokio::net::TcpListener::bind(cli.listen).await.with_context(|| format!("gRPC address {}", cli.listen))?;
+    tracing::info!(listen = %cli.listen, source = %cli.source, names = ?cli.server_names, ?ips, "controller serving gRPC over TLS");
+    server
+        .serve_with_incoming_shutdown(mesh_controller::tls::incoming(listener, cert.server_config()?), shutdown)
         .await
-        .context("gRPC server")?;
-    Ok(())
+        .context("gRPC server")
 }

@@ -116,9 +116,7 @@ impl Controller {
     }
 
     fn trust_bundle_pem(&self) -> Vec<u8> {
-        let blocks: Vec<pem::Pem> =
-            self.ca.trust_bundle().iter().map(|der| pem::Pem::new("CERTIFICATE", der.to_vec())).collect();
-        pem::encode_many(&blocks).into_bytes()
+        crate::tls::roots_pem(self.ca.as_ref()).into_bytes()
     }
 }
 

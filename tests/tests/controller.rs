@@ -1,10 +1,12 @@
 //! The controller (directory source) feeding real agents over gRPC, and its CA.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use mesh_common::proto::SignRequest;
 use mesh_common::proto::certificate_service_client::CertificateServiceClient;
 use mesh_tests::cluster::{CONTROLLER_IP, CONTROLLER_PORT};
+use mesh_tests::sniff::{Sniffer, contains};
 use mesh_tests::{Cluster, Pod};
 use mesh_tests::{addr, cluster, wait_for};
 
@@ -89,15 +91,27 @@ fn agents_keep_forwarding_while_the_controller_is_away() {
 }
 
 fn sign(c: &Cluster, token: Option<String>, node: &str, identity: &str) -> Result<Vec<Vec<u8>>, tonic::Status> {
+    let url = format!("https://{CONTROLLER_IP}:{CONTROLLER_PORT}");
+    sign_via(c, &url, Some(c.controller_root()), token, node, identity)
+}
+
+/// A signing call to the controller at `url`, verifying it with the roots in `root` (https).
+fn sign_via(
+    c: &Cluster,
+    url: &str,
+    root: Option<PathBuf>,
+    token: Option<String>,
+    node: &str,
+    identity: &str,
+) -> Result<Vec<Vec<u8>>, tonic::Status> {
     let key = rcgen::KeyPair::generate().unwrap();
     let csr = rcgen::CertificateParams::default().serialize_request(&key).unwrap().der().to_vec();
-    let (node, identity) = (node.to_string(), identity.to_string());
+    let (url, node, identity) = (url.to_string(), node.to_string(), identity.to_string());
     mesh_tests::sys::in_netns(&c.fabric, move || {
         // The socket must be created inside the fabric netns: a runtime on this very thread does that.
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         runtime.block_on(async move {
-            let url = format!("http://{CONTROLLER_IP}:{CONTROLLER_PORT}");
-            let channel = tonic::transport::Endpoint::from_shared(url).unwrap().connect().await.unwrap();
+            let channel = mesh_agent::controller::channel::channel(&url, root.as_deref()).unwrap();
             let mut client = CertificateServiceClient::new(channel);
             let mut request = tonic::Request::new(SignRequest { identity, csr_der: csr, lifetime_seconds: 3600 });
             if let Some(token) = token {
@@ -108,6 +122,41 @@ fn sign(c: &Cluster, token: Option<String>, node: &str, identity: &str) -> Resul
         })
     })
     .unwrap()
+}
+
+/// The agents' channel is TLS with the mesh CA's certificate: the token never crosses the wire in clear, a client
+/// trusting another root is refused, and a plaintext client gets nowhere.
+#[test]
+fn control_channel_is_tls_verified_by_the_mesh_root() {
+    let mut c = cluster!(1);
+    let client = c.add_pod(0, "client").unwrap();
+    c.write_objects("namespaces.yaml", Some(mesh_tests::MESH_NAMESPACES)).unwrap();
+    c.write_objects("pods.yaml", Some(&c.pod_objects(&[(&client, "client-sa")]))).unwrap();
+    c.start_controller().unwrap();
+    let token = std::fs::read_to_string(c.token_file().unwrap()).unwrap();
+    let identity = "spiffe://cluster.local/ns/default/sa/client-sa";
+    let node = c.nodes[0].name.clone();
+
+    let sniffer = Sniffer::start(&c.fabric).unwrap();
+    assert!(sign(&c, Some(token.clone()), &node, identity).is_ok(), "signed over TLS");
+    let wire = sniffer.finish().unwrap();
+    assert!(contains(&wire, &[0x16, 0x03]), "a TLS handshake crossed the wire");
+    assert!(!contains(&wire, token.as_bytes()), "the bootstrap token was readable on the wire");
+
+    let (foreign, _) =
+        mesh_agent::identity::ca::new_root("elsewhere.example", std::time::Duration::from_secs(3600)).unwrap();
+    let foreign_root = c.tmp_dir().join("foreign-root.pem");
+    std::fs::write(&foreign_root, foreign.pem()).unwrap();
+    let https = format!("https://{CONTROLLER_IP}:{CONTROLLER_PORT}");
+    let refused = sign_via(&c, &https, Some(foreign_root), Some(token.clone()), &node, identity).unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+
+    let http = format!("http://{CONTROLLER_IP}:{CONTROLLER_PORT}");
+    assert!(sign_via(&c, &http, None, Some(token), &node, identity).is_err(), "plaintext to a TLS controller");
+    wait_for("the controller to log the failed handshakes", || {
+        c.log_lines("controller").iter().filter(|l| l.contains("TLS handshake with a would-be agent failed")).count()
+            >= 2
+    });
 }
 
 #[test]

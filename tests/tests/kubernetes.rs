@@ -57,6 +57,15 @@ fn agent_token(api: &FakeApi, c: &Cluster, node: usize) -> std::path::PathBuf {
     path
 }
 
+/// The controller publishes its CA's root in a ConfigMap for the agents to verify it with (the DaemonSet mounts
+/// it); the agents here read the same text from a file.
+fn mount_ca_root(api: &FakeApi, c: &Cluster) {
+    let configmap = api.get("v1", "ConfigMap", Some("nodemesh-system"), "nodemesh-ca-root").expect("CA root published");
+    let pem = configmap["data"]["root-cert.pem"].as_str().expect("root-cert.pem in the ConfigMap");
+    assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"), "{pem}");
+    std::fs::write(c.controller_root(), pem).unwrap();
+}
+
 fn condition(object: &Option<Value>, path: &[&str]) -> (String, String) {
     let mut v = object.clone().unwrap_or(Value::Null);
     for p in path {
@@ -89,6 +98,7 @@ fn kubernetes_source_drives_agents() {
     std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
     c.start_controller_kubernetes(&kubeconfig).unwrap();
     assert!(api.get("v1", "Secret", Some("nodemesh-system"), "nodemesh-ca").is_some(), "CA Secret created");
+    mount_ca_root(api, &c);
 
     // An agent whose token is not the agent service account's gets nothing (and so never becomes ready).
     let stranger = c.tmp_dir().join("stranger-token");
@@ -175,6 +185,7 @@ fn token_review_binds_agents_to_their_node() {
     let kubeconfig = c.tmp_dir().join("kubeconfig");
     std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
     c.start_controller_kubernetes(&kubeconfig).unwrap();
+    mount_ca_root(api, &c);
     // Node 2's agent presents node 1's token: the token names node 1, so node 2's claim is refused.
     let node1_token = agent_token(api, &c, 0);
     let err = c.start_agent_with_token(1, &node1_token).unwrap_err();

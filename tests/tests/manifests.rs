@@ -92,6 +92,16 @@ fn every_manifest_parses_into_its_type_and_carries_the_install_settings() {
     let installer = &pod.init_containers.as_ref().unwrap()[0];
     assert_eq!(installer.command.as_ref().unwrap()[..3], ["mesh-agent", "cni", "install"]);
     assert!(container.image.as_deref().is_some_and(|i| i.starts_with("ghcr.io/nodemesh/nodemesh:")));
+    // The channel to the controller is TLS, verified with the root the controller publishes in a ConfigMap.
+    let env = |name: &str| {
+        container.env.iter().flatten().find(|e| e.name == name).and_then(|e| e.value.clone()).unwrap_or_default()
+    };
+    assert!(env("NODEMESH_CONTROLLER").starts_with("https://nodemesh-controller.nodemesh-system.svc:"));
+    let mount =
+        container.volume_mounts.iter().flatten().find(|m| env("NODEMESH_CONTROLLER_CA").starts_with(&m.mount_path));
+    let volume =
+        pod.volumes.iter().flatten().find(|v| Some(&v.name) == mount.map(|m| &m.name)).expect("CA root mounted");
+    assert_eq!(volume.config_map.as_ref().map(|c| c.name.as_str()), Some("nodemesh-ca-root"));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -11,7 +11,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
-use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer};
+use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer, PrivatePkcs8KeyDer};
 
 use super::Identity;
 
@@ -120,6 +120,40 @@ impl LocalCa {
         write_private(&dir.join(CA_KEY), &key.serialize_pem()).map_err(|e| CaError::Io(origin.clone(), e))?;
         std::fs::write(dir.join(CA_CERT), cert.pem()).map_err(|e| CaError::Io(origin, e))?;
         Ok(())
+    }
+
+    /// A TLS server certificate for `dns_names` and `ips` (the controller's own, for the agents' channel to it):
+    /// the chain, leaf first, and its new key.
+    pub fn issue_server_cert(
+        &self,
+        dns_names: &[String],
+        ips: &[std::net::IpAddr],
+        lifetime: Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivatePkcs8KeyDer<'static>), CaError> {
+        let fail =
+            |e: rcgen::Error| CaError::Sign(format!("server certificate for {dns_names:?} {ips:?}"), e.to_string());
+        let key = KeyPair::generate().map_err(fail)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, dns_names.first().map_or("nodemesh-controller", |n| n));
+        params.subject_alt_names = dns_names
+            .iter()
+            .map(|n| n.clone().try_into().map(SanType::DnsName))
+            .chain(ips.iter().map(|ip| Ok(SanType::IpAddress(*ip))))
+            .collect::<Result<_, _>>()
+            .map_err(fail)?;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(1);
+        params.not_after = now + lifetime;
+        params.serial_number = Some(random_serial());
+        params.use_authority_key_identifier_extension = true;
+        let leaf = params.signed_by(&key, &self.issuer, &self.issuer_key).map_err(fail)?;
+        let mut chain = vec![leaf.der().clone()];
+        chain.extend(self.intermediates.iter().cloned());
+        Ok((chain, PrivatePkcs8KeyDer::from(key.serialize_der())))
     }
 }
 

@@ -78,8 +78,9 @@ fn proc_stats(pid: u32) -> (f64, f64) {
     (rss, cpu)
 }
 
-async fn agent(url: String, node: String, seen: Arc<Mutex<Seen>>) -> Result<()> {
-    let channel = tonic::transport::Endpoint::from_shared(url)?.connect().await?;
+async fn agent(url: String, ca: PathBuf, node: String, seen: Arc<Mutex<Seen>>) -> Result<()> {
+    // Over TLS, as real agents connect.
+    let channel = mesh_agent::controller::channel::channel(&url, Some(&ca))?;
     let auth: tonic::metadata::MetadataValue<_> = format!("Bearer {TOKEN}").parse()?;
     let node_header: tonic::metadata::MetadataValue<_> = node.parse()?;
     let mut client = ConfigDiscoveryClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
@@ -184,7 +185,8 @@ async fn main() -> Result<()> {
     write_atomically(&objects.join("pods.yaml"), &pods_yaml(nodes, pods))?;
 
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let url = format!("http://127.0.0.1:{port}");
+    let url = format!("https://127.0.0.1:{port}");
+    let ca = work.join("ca").join(mesh_agent::identity::ca::CA_CERT);
     let child = Command::new(exe_dir.join("mesh-controller"))
         .args(["serve", "--source", &format!("dir:{}", objects.display()), "--listen", &format!("127.0.0.1:{port}")])
         .arg("--ca-dir")
@@ -211,9 +213,9 @@ async fn main() -> Result<()> {
     let (_, cpu0) = proc_stats(pid);
     let start = Instant::now();
     for (i, seen) in agents.iter().enumerate() {
-        let (url, seen) = (url.clone(), seen.clone());
+        let (url, ca, seen) = (url.clone(), ca.clone(), seen.clone());
         tokio::spawn(async move {
-            if let Err(e) = agent(url, format!("node-{i}"), seen).await {
+            if let Err(e) = agent(url, ca, format!("node-{i}"), seen).await {
                 eprintln!("agent node-{i}: {e}");
             }
         });

@@ -444,7 +444,28 @@ impl Cluster {
             .arg(self.tmp.join("controller-ca"))
             .arg("--token-file")
             .arg(self.token_file()?);
-        self.run_controller(cmd)
+        self.run_controller(cmd)?;
+        // The CA exists once the controller listens: agents verify the controller against its certificate.
+        std::fs::copy(self.tmp.join("controller-ca").join("ca.crt"), self.controller_root())?;
+        Ok(())
+    }
+
+    /// The root certificate agents verify the controller's TLS certificate with. `start_controller` writes it;
+    /// with the Kubernetes source the test copies it from the ConfigMap the controller publishes.
+    pub fn controller_root(&self) -> PathBuf {
+        self.tmp.join("controller-root.pem")
+    }
+
+    /// The agent arguments that point it at the controller, verified with [`Cluster::controller_root`].
+    fn controller_args(&self, token_file: &Path) -> Result<Vec<String>> {
+        Ok(vec![
+            "--controller".into(),
+            format!("https://{CONTROLLER_IP}:{CONTROLLER_PORT}"),
+            "--controller-ca".into(),
+            self.controller_root().to_str().context("path")?.into(),
+            "--token-file".into(),
+            token_file.to_str().context("path")?.into(),
+        ])
     }
 
     /// Starts `mesh-controller --source kubernetes` against the API server in `kubeconfig` (reachable from the
@@ -503,17 +524,16 @@ impl Cluster {
 
     /// Starts the node's agent fed by the controller, with more agent arguments.
     pub fn start_agent_with_controller_args(&mut self, node: usize, extra: &[&str]) -> Result<()> {
-        let url = format!("http://{CONTROLLER_IP}:{CONTROLLER_PORT}");
         let token = self.token_file()?;
-        let mut args = vec!["--controller", &url, "--token-file", token.to_str().context("path")?];
-        args.extend(extra);
-        self.start_agent_with(node, &args)
+        let mut args = self.controller_args(&token)?;
+        args.extend(extra.iter().map(|a| a.to_string()));
+        self.start_agent_with(node, &args.iter().map(String::as_str).collect::<Vec<_>>())
     }
 
     /// Starts the node's agent fed by the controller, presenting the token in `token_file`.
     pub fn start_agent_with_token(&mut self, node: usize, token_file: &Path) -> Result<()> {
-        let url = format!("http://{CONTROLLER_IP}:{CONTROLLER_PORT}");
-        self.start_agent_with(node, &["--controller", &url, "--token-file", token_file.to_str().context("path")?])
+        let args = self.controller_args(token_file)?;
+        self.start_agent_with(node, &args.iter().map(String::as_str).collect::<Vec<_>>())
     }
 
     /// Scratch directory of this cluster (removed with it).

@@ -2,6 +2,9 @@
 //! while the controller is away, reconnect with backoff) and certificate signing through the controller's CA.
 
 use anyhow::Context;
+
+pub mod channel;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -15,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Status};
 
 use crate::identity::ca::{SignFuture, pem_certs};
@@ -68,14 +71,10 @@ type Authenticated = InterceptedService<Channel, AuthInterceptor>;
 
 impl ControllerClient {
     /// Connects lazily: the agent starts (and serves its last state) whether or not the controller is up.
-    pub fn new(url: &str, token_file: &Path, node: String) -> anyhow::Result<Self> {
+    /// `ca_file`: the root certificate(s) an `https://` controller is verified against.
+    pub fn new(url: &str, ca_file: Option<&Path>, token_file: &Path, node: String) -> anyhow::Result<Self> {
         let token = Arc::new(TokenFile::open(token_file)?);
-        let channel = Endpoint::from_shared(url.to_string())?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .connect_lazy();
+        let channel = channel::channel(url, ca_file)?;
         Ok(ControllerClient { channel, token, node: node.into(), bundle: Default::default() })
     }
 
