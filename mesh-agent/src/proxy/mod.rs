@@ -133,6 +133,27 @@ pub fn app_unreachable(state: &AgentState, pod: &PodContext, target: SocketAddr,
     tracing::info!(%target, %error, "cannot reach the application");
 }
 
+/// Source ports of the agent's transparent connections to applications. The kernel's choice for `bind(ip, 0)`
+/// draws only odd ports and treats a port in TIME_WAIT towards *any* destination as taken; as the agent closes
+/// first whenever the client does, sustained short connections from one client left it without ports after
+/// ~14,000 in a minute (and slowed to a crawl). Taking the whole ephemeral range in turn, with `SO_REUSEADDR`,
+/// reuses a port only after every other one, and only a TIME_WAIT of the very same four-tuple blocks it — then
+/// the next port is tried — so the agent sustains what the client itself could on a direct path.
+const TRANSPARENT_PORTS: (u16, u16) = (32768, 60999);
+const TRANSPARENT_PORT_ATTEMPTS: usize = 16;
+static NEXT_TRANSPARENT_PORT: AtomicU64 = AtomicU64::new(0);
+
+fn next_transparent_port() -> u16 {
+    let (low, high) = TRANSPARENT_PORTS;
+    let span = u64::from(high - low) + 1;
+    low + (NEXT_TRANSPARENT_PORT.fetch_add(1, Ordering::Relaxed) % span) as u16
+}
+
+/// Whether a bind or connect failed only because this source port is taken for the destination.
+fn port_taken(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EADDRINUSE | libc::EADDRNOTAVAIL))
+}
+
 /// Connects to the pod's application *as* `client` (transparently), so the application sees the real peer.
 /// See `inpod::routing` for how the replies find their way back.
 pub async fn connect_to_app(
@@ -141,30 +162,37 @@ pub async fn connect_to_app(
     target: SocketAddr,
     client: SocketAddr,
 ) -> io::Result<TcpStream> {
-    let socket = pod_socket(pod, target, INBOUND_MARK)?;
-    let client = SocketAddr::new(client.ip().to_canonical(), 0);
-    let mut announced = None;
-    if client.is_ipv4() == target.is_ipv4() {
-        match bind_transparent(&socket, client) {
-            Ok(source) => {
-                state.capture().announce_agent_connect(source, target.port()).map_err(io::Error::other)?;
-                announced = Some(source);
+    let client_ip = client.ip().to_canonical();
+    if client_ip.is_ipv4() != target.is_ipv4() {
+        return connect_socket(pod_socket(pod, target, INBOUND_MARK)?, target).await;
+    }
+    for _ in 0..TRANSPARENT_PORT_ATTEMPTS {
+        let socket = pod_socket(pod, target, INBOUND_MARK)?;
+        let source = match bind_transparent(&socket, SocketAddr::new(client_ip, next_transparent_port())) {
+            Ok(source) => source,
+            Err(e) if port_taken(&e) => continue,
+            Err(e) => {
+                // Still deliver the connection; the application then sees the pod's own address as peer.
+                tracing::warn!(error = %e, "cannot preserve the client address towards the application");
+                return connect_socket(pod_socket(pod, target, INBOUND_MARK)?, target).await;
             }
-            // Still deliver the connection; the application then sees the pod's own address as peer.
-            Err(e) => tracing::warn!(error = %e, "cannot preserve the client address towards the application"),
+        };
+        state.capture().announce_agent_connect(source, target.port()).map_err(io::Error::other)?;
+        let result = connect_socket(socket, target).await;
+        // Only the SYN needs the exemption; an established connection never meets sk_lookup again.
+        state.capture().forget_agent_connect(source);
+        match result {
+            Err(e) if port_taken(&e) => continue,
+            other => return other,
         }
     }
-    let result = connect_socket(socket, target).await;
-    // Only the SYN needs the exemption; an established connection never meets sk_lookup again.
-    if let Some(source) = announced {
-        state.capture().forget_agent_connect(source);
-    }
-    result
+    Err(io::Error::new(io::ErrorKind::AddrNotAvailable, "no free source port towards the application"))
 }
 
-/// Binds `socket` to the client's address (port chosen now, so it can be announced to `sk_lookup`).
-fn bind_transparent(socket: &Socket, client: SocketAddr) -> io::Result<SocketAddr> {
-    if client.is_ipv4() {
+/// Binds `socket` transparently to `source`, the client's address with a port the caller chose (known before
+/// the SYN, so it can be announced to `sk_lookup`).
+fn bind_transparent(socket: &Socket, source: SocketAddr) -> io::Result<SocketAddr> {
+    if source.is_ipv4() {
         socket.set_ip_transparent_v4(true)?;
     } else {
         let one: libc::c_int = 1;
@@ -182,8 +210,9 @@ fn bind_transparent(socket: &Socket, client: SocketAddr) -> io::Result<SocketAdd
             return Err(io::Error::last_os_error());
         }
     }
-    socket.bind(&client.into())?;
-    socket.local_addr()?.as_socket().ok_or_else(|| io::Error::other("bound socket has no IP address"))
+    socket.set_reuse_address(true)?;
+    socket.bind(&source.into())?;
+    Ok(source)
 }
 
 /// A stream that counts the bytes read from it into a shared counter, so `/connections` and the metrics see

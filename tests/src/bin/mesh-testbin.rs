@@ -21,13 +21,17 @@ fn main() {
         Some("serve") => serve(args[2].parse().expect("port"), args.get(3).map(String::as_str) == Some("sink")),
         Some("throughput") => throughput(args[2].parse().expect("address"), args[3].parse().expect("bytes")),
         Some("rr") => round_trips(args[2].parse().expect("address"), args[3].parse().expect("count")),
-        Some("cps") => connections_per_second(args[2].parse().expect("address"), args[3].parse().expect("seconds")),
+        Some("cps") => connections_per_second(
+            args[2].parse().expect("address"),
+            args[3].parse().expect("seconds"),
+            args.get(4).map(|n| n.parse().expect("max connections")).unwrap_or(u64::MAX),
+        ),
         Some("client") => client(
             args[2].parse().expect("address"),
             args[3].parse().expect("bytes"),
             args.get(4).map(|c| c.parse().expect("connections")).unwrap_or(1),
         ),
-        _ => Err("usage: mesh-testbin serve PORT [sink] | client ADDR BYTES [CONNS] | throughput ADDR BYTES | rr ADDR COUNT | cps ADDR SECONDS".into()),
+        _ => Err("usage: mesh-testbin serve PORT [sink] | client ADDR BYTES [CONNS] | throughput ADDR BYTES | rr ADDR COUNT | cps ADDR SECONDS [MAX]".into()),
     };
     if let Err(e) = result {
         eprintln!("mesh-testbin: {e}");
@@ -154,13 +158,18 @@ fn client(addr: SocketAddr, bytes: u64, conns: usize) -> Result<()> {
 }
 
 fn connect_to(addr: SocketAddr) -> Result<(TcpStream, BufReader<TcpStream>)> {
+    connect_reading_header(addr).map(|(stream, reader, _)| (stream, reader))
+}
+
+/// Connects and reads the server's first line (what it saw of the connection).
+fn connect_reading_header(addr: SocketAddr) -> Result<(TcpStream, BufReader<TcpStream>, String)> {
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_nodelay(true)?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut header = String::new();
     reader.read_line(&mut header)?;
-    Ok((stream, reader))
+    Ok((stream, reader, header))
 }
 
 /// One-way bulk transfer to a `sink` server; prints {"bytes", "seconds", "gbitPerSecond"}.
@@ -206,15 +215,29 @@ fn round_trips(addr: SocketAddr, count: usize) -> Result<()> {
 
 /// New connections for `seconds`: connect, receive the server's first line (a full round trip through every
 /// hop), close. Prints the rate.
-fn connections_per_second(addr: SocketAddr, seconds: f64) -> Result<()> {
+/// New connections one after the other for `seconds` or until `max` were made; prints the rate and, per IP, how
+/// many connections the server saw coming from it.
+fn connections_per_second(addr: SocketAddr, seconds: f64, max: u64) -> Result<()> {
     let start = std::time::Instant::now();
     let mut done = 0u64;
-    while start.elapsed().as_secs_f64() < seconds {
-        let (stream, _reader) = connect_to(addr)?;
+    let mut peers: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    while start.elapsed().as_secs_f64() < seconds && done < max {
+        let (stream, _, header) = connect_reading_header(addr)?;
+        let peer = header
+            .split("\"peer\":\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .and_then(|p| p.parse::<SocketAddr>().ok())
+            .map_or_else(|| "?".to_string(), |p| p.ip().to_string());
+        *peers.entry(peer).or_default() += 1;
         drop(stream);
         done += 1;
     }
-    println!("{{\"connections\":{done},\"perSecond\":{}}}", done as f64 / start.elapsed().as_secs_f64());
+    println!(
+        "{{\"connections\":{done},\"perSecond\":{},\"serverSawPeers\":{:?}}}",
+        done as f64 / start.elapsed().as_secs_f64(),
+        peers
+    );
     Ok(())
 }
 
