@@ -304,7 +304,7 @@ fn meshctl_reads_the_agents(c: &Cluster, client: &Pod) {
     );
     let (code, said) = run(0, &["proxy-config", "dump", "--agent", "127.0.0.1:1"]);
     assert_eq!(code, 1, "an unreachable agent is an error: {said}");
-    meshctl_reaches_agents_through_kubernetes(c, &meshctl);
+    let (_runtime, _api, kubeconfig) = meshctl_reaches_agents_through_kubernetes(c, &meshctl);
 
     let (code, said) = run(0, &["check", "--no-kubernetes", "--agent", "127.0.0.1:15000"]);
     assert_eq!(code, 0, "{said}");
@@ -313,29 +313,39 @@ fn meshctl_reads_the_agents(c: &Cluster, client: &Pod) {
     assert_eq!(code, 1, "{said}");
     assert!(said.lines().any(|l| l.starts_with("FAIL") && l.contains("agent 127.0.0.1:1")), "{said}");
 
-    // stat over a 3 s window while the client sends 40 requests per second for 4 s.
+    // stat over a 3 s window while the client sends 40 requests per second for 4 s: once from node 2 with its
+    // metrics endpoint, once with no endpoint at all, reading every agent through the Kubernetes API.
+    let args = ["stat", "shop/reviews-v2", "--window", "3s", "-o", "json"];
     let (netns, exe) = (c.nodes[1].netns.clone(), meshctl.clone());
-    let stat = std::thread::spawn(move || {
-        let args = ["stat", "shop/reviews-v2", "--metrics", "127.0.0.1:15020", "--window", "3s", "-o", "json"];
+    let direct = std::thread::spawn(move || {
+        let args = [&args[..], &["--metrics", "127.0.0.1:15020"]].concat();
         sys::output_in_netns(&netns, Command::new(exe).args(args)).unwrap()
     });
+    let exe = meshctl.clone();
+    let through_api =
+        std::thread::spawn(move || Command::new(exe).args(args).env("KUBECONFIG", kubeconfig).output().unwrap());
     c.run_in(client, Path::new(HTTP), &["load", "http://10.96.0.20/", "40", "4"]).unwrap();
-    let out = stat.join().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let rows = rows.as_array().unwrap();
-    assert_eq!(rows.len(), 1, "{rows:?}");
-    let row = &rows[0];
-    assert_eq!((row["namespace"].as_str(), row["workload"].as_str()), (Some("shop"), Some("reviews-v2")));
-    assert_eq!(row["successRate"], 1.0, "{row}");
-    let rps = row["rps"].as_f64().unwrap();
-    assert!((25.0..=55.0).contains(&rps), "about 40 rps: {row}");
-    assert!(row["latencyP50Ms"].as_f64().is_some_and(|ms| ms > 0.0), "{row}");
+    for out in [direct.join().unwrap(), through_api.join().unwrap()] {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let rows = rows.as_array().unwrap();
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        let row = &rows[0];
+        assert_eq!((row["namespace"].as_str(), row["workload"].as_str()), (Some("shop"), Some("reviews-v2")));
+        assert_eq!(row["successRate"], 1.0, "{row}");
+        let rps = row["rps"].as_f64().unwrap();
+        assert!((25.0..=55.0).contains(&rps), "about 40 rps: {row}");
+        assert!(row["latencyP50Ms"].as_f64().is_some_and(|ms| ms > 0.0), "{row}");
+    }
 }
 
 /// `proxy-config --node`: the agent pod of a node found through the Kubernetes API (the fake one, whose
-/// port-forward reaches the node's loopback, as the kubelet does for a hostNetwork pod).
-fn meshctl_reaches_agents_through_kubernetes(c: &Cluster, meshctl: &Path) {
+/// port-forward reaches the node's loopback, as the kubelet does for a hostNetwork pod). Returns the API server
+/// (alive while its runtime is) and its kubeconfig.
+fn meshctl_reaches_agents_through_kubernetes(
+    c: &Cluster,
+    meshctl: &Path,
+) -> (tokio::runtime::Runtime, mesh_tests::fakeapi::FakeApi, std::path::PathBuf) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let api = runtime.block_on(async { mesh_tests::fakeapi::FakeApi::spawn() }).unwrap();
     api.apply_yaml("apiVersion: v1\nkind: Namespace\nmetadata: {name: nodemesh-system}\n").unwrap();
@@ -366,7 +376,7 @@ fn meshctl_reaches_agents_through_kubernetes(c: &Cluster, meshctl: &Path) {
     let out = run(&["proxy-config", "certs", "--node", "no-such-node"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("runs on node no-such-node"));
-    drop(runtime);
+    (runtime, api, kubeconfig)
 }
 
 fn hex(bytes: &[u8]) -> String {

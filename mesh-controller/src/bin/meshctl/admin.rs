@@ -56,35 +56,49 @@ pub async fn get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
     tokio::time::timeout(TIMEOUT, work).await.with_context(|| format!("{addr}{path}: no answer in {TIMEOUT:?}"))?
 }
 
-/// `GET path` from the admin API of the agent pod on `node`, through a port-forward.
-async fn get_from_node(node: &str, path: &str) -> anyhow::Result<(u16, String)> {
+/// The agent pods of a Kubernetes install: (node, pod name), and the API to reach them.
+pub async fn agent_pods() -> anyhow::Result<(kube::Api<k8s_openapi::api::core::v1::Pod>, Vec<(String, String)>)> {
     use k8s_openapi::api::core::v1::Pod;
     use kube::api::{Api, ListParams};
-    let client =
-        kube::Client::try_default().await.context("--node needs Kubernetes access (in-cluster or KUBECONFIG)")?;
+    let client = kube::Client::try_default().await.context("no Kubernetes access (in-cluster or KUBECONFIG)")?;
     let pods: Api<Pod> = Api::namespaced(client, NAMESPACE);
     let list = pods.list(&ListParams::default().labels(AGENT_SELECTOR)).await.context("listing agent pods")?;
-    let pod = list
-        .items
+    let agents = list.items.into_iter().filter_map(|p| Some((p.spec?.node_name?, p.metadata.name?))).collect();
+    Ok((pods, agents))
+}
+
+/// `GET path` from `port` of agent pod `name`, through the API server's port-forward.
+pub async fn get_through_pod(
+    pods: &kube::Api<k8s_openapi::api::core::v1::Pod>,
+    name: &str,
+    port: u16,
+    path: &str,
+) -> anyhow::Result<(u16, String)> {
+    let work = async {
+        let mut forward = pods.portforward(name, &[port]).await.with_context(|| format!("port-forward to {name}"))?;
+        let stream = forward.take_stream(port).context("the port-forward has no stream")?;
+        let answer = request(stream, "localhost", path).await;
+        forward.abort();
+        answer
+    };
+    tokio::time::timeout(TIMEOUT, work).await.with_context(|| format!("pod {name}{path}: no answer in {TIMEOUT:?}"))?
+}
+
+/// `GET path` from the admin API of the agent pod on `node`, through a port-forward.
+async fn get_from_node(node: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    let (pods, agents) = agent_pods().await.context("--node needs Kubernetes access")?;
+    let name = agents
         .into_iter()
-        .find(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
+        .find_map(|(n, pod)| (n == node).then_some(pod))
         .with_context(|| format!("no {AGENT_SELECTOR} pod in {NAMESPACE} runs on node {node}"))?;
-    let name = pod.metadata.name.unwrap_or_default();
-    let mut forward =
-        pods.portforward(&name, &[ADMIN_PORT]).await.with_context(|| format!("port-forward to {name}"))?;
-    let stream = forward.take_stream(ADMIN_PORT).context("the port-forward has no stream")?;
-    let answer = request(stream, "localhost", path).await;
-    forward.abort();
-    answer
+    get_through_pod(&pods, &name, ADMIN_PORT, path).await
 }
 
 /// `GET` of an admin endpoint that answers JSON.
 pub async fn get_json(agent: &Agent, path: &str) -> anyhow::Result<Value> {
     let (status, body) = match agent {
         Agent::Direct(addr) => get(addr, path).await?,
-        Agent::Node(node) => tokio::time::timeout(TIMEOUT, get_from_node(node, path))
-            .await
-            .with_context(|| format!("{agent}: no answer in {TIMEOUT:?}"))??,
+        Agent::Node(node) => get_from_node(node, path).await?,
     };
     if status != 200 {
         bail!("{agent}{path} answered {status}: {}", body.trim());

@@ -49,8 +49,9 @@ enum Command {
     Stat {
         /// Only this workload (`namespace/workload`) or namespace (`namespace`).
         target: Option<String>,
-        /// Metrics endpoints of the agents (`host:port`); repeatable.
-        #[arg(long, default_value = "127.0.0.1:15020")]
+        /// Metrics endpoints of the agents (`host:port`); repeatable. Without it: every agent of the cluster
+        /// through the Kubernetes API when there is access (KUBECONFIG or in-cluster), else 127.0.0.1:15020.
+        #[arg(long)]
         metrics: Vec<String>,
         /// How long to watch: rates and latencies are over this window.
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
@@ -75,7 +76,14 @@ fn main() -> ExitCode {
                 admin::proxy_config(cli.output, what, &agent).await
             }
             Command::Stat { target, metrics, window } => {
-                stat::run(cli.output, target.as_deref(), &metrics, window).await
+                let source = if !metrics.is_empty() {
+                    stat::Source::Endpoints(metrics)
+                } else if kube::Client::try_default().await.is_ok() {
+                    stat::Source::Kubernetes
+                } else {
+                    stat::Source::Endpoints(vec!["127.0.0.1:15020".into()])
+                };
+                stat::run(cli.output, target.as_deref(), &source, window).await
             }
         }
     });

@@ -81,14 +81,39 @@ fn quantile(q: f64, buckets: &BTreeMap<u64, f64>) -> Option<f64> {
     None
 }
 
-async fn scrape(endpoints: &[String]) -> anyhow::Result<Vec<Sample>> {
-    let mut all = Vec::new();
-    for e in endpoints {
-        let (status, text) = crate::admin::get(e, "/metrics").await?;
-        anyhow::ensure!(status == 200, "{e}/metrics answered {status}");
-        all.extend(prom::parse(&text));
-    }
-    Ok(all)
+/// Where the agents' metrics are read from.
+pub enum Source {
+    /// `host:port` endpoints.
+    Endpoints(Vec<String>),
+    /// Every agent pod of a Kubernetes install, through the API server's port-forward.
+    Kubernetes,
+}
+
+const METRICS_PORT: u16 = 15020;
+
+async fn scrape(source: &Source) -> anyhow::Result<Vec<Sample>> {
+    let texts: Vec<String> = match source {
+        Source::Endpoints(endpoints) => {
+            futures::future::try_join_all(endpoints.iter().map(|e| async move {
+                let (status, text) = crate::admin::get(e, "/metrics").await?;
+                anyhow::ensure!(status == 200, "{e}/metrics answered {status}");
+                Ok(text)
+            }))
+            .await?
+        }
+        Source::Kubernetes => {
+            let (pods, agents) = crate::admin::agent_pods().await?;
+            anyhow::ensure!(!agents.is_empty(), "no nodemesh agent pods found (is nodemesh installed?)");
+            let pods = &pods;
+            futures::future::try_join_all(agents.iter().map(|(node, name)| async move {
+                let (status, text) = crate::admin::get_through_pod(pods, name, METRICS_PORT, "/metrics").await?;
+                anyhow::ensure!(status == 200, "the agent on {node} answered {status} for /metrics");
+                Ok(text)
+            }))
+            .await?
+        }
+    };
+    Ok(texts.iter().flat_map(|t| prom::parse(t)).collect())
 }
 
 fn matches(target: Option<&str>, namespace: &str, workload: &str) -> bool {
@@ -99,10 +124,10 @@ fn matches(target: Option<&str>, namespace: &str, workload: &str) -> bool {
     }
 }
 
-pub async fn run(format: Format, target: Option<&str>, endpoints: &[String], window: Duration) -> anyhow::Result<bool> {
-    let before = collect(&scrape(endpoints).await?);
+pub async fn run(format: Format, target: Option<&str>, source: &Source, window: Duration) -> anyhow::Result<bool> {
+    let before = collect(&scrape(source).await?);
     tokio::time::sleep(window).await;
-    let after = collect(&scrape(endpoints).await?);
+    let after = collect(&scrape(source).await?);
     let seconds = window.as_secs_f64().max(0.001);
     let rows: Vec<Row> = after
         .into_iter()
