@@ -152,3 +152,11 @@ pub fn details_policy() -> String {
          to: [{{methods: [GET, HEAD]}}]\n"
     )
 }
+
+/// Mutual TLS required for every workload of the namespace.
+pub fn strict_mtls() -> String {
+    format!(
+        "apiVersion: nodemesh.io/v1alpha1\nkind: PeerAuthentication\nmetadata: {{name: strict, namespace: {NAMESPACE}}}\n\
+         spec: {{mode: STRICT}}\n"
+    )
+}

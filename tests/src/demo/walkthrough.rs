@@ -18,6 +18,7 @@ type Step = fn(&mut Demo<'_>) -> Result<()>;
 const STEPS: &[(&str, Step)] = &[
     ("Label namespace bookinfo into the mesh", enrol),
     ("mTLS, proven on the wire", mtls_on_the_wire),
+    ("STRICT mTLS: plaintext from outside the mesh is refused", strict_mtls),
     ("No route yet: the reviews Service balances over all its versions", no_route),
     ("Traffic shifting: 90% of reviews to v1, 10% to v3", canary),
     ("Request routing: user jason sees reviews v2", header_routing),
@@ -153,18 +154,36 @@ fn mtls_on_the_wire(d: &mut Demo<'_>) -> Result<()> {
     )?;
 
     println!("   for contrast, the same page fetched from node-2 itself, outside the mesh, straight to the pod:");
-    let pod = d.app.pod("productpage-v1");
-    let target = format!("http://{}:{}/productpage", pod.ipv4, bookinfo::PORT);
     let sniffer = Sniffer::start(&d.c.fabric)?;
-    let mut cmd = Command::new(&d.bookinfo);
-    cmd.args(["fetch", &target]);
-    let out = crate::sys::output_in_netns(&d.c.nodes[1].netns, &mut cmd)?;
+    let out = fetch_from_outside(d)?;
     let wire = sniffer.finish()?;
     d.progress.check(out.status.success(), "node-2 → productpage answered (plaintext accepted: PERMISSIVE)")?;
     d.progress.check(
         contains(&wire, TITLE.as_bytes()),
         format!("{TITLE:?} is readable on the wire this time: the capture would have seen it"),
     )
+}
+
+/// `bookinfo fetch` of the product page from node-2 itself, outside the mesh, straight to the pod.
+fn fetch_from_outside(d: &Demo<'_>) -> Result<std::process::Output> {
+    let pod = d.app.pod("productpage-v1");
+    let mut cmd = Command::new(&d.bookinfo);
+    cmd.args(["fetch", &format!("http://{}:{}/productpage", pod.ipv4, bookinfo::PORT)]);
+    crate::sys::output_in_netns(&d.c.nodes[1].netns, &mut cmd)
+}
+
+fn strict_mtls(d: &mut Demo<'_>) -> Result<()> {
+    d.apply("strict.yaml", Some(&bookinfo::strict_mtls()))?;
+    d.wait_config("STRICT", true)?;
+    let outside = fetch_from_outside(d)?;
+    let said = String::from_utf8_lossy(&outside.stderr);
+    println!("   node-2 → productpage (plaintext): {}", said.trim());
+    d.progress.check(!outside.status.success(), "refused: the agent resets plaintext connections to the pod")?;
+    let page = d.fetch(&productpage(), &[])?;
+    d.progress.check(status_count(&page, 200) == 1, "curl (in the mesh, mTLS) still gets the page")?;
+    // Back to PERMISSIVE, so the port forward for your browser (plaintext from node-2) keeps working.
+    d.apply("strict.yaml", None)?;
+    d.wait_config("STRICT", false)
 }
 
 fn no_route(d: &mut Demo<'_>) -> Result<()> {
