@@ -362,6 +362,14 @@ fn grpc_and_websocket_through_the_mesh() {
     let tunnel = c.run_in(&client, Path::new(HTTP), &["connect", "10.96.2.4:80", "example.com:443", "ping"]).unwrap();
     assert_eq!(tunnel["status"], "200", "{tunnel}");
     assert_eq!(tunnel["reply"], "chat: ping", "{tunnel}");
+    // The calling agent counts each upgrade as a request, as Istio does: 101 for the WebSocket, 200 for CONNECT.
+    // (It travels to the destination agent as an opaque stream, which counts it as a TCP connection.)
+    for code in ["101", "200"] {
+        let labels = [("reporter", "source"), ("destination_workload", "chat"), ("response_code", code)];
+        wait_for(&format!("the source to count the {code} to chat"), || {
+            c.metric(0, "nodemesh_requests_total", &labels).unwrap() == 1.0
+        });
+    }
 
     // Opaque TCP to Service addresses: bytes intact both ways (CRC-checked), connections spread over both
     // endpoints, through mTLS.

@@ -105,18 +105,15 @@ fn denied(s: &Session, refusal: policy::Refusal, grpc: bool) -> Response<Body> {
 
 async fn handle(s: &Session, req: Request<Incoming>) -> Response<Body> {
     let grpc = is_grpc(req.headers());
-    if upgrade::is_upgrade(&req) {
-        if let Err(refusal) = authorize(s, &req) {
-            return denied(s, refusal, grpc);
-        }
-        return match crate::proxy::connect_to_app(&s.state, &s.pod, s.target, s.peer).await {
-            Ok(app) => upgrade::relay(req, Box::new(app), Box::new(())).await,
-            Err(e) => upgrade::unreachable_upstream(&e.to_string()),
-        };
-    }
+    let upgrade = upgrade::is_upgrade(&req);
     let (observation, req) = request::start(&s.state, &s.pod, (Some(s.peer), Some(s.target)), req.map(body::boxed));
     let response = match authorize(s, &req) {
         Err(refusal) => denied(s, refusal, grpc),
+        // Counted like any request: the switch (101, or 200 for CONNECT) or the refusal.
+        Ok(()) if upgrade => match crate::proxy::connect_to_app(&s.state, &s.pod, s.target, s.peer).await {
+            Ok(app) => upgrade::relay(req, Box::new(app), Box::new(())).await,
+            Err(e) => upgrade::unreachable_upstream(&e.to_string()),
+        },
         Ok(()) => to_app(s, grpc, req).await,
     };
     let security = if s.principal.is_some() { Security::MutualTls } else { Security::None };

@@ -158,11 +158,9 @@ pub(super) fn weighted(rule: &RouteRule) -> Option<&mesh_common::route::Backend>
 }
 
 async fn handle(call: Arc<Call>, req: Request<Incoming>) -> Response<Body> {
-    if super::upgrade::is_upgrade(&req) {
-        return super::upgrade::outbound(&call, req).await;
-    }
+    let upgrade = super::upgrade::is_upgrade(&req);
     let (observation, req) = request::start(&call.state, &call.pod, (Some(call.client), None), req.map(body::boxed));
-    let response = route_and_send(&call, req).await;
+    let response = if upgrade { super::upgrade::outbound(&call, req).await } else { route_and_send(&call, req).await };
     let flow = flow(&call, &response);
     observation.finish(response, flow)
 }

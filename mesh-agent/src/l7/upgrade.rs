@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use http::header::{CONNECTION, HOST, UPGRADE};
 use http::uri::Uri;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::body::{self, Body};
@@ -17,6 +16,7 @@ use super::detect::Protocol;
 use super::local_reply::{Flag, reply};
 use super::outbound::Call;
 use super::upstream;
+use crate::telemetry::request::Upstream;
 
 /// 503 `UF` for a caller about to switch protocols (never gRPC).
 pub(super) fn unreachable_upstream(why: &str) -> Response<Body> {
@@ -36,7 +36,7 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
 
 /// Sends an upgrade request over `io` (HTTP/1.1) and, when the upstream switches protocols, splices the two
 /// upgraded connections in a task of their own. The upstream's answer goes back either way.
-pub async fn relay(mut req: Request<Incoming>, io: Box<dyn Io>, guard: Guard) -> Response<Body> {
+pub async fn relay(mut req: Request<Body>, io: Box<dyn Io>, guard: Guard) -> Response<Body> {
     let downstream = hyper::upgrade::on(&mut req);
     let connect = req.method() == Method::CONNECT;
     let (mut parts, body) = req.into_parts();
@@ -49,7 +49,7 @@ pub async fn relay(mut req: Request<Incoming>, io: Box<dyn Io>, guard: Guard) ->
         }
     }
     parts.version = http::Version::HTTP_11;
-    let request = Request::from_parts(parts, body::boxed(body));
+    let request = Request::from_parts(parts, body);
     let sent = match client::handshake(io, Protocol::Http1, guard).await {
         Ok(sender) => sender.send(request).await,
         Err(e) => Err(e),
@@ -76,8 +76,10 @@ pub async fn relay(mut req: Request<Incoming>, io: Box<dyn Io>, guard: Guard) ->
 }
 
 /// The calling side: the Service's backend (routes decide which Service; filters, retries and mirrors do not
-/// apply to a connection that is about to stop being HTTP), one endpoint, an opaque stream to it.
-pub async fn outbound(call: &Call, req: Request<Incoming>) -> Response<Body> {
+/// apply to a connection that is about to stop being HTTP), one endpoint, an opaque stream to it. The response
+/// says where it went ([`Upstream`]) for the request metrics, which count the upgrade itself (101, or 200 for
+/// CONNECT) as Istio does.
+pub async fn outbound(call: &Call, req: Request<Body>) -> Response<Body> {
     if req.version() == http::Version::HTTP_2 {
         return reply(false, StatusCode::NOT_IMPLEMENTED, None, None, "CONNECT over HTTP/2 is not supported");
     }
@@ -95,9 +97,9 @@ pub async fn outbound(call: &Call, req: Request<Incoming>) -> Response<Body> {
     let endpoint = backend.and_then(|b| {
         let port = super::forward::endpoint_port(&config, &b, port)?;
         let endpoint = l7.destinations.get(&config, &b.namespace, &b.name)?.pick(None, &Here::of(&call.state))?;
-        Some(SocketAddr::new(endpoint.ip, port))
+        Some((SocketAddr::new(endpoint.ip, port), b))
     });
-    let Some(target) = endpoint else {
+    let Some((target, backend)) = endpoint else {
         return reply(
             false,
             StatusCode::SERVICE_UNAVAILABLE,
@@ -107,8 +109,11 @@ pub async fn outbound(call: &Call, req: Request<Incoming>) -> Response<Body> {
         );
     };
     let route = upstream::route_to(&call.state, &call.pod, target);
-    match upstream::connect(&call.state, &call.pod, &route, target, None).await {
+    let meshed = matches!(route, upstream::Route::Mesh { .. });
+    let mut response = match upstream::connect(&call.state, &call.pod, &route, target, None).await {
         Ok((io, guard)) => relay(req, io, guard).await,
-        Err(e) => unreachable_upstream(&e.to_string()),
-    }
+        Err(e) => return unreachable_upstream(&e.to_string()),
+    };
+    response.extensions_mut().insert(Upstream { endpoint: target, backend, meshed });
+    response
 }
