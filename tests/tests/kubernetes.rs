@@ -199,3 +199,55 @@ fn token_review_binds_agents_to_their_node() {
         c.admin(0, "/certs").unwrap()["certificates"][0]["identity"] == "spiffe://cluster.local/ns/default/sa/client-sa"
     });
 }
+
+/// Two controller replicas (the Deployment runs two): the second adopts the CA Secret the first created and
+/// publishes the same root; each serves agents on its own; workloads whose certificates come from different
+/// replicas talk mTLS; when one replica goes away the other keeps serving changes and writing status.
+#[test]
+fn controller_replicas_share_one_ca_and_serve_independently() {
+    let mut c = cluster!(2);
+    let k8s = start_api(&c);
+    let api = &k8s.api;
+    let client = c.add_pod(0, "client").unwrap();
+    let server = c.add_pod_in(1, "server", "shop").unwrap();
+    namespace(api, "nodemesh-system", false);
+    namespace(api, "default", true);
+    namespace(api, "shop", true);
+    pod_object(api, &c, 0, &client, "client-sa", "client");
+    pod_object(api, &c, 1, &server, "server-sa", "server");
+    let kubeconfig = c.tmp_dir().join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    c.start_controller_kubernetes(&kubeconfig).unwrap();
+    mount_ca_root(api, &c);
+    let root = std::fs::read_to_string(c.controller_root()).unwrap();
+    c.start_controller_replica(&kubeconfig).unwrap();
+    mount_ca_root(api, &c);
+    assert_eq!(std::fs::read_to_string(c.controller_root()).unwrap(), root, "the second replica kept the CA");
+
+    // Node 1's agent talks to the first replica, node 2's to the second.
+    let tokens = [agent_token(api, &c, 0), agent_token(api, &c, 1)];
+    c.start_agent_with_token(0, &tokens[0]).unwrap();
+    c.start_agent_with_token_via(1, &tokens[1], mesh_tests::cluster::REPLICA_IP).unwrap();
+    c.enroll(&client).unwrap();
+    c.enroll(&server).unwrap();
+    c.serve(&server, 8080).unwrap();
+    let target = addr(server.ipv4, 8080);
+    let r = c.client(&client, target, 64 * KIB, 1).unwrap();
+    assert!(r.success && r.ok_connections() == 1, "{:?} {}", r.json, r.stderr);
+    let mtls =
+        [("reporter", "destination"), ("destination_workload", "server"), ("connection_security_policy", "mutual_tls")];
+    assert_eq!(c.metric(1, "nodemesh_tcp_connections_opened_total", &mtls).unwrap(), 1.0, "mTLS across replicas");
+
+    // The first replica goes away: the second still carries a change to node 2 and marks it Accepted.
+    c.kill_controller().unwrap();
+    api.apply_yaml(
+        "apiVersion: nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-client, namespace: shop}\n\
+         spec: {selector: {matchLabels: {app: server}}, action: DENY, \
+         rules: [{from: [{principals: [cluster.local/ns/default/sa/client-sa]}]}]}\n",
+    )
+    .unwrap();
+    wait_for("the policy to reach node 2", || c.config_len(1, "authorizationPolicies") == 1);
+    assert!(!c.client(&client, target, 4 * KIB, 1).unwrap().success, "denied");
+    let ap = || api.get("nodemesh.io/v1alpha1", "AuthorizationPolicy", Some("shop"), "no-client");
+    wait_for("Accepted=True on the policy", || condition(&ap(), &["status", "conditions"]).0 == "True");
+}

@@ -7,6 +7,7 @@ use std::process::Command;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{Namespace, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use mesh_tests::fakeapi::FakeApi;
@@ -72,11 +73,17 @@ fn every_manifest_parses_into_its_type_and_carries_the_install_settings() {
             "CustomResourceDefinition" => drop(typed::<CustomResourceDefinition>(o)),
             "Deployment" => drop(typed::<Deployment>(o)),
             "DaemonSet" => drop(typed::<DaemonSet>(o)),
+            "PodDisruptionBudget" => drop(typed::<PodDisruptionBudget>(o)),
             other => panic!("unexpected kind {other} in the install"),
         }
         kinds.push(kind);
     }
     assert_eq!(kinds.iter().filter(|k| *k == "CustomResourceDefinition").count(), mesh_controller::crds::all().len());
+
+    // The controller runs replicated, drained one replica at a time.
+    let controller: Deployment = typed(objects.iter().find(|o| o["kind"] == "Deployment").unwrap());
+    assert_eq!(controller.spec.as_ref().and_then(|s| s.replicas), Some(2));
+    assert!(kinds.iter().any(|k| k == "PodDisruptionBudget"));
 
     let agent: DaemonSet = typed(objects.iter().find(|o| o["kind"] == "DaemonSet").unwrap());
     let pod = agent.spec.unwrap().template.spec.unwrap();

@@ -34,6 +34,8 @@ const PREFIX: &str = "nmt";
 pub const ADMIN: &str = "127.0.0.1:15000";
 /// The controller runs in the fabric netns, reachable from every node.
 pub const CONTROLLER_IP: &str = "10.200.0.254";
+/// A second controller replica, beside the first.
+pub const REPLICA_IP: &str = "10.200.0.253";
 pub const CONTROLLER_PORT: u16 = 15012;
 pub const METRICS: &str = "127.0.0.1:15020";
 
@@ -444,7 +446,7 @@ impl Cluster {
             .arg(self.tmp.join("controller-ca"))
             .arg("--token-file")
             .arg(self.token_file()?);
-        self.run_controller(cmd)?;
+        self.controller = Some(self.run_controller(cmd, CONTROLLER_IP)?);
         // The CA exists once the controller listens: agents verify the controller against its certificate.
         std::fs::copy(self.tmp.join("controller-ca").join("ca.crt"), self.controller_root())?;
         Ok(())
@@ -456,11 +458,11 @@ impl Cluster {
         self.tmp.join("controller-root.pem")
     }
 
-    /// The agent arguments that point it at the controller, verified with [`Cluster::controller_root`].
-    fn controller_args(&self, token_file: &Path) -> Result<Vec<String>> {
+    /// The agent arguments that point it at the controller at `ip`, verified with [`Cluster::controller_root`].
+    fn controller_args(&self, token_file: &Path, ip: &str) -> Result<Vec<String>> {
         Ok(vec![
             "--controller".into(),
-            format!("https://{CONTROLLER_IP}:{CONTROLLER_PORT}"),
+            format!("https://{ip}:{CONTROLLER_PORT}"),
             "--controller-ca".into(),
             self.controller_root().to_str().context("path")?.into(),
             "--token-file".into(),
@@ -473,27 +475,39 @@ impl Cluster {
     pub fn start_controller_kubernetes(&mut self, kubeconfig: &Path) -> Result<()> {
         let mut cmd = Command::new(self.bin_dir.join("mesh-controller"));
         cmd.args(["serve", "--source", "kubernetes"]).env("KUBECONFIG", kubeconfig);
-        self.run_controller(cmd)
+        let idx = self.run_controller(cmd, CONTROLLER_IP)?;
+        self.controller = Some(idx);
+        Ok(())
     }
 
-    fn run_controller(&mut self, mut cmd: Command) -> Result<()> {
+    /// A second `mesh-controller --source kubernetes`, on [`REPLICA_IP`], as a Deployment's second replica.
+    pub fn start_controller_replica(&mut self, kubeconfig: &Path) -> Result<()> {
+        ip(&self.fabric, &format!("addr add {REPLICA_IP}/24 dev br0"))?;
+        let mut cmd = Command::new(self.bin_dir.join("mesh-controller"));
+        cmd.args(["serve", "--source", "kubernetes"]).env("KUBECONFIG", kubeconfig);
+        self.run_controller(cmd, REPLICA_IP).map(drop)
+    }
+
+    /// Starts the controller in the fabric netns on `ip`; its process index once it accepts connections.
+    fn run_controller(&mut self, mut cmd: Command, ip: &str) -> Result<usize> {
         let cgroup = self.cgroup_root.join("controller");
         std::fs::create_dir_all(&cgroup)?;
         cmd.arg("--listen")
-            .arg(format!("{CONTROLLER_IP}:{CONTROLLER_PORT}"))
+            .arg(format!("{ip}:{CONTROLLER_PORT}"))
+            .arg("--metrics")
+            .arg(format!("{ip}:15014"))
             .env("RUST_LOG", "info,mesh_controller=debug");
         let label = format!("controller-{}", self.processes.len());
         let fabric = self.fabric.clone();
         let idx = self.spawn(&label, &Placement { netns: &fabric, cgroup: &cgroup }, &mut cmd)?;
-        self.controller = Some(idx);
-        let target: SocketAddr = format!("{CONTROLLER_IP}:{CONTROLLER_PORT}").parse()?;
+        let target: SocketAddr = format!("{ip}:{CONTROLLER_PORT}").parse()?;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let up = sys::in_netns(&fabric, move || {
                 std::net::TcpStream::connect_timeout(&target, Duration::from_millis(200)).is_ok()
             })?;
             if up {
-                return Ok(());
+                return Ok(idx);
             }
             if let Some(Some(p)) = self.processes.get_mut(idx) {
                 if let Some(status) = p.child.try_wait()? {
@@ -525,14 +539,19 @@ impl Cluster {
     /// Starts the node's agent fed by the controller, with more agent arguments.
     pub fn start_agent_with_controller_args(&mut self, node: usize, extra: &[&str]) -> Result<()> {
         let token = self.token_file()?;
-        let mut args = self.controller_args(&token)?;
+        let mut args = self.controller_args(&token, CONTROLLER_IP)?;
         args.extend(extra.iter().map(|a| a.to_string()));
         self.start_agent_with(node, &args.iter().map(String::as_str).collect::<Vec<_>>())
     }
 
     /// Starts the node's agent fed by the controller, presenting the token in `token_file`.
     pub fn start_agent_with_token(&mut self, node: usize, token_file: &Path) -> Result<()> {
-        let args = self.controller_args(token_file)?;
+        self.start_agent_with_token_via(node, token_file, CONTROLLER_IP)
+    }
+
+    /// The same, fed by the controller replica listening on `controller_ip`.
+    pub fn start_agent_with_token_via(&mut self, node: usize, token_file: &Path, controller_ip: &str) -> Result<()> {
+        let args = self.controller_args(token_file, controller_ip)?;
         self.start_agent_with(node, &args.iter().map(String::as_str).collect::<Vec<_>>())
     }
 
