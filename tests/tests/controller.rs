@@ -129,12 +129,7 @@ fn sign_via(
 #[test]
 fn control_channel_is_tls_verified_by_the_mesh_root() {
     let mut c = cluster!(1);
-    let client = c.add_pod(0, "client").unwrap();
-    c.write_objects("namespaces.yaml", Some(mesh_tests::MESH_NAMESPACES)).unwrap();
-    c.write_objects("pods.yaml", Some(&c.pod_objects(&[(&client, "client-sa")]))).unwrap();
-    c.start_controller().unwrap();
-    let token = std::fs::read_to_string(c.token_file().unwrap()).unwrap();
-    let identity = "spiffe://cluster.local/ns/default/sa/client-sa";
+    let (token, identity) = signing_controller(&mut c);
     let node = c.nodes[0].name.clone();
 
     let sniffer = Sniffer::start(&c.fabric).unwrap();
@@ -159,15 +154,21 @@ fn control_channel_is_tls_verified_by_the_mesh_root() {
     });
 }
 
-#[test]
-fn controller_ca_signs_only_for_pods_on_the_calling_node() {
-    let mut c = cluster!(2);
+/// The controller on the directory source with one pod, `default/client` on node 1: the bootstrap token and the
+/// pod's identity.
+fn signing_controller(c: &mut Cluster) -> (String, &'static str) {
     let client = c.add_pod(0, "client").unwrap();
     c.write_objects("namespaces.yaml", Some(mesh_tests::MESH_NAMESPACES)).unwrap();
     c.write_objects("pods.yaml", Some(&c.pod_objects(&[(&client, "client-sa")]))).unwrap();
     c.start_controller().unwrap();
     let token = std::fs::read_to_string(c.token_file().unwrap()).unwrap();
-    let identity = "spiffe://cluster.local/ns/default/sa/client-sa";
+    (token, "spiffe://cluster.local/ns/default/sa/client-sa")
+}
+
+#[test]
+fn controller_ca_signs_only_for_pods_on_the_calling_node() {
+    let mut c = cluster!(2);
+    let (token, identity) = signing_controller(&mut c);
     let node1 = c.nodes[0].name.clone();
     let node2 = c.nodes[1].name.clone();
 

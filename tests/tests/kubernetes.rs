@@ -78,6 +78,26 @@ fn condition(object: &Option<Value>, path: &[&str]) -> (String, String) {
     (accepted["status"].as_str().unwrap_or_default().into(), accepted["reason"].as_str().unwrap_or_default().into())
 }
 
+/// A client pod in `default` on node 1 and a server pod in `shop` on node 2, both namespaces meshed, as Pod
+/// objects in the API server.
+fn client_and_server(api: &FakeApi, c: &mut Cluster) -> (Pod, Pod) {
+    let client = c.add_pod(0, "client").unwrap();
+    let server = c.add_pod_in(1, "server", "shop").unwrap();
+    namespace(api, "nodemesh-system", false);
+    namespace(api, "default", true);
+    namespace(api, "shop", true);
+    pod_object(api, c, 0, &client, "client-sa", "client");
+    pod_object(api, c, 1, &server, "server-sa", "server");
+    (client, server)
+}
+
+/// A kubeconfig for the API server, written for the controller.
+fn kubeconfig(api: &FakeApi, c: &Cluster) -> std::path::PathBuf {
+    let path = c.tmp_dir().join("kubeconfig");
+    std::fs::write(&path, api.kubeconfig()).unwrap();
+    path
+}
+
 /// Pods, policies and routes come from the API server; agents authenticate with service-account tokens; the
 /// CA lives in a Secret; policy and route changes reach the agents they concern and no others; invalid objects
 /// are reported in their status and change nothing.
@@ -86,17 +106,9 @@ fn kubernetes_source_drives_agents() {
     let mut c = cluster!(2);
     let k8s = start_api(&c);
     let api = &k8s.api;
-    let client = c.add_pod(0, "client").unwrap();
-    let server = c.add_pod_in(1, "server", "shop").unwrap();
-    namespace(api, "nodemesh-system", false);
-    namespace(api, "default", true);
-    namespace(api, "shop", true);
-    pod_object(api, &c, 0, &client, "client-sa", "client");
-    pod_object(api, &c, 1, &server, "server-sa", "server");
+    let (client, server) = client_and_server(api, &mut c);
     service(api, "shop", "server", "10.96.0.20", "server");
-    let kubeconfig = c.tmp_dir().join("kubeconfig");
-    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
-    c.start_controller_kubernetes(&kubeconfig).unwrap();
+    c.start_controller_kubernetes(&kubeconfig(api, &c)).unwrap();
     assert!(api.get("v1", "Secret", Some("nodemesh-system"), "nodemesh-ca").is_some(), "CA Secret created");
     mount_ca_root(api, &c);
 
@@ -182,9 +194,7 @@ fn token_review_binds_agents_to_their_node() {
     namespace(api, "nodemesh-system", false);
     namespace(api, "default", true);
     pod_object(api, &c, 0, &client, "client-sa", "client");
-    let kubeconfig = c.tmp_dir().join("kubeconfig");
-    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
-    c.start_controller_kubernetes(&kubeconfig).unwrap();
+    c.start_controller_kubernetes(&kubeconfig(api, &c)).unwrap();
     mount_ca_root(api, &c);
     // Node 2's agent presents node 1's token: the token names node 1, so node 2's claim is refused.
     let node1_token = agent_token(api, &c, 0);
@@ -208,15 +218,8 @@ fn controller_replicas_share_one_ca_and_serve_independently() {
     let mut c = cluster!(2);
     let k8s = start_api(&c);
     let api = &k8s.api;
-    let client = c.add_pod(0, "client").unwrap();
-    let server = c.add_pod_in(1, "server", "shop").unwrap();
-    namespace(api, "nodemesh-system", false);
-    namespace(api, "default", true);
-    namespace(api, "shop", true);
-    pod_object(api, &c, 0, &client, "client-sa", "client");
-    pod_object(api, &c, 1, &server, "server-sa", "server");
-    let kubeconfig = c.tmp_dir().join("kubeconfig");
-    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let (client, server) = client_and_server(api, &mut c);
+    let kubeconfig = kubeconfig(api, &c);
     c.start_controller_kubernetes(&kubeconfig).unwrap();
     mount_ca_root(api, &c);
     let root = std::fs::read_to_string(c.controller_root()).unwrap();
