@@ -98,6 +98,26 @@ fn kubeconfig(api: &FakeApi, c: &Cluster) -> std::path::PathBuf {
     path
 }
 
+/// Enrolls both pods, serves on the server and checks that the client reaches it over mTLS (certificates from
+/// the controller); the server's address.
+fn enrolled_client_reaches_server(c: &mut Cluster, client: &Pod, server: &Pod) -> std::net::SocketAddr {
+    c.enroll(client).unwrap();
+    c.enroll(server).unwrap();
+    c.serve(server, 8080).unwrap();
+    let target = addr(server.ipv4, 8080);
+    let r = c.client(client, target, 64 * KIB, 1).unwrap();
+    assert!(r.success && r.ok_connections() == 1, "{:?} {}", r.json, r.stderr);
+    let mtls =
+        [("reporter", "destination"), ("destination_workload", "server"), ("connection_security_policy", "mutual_tls")];
+    assert_eq!(c.metric(1, "nodemesh_tcp_connections_opened_total", &mtls).unwrap(), 1.0, "mTLS with SVIDs");
+    target
+}
+
+const DENY_CLIENT: &str = "apiVersion: nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\n\
+    metadata: {name: no-client, namespace: shop}\n\
+    spec: {selector: {matchLabels: {app: server}}, action: DENY, \
+    rules: [{from: [{principals: [cluster.local/ns/default/sa/client-sa]}]}]}\n";
+
 /// Pods, policies and routes come from the API server; agents authenticate with service-account tokens; the
 /// CA lives in a Secret; policy and route changes reach the agents they concern and no others; invalid objects
 /// are reported in their status and change nothing.
@@ -123,23 +143,10 @@ fn kubernetes_source_drives_agents() {
     let tokens = [agent_token(api, &c, 0), agent_token(api, &c, 1)];
     c.start_agent_with_token(0, &tokens[0]).unwrap();
     c.start_agent_with_token(1, &tokens[1]).unwrap();
-    c.enroll(&client).unwrap();
-    c.enroll(&server).unwrap();
-    c.serve(&server, 8080).unwrap();
-    let target = addr(server.ipv4, 8080);
-    let r = c.client(&client, target, 256 * KIB, 1).unwrap();
-    assert!(r.success && r.ok_connections() == 1, "{:?} {}", r.json, r.stderr);
-    let mtls =
-        [("reporter", "destination"), ("destination_workload", "server"), ("connection_security_policy", "mutual_tls")];
-    assert_eq!(c.metric(1, "nodemesh_tcp_connections_opened_total", &mtls).unwrap(), 1.0, "mTLS with SVIDs");
+    let target = enrolled_client_reaches_server(&mut c, &client, &server);
 
     // A policy in `shop` reaches node 2 (the server's) only, takes effect, and is marked Accepted.
-    api.apply_yaml(
-        "apiVersion: nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-client, namespace: shop}\n\
-         spec: {selector: {matchLabels: {app: server}}, action: DENY, \
-         rules: [{from: [{principals: [cluster.local/ns/default/sa/client-sa]}]}]}\n",
-    )
-    .unwrap();
+    api.apply_yaml(DENY_CLIENT).unwrap();
     wait_for("the policy to reach node 2", || c.config_len(1, "authorizationPolicies") == 1);
     assert_eq!(c.config_len(0, "authorizationPolicies"), 0, "node 1 has no pod in shop");
     assert!(!c.client(&client, target, 4 * KIB, 1).unwrap().success, "denied");
@@ -231,24 +238,11 @@ fn controller_replicas_share_one_ca_and_serve_independently() {
     let tokens = [agent_token(api, &c, 0), agent_token(api, &c, 1)];
     c.start_agent_with_token(0, &tokens[0]).unwrap();
     c.start_agent_with_token_via(1, &tokens[1], mesh_tests::cluster::REPLICA_IP).unwrap();
-    c.enroll(&client).unwrap();
-    c.enroll(&server).unwrap();
-    c.serve(&server, 8080).unwrap();
-    let target = addr(server.ipv4, 8080);
-    let r = c.client(&client, target, 64 * KIB, 1).unwrap();
-    assert!(r.success && r.ok_connections() == 1, "{:?} {}", r.json, r.stderr);
-    let mtls =
-        [("reporter", "destination"), ("destination_workload", "server"), ("connection_security_policy", "mutual_tls")];
-    assert_eq!(c.metric(1, "nodemesh_tcp_connections_opened_total", &mtls).unwrap(), 1.0, "mTLS across replicas");
+    let target = enrolled_client_reaches_server(&mut c, &client, &server);
 
     // The first replica goes away: the second still carries a change to node 2 and marks it Accepted.
     c.kill_controller().unwrap();
-    api.apply_yaml(
-        "apiVersion: nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-client, namespace: shop}\n\
-         spec: {selector: {matchLabels: {app: server}}, action: DENY, \
-         rules: [{from: [{principals: [cluster.local/ns/default/sa/client-sa]}]}]}\n",
-    )
-    .unwrap();
+    api.apply_yaml(DENY_CLIENT).unwrap();
     wait_for("the policy to reach node 2", || c.config_len(1, "authorizationPolicies") == 1);
     assert!(!c.client(&client, target, 4 * KIB, 1).unwrap().success, "denied");
     let ap = || api.get("nodemesh.io/v1alpha1", "AuthorizationPolicy", Some("shop"), "no-client");
