@@ -60,8 +60,15 @@ fn decode<const N: usize>(s: &str) -> Option<[u8; N]> {
     Some(out)
 }
 
+/// Lowercase hex, as W3C and B3 want it (by table: this runs several times per request).
 pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    out
 }
 
 fn nonzero<const N: usize>(id: [u8; N]) -> Option<[u8; N]> {
@@ -264,6 +271,13 @@ mod tests {
     use super::*;
 
     const VALID: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn hex_is_lowercase_two_digits_a_byte_and_round_trips() {
+        assert_eq!(hex(&[0x00, 0xab, 0x0f, 0xf0, 0x7e]), "00ab0ff07e");
+        let id: [u8; 16] = random_id();
+        assert_eq!(decode::<16>(&hex(&id)), Some(id));
+    }
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

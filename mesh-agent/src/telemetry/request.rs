@@ -144,8 +144,8 @@ impl Observation {
             flags: outcome.flags.as_str().into(),
         };
         self.state.metrics().traffic.request(key, duration, request_bytes, response_bytes);
-        let (trace_id, span_id) = (self.span.trace_id_hex(), self.span.span_id_hex());
         if self.settings.access_logging {
+            let (trace_id, span_id) = (self.span.trace_id_hex(), self.span.span_id_hex());
             super::access_log::request(&super::access_log::RequestLine {
                 flow: &flow,
                 client: self.client,
