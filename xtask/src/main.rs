@@ -71,6 +71,24 @@ fn workspace() -> PathBuf {
 fn cargo(args: &[&str]) -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.args(args).current_dir(workspace());
+    // `cargo run` gave this process the variables of the xtask package; passed on, build scripts that watch
+    // them (ring's watches CARGO_MANIFEST_DIR) would see a change and rebuild half the tree after a plain
+    // `cargo build`, and again after.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        let per_package = key.starts_with("CARGO_PKG_")
+            || [
+                "CARGO_MANIFEST_DIR",
+                "CARGO_MANIFEST_PATH",
+                "CARGO_CRATE_NAME",
+                "CARGO_BIN_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+            ]
+            .contains(&key.as_ref());
+        if per_package {
+            cmd.env_remove(key.as_ref());
+        }
+    }
     cmd
 }
 
