@@ -327,6 +327,49 @@ fn grpc(c: &Cluster, client: &Pod, args: &[&str]) -> Value {
     c.run_in(client, Path::new(HTTP), &all).unwrap()
 }
 
+const STICKY_SERVERS: [Server<'static>; 3] = [
+    Server { node: 1, name: "home-a", labels: "{app: home}", args: &[], owner: None },
+    Server { node: 1, name: "home-b", labels: "{app: home}", args: &[], owner: None },
+    Server { node: 1, name: "home-c", labels: "{app: home}", args: &[], owner: None },
+];
+
+/// Consistent hashing on the caller's IP (`hashKey: {sourceIp: true}`) with several callers on two nodes: each
+/// caller always reaches the same endpoint, whichever of its connections it uses, and the callers spread over
+/// the endpoints.
+#[test]
+fn source_ip_hashing_keeps_each_caller_on_one_endpoint() {
+    let mut c = cluster!(2);
+    let objects = [
+        service("home", "10.96.4.1", "{app: home}", ""),
+        traffic_policy("home", "home", "  loadBalancer: {algorithm: Maglev, hashKey: {sourceIp: true}}\n"),
+    ]
+    .concat();
+    let first = mesh(&mut c, &STICKY_SERVERS, &objects, 0);
+    let mut callers = vec![first];
+    let mut yaml = String::new();
+    for i in 0..7 {
+        let pod = c.add_pod(i % 2, &format!("caller-{i}")).unwrap();
+        yaml.push_str(&app::pod_object(&c, &pod, "caller-sa", "{app: caller}", None));
+        callers.push(pod);
+    }
+    c.write_objects("callers.yaml", Some(&yaml)).unwrap();
+    wait_for("the callers on both nodes", || {
+        (0..2).all(|n| c.config_len(n, "workloads") == STICKY_SERVERS.len() + callers.len())
+    });
+    let mut homes = std::collections::BTreeMap::new();
+    for caller in &callers {
+        c.enroll(caller).unwrap();
+        // Eight requests over four connections: one endpoint for all of them.
+        let r = get(&c, caller, &["http://10.96.4.1/", "-n", "8", "-c", "4"]);
+        let names = r["names"].as_object().unwrap();
+        assert_eq!(names.len(), 1, "{} ({}) moved between endpoints: {r}", caller.name, caller.ipv4);
+        assert_eq!(count(&r, "statuses", "200"), 8, "{r}");
+        homes.insert(caller.name.clone(), names.keys().next().unwrap().clone());
+    }
+    let used: std::collections::BTreeSet<&String> = homes.values().collect();
+    assert!(used.len() >= 2, "8 callers all hashed to one endpoint: {homes:?}");
+}
+
 /// gRPC unary and server-streaming calls routed by GRPCRoute, with status codes and trailers preserved; a
 /// WebSocket echo and an HTTP/1.1 CONNECT tunnel; opaque TCP to a Service balanced over its endpoints, detected or declared.
 #[test]
