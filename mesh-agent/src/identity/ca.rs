@@ -133,28 +133,51 @@ impl LocalCa {
         let fail =
             |e: rcgen::Error| CaError::Sign(format!("server certificate for {dns_names:?} {ips:?}"), e.to_string());
         let key = KeyPair::generate().map_err(fail)?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, dns_names.first().map_or("nodemesh-controller", |n| n));
-        params.subject_alt_names = dns_names
+        let sans = dns_names
             .iter()
             .map(|n| n.clone().try_into().map(SanType::DnsName))
             .chain(ips.iter().map(|ip| Ok(SanType::IpAddress(*ip))))
             .collect::<Result<_, _>>()
             .map_err(fail)?;
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let now = time::OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::minutes(1);
-        params.not_after = now + lifetime;
-        params.serial_number = Some(random_serial());
-        params.use_authority_key_identifier_extension = true;
+        let (not_before, not_after) = validity(lifetime);
+        let mut params = leaf_params(sans, vec![ExtendedKeyUsagePurpose::ServerAuth], not_before, not_after);
+        params.distinguished_name.push(DnType::CommonName, dns_names.first().map_or("nodemesh-controller", |n| n));
         let leaf = params.signed_by(&key, &self.issuer, &self.issuer_key).map_err(fail)?;
+        Ok((self.chain(leaf), PrivatePkcs8KeyDer::from(key.serialize_der())))
+    }
+
+    /// `leaf` followed by the intermediates up to (not including) the root.
+    fn chain(&self, leaf: rcgen::Certificate) -> Vec<CertificateDer<'static>> {
         let mut chain = vec![leaf.der().clone()];
         chain.extend(self.intermediates.iter().cloned());
-        Ok((chain, PrivatePkcs8KeyDer::from(key.serialize_der())))
+        chain
     }
+}
+
+/// From a minute ago, which absorbs clock skew between nodes, for `lifetime` from now.
+fn validity(lifetime: Duration) -> (time::OffsetDateTime, time::OffsetDateTime) {
+    let now = time::OffsetDateTime::now_utc();
+    (now - time::Duration::minutes(1), now + lifetime)
+}
+
+/// An end-entity certificate nodemesh issues: no subject name of its own, `sans`, signature use, `usages`.
+fn leaf_params(
+    sans: Vec<SanType>,
+    usages: Vec<ExtendedKeyUsagePurpose>,
+    not_before: time::OffsetDateTime,
+    not_after: time::OffsetDateTime,
+) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = sans;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = usages;
+    params.not_before = not_before;
+    params.not_after = not_after;
+    params.serial_number = Some(random_serial());
+    params.use_authority_key_identifier_extension = true;
+    params
 }
 
 /// A root CA certificate and key (also used by tests to make foreign CAs).
@@ -194,17 +217,9 @@ pub fn svid_params(
     not_before: time::OffsetDateTime,
     not_after: time::OffsetDateTime,
 ) -> Result<CertificateParams, rcgen::Error> {
-    let mut params = CertificateParams::default();
-    params.distinguished_name = DistinguishedName::new();
-    params.subject_alt_names = vec![SanType::URI(identity.to_string().try_into()?)];
-    params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-    params.not_before = not_before;
-    params.not_after = not_after;
-    params.serial_number = Some(random_serial());
-    params.use_authority_key_identifier_extension = true;
-    Ok(params)
+    let sans = vec![SanType::URI(identity.to_string().try_into()?)];
+    let usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    Ok(leaf_params(sans, usages, not_before, not_after))
 }
 
 impl CertificateAuthority for LocalCa {
@@ -217,13 +232,9 @@ impl CertificateAuthority for LocalCa {
         Box::pin(async move {
             let fail = |e: rcgen::Error| CaError::Sign(identity.to_string(), e.to_string());
             let mut request = CertificateSigningRequestParams::from_der(&csr).map_err(fail)?;
-            let now = time::OffsetDateTime::now_utc();
-            // A minute of back-dating absorbs clock skew between nodes.
-            request.params = svid_params(identity, now - time::Duration::minutes(1), now + lifetime).map_err(fail)?;
-            let leaf = request.signed_by(&self.issuer, &self.issuer_key).map_err(fail)?;
-            let mut chain = vec![leaf.der().clone()];
-            chain.extend(self.intermediates.iter().cloned());
-            Ok(chain)
+            let (not_before, not_after) = validity(lifetime);
+            request.params = svid_params(identity, not_before, not_after).map_err(fail)?;
+            Ok(self.chain(request.signed_by(&self.issuer, &self.issuer_key).map_err(fail)?))
         })
     }
 
