@@ -168,15 +168,15 @@ pub async fn connect_to_app(
     }
     for _ in 0..TRANSPARENT_PORT_ATTEMPTS {
         let socket = pod_socket(pod, target, INBOUND_MARK)?;
-        let source = match bind_transparent(&socket, SocketAddr::new(client_ip, next_transparent_port())) {
-            Ok(source) => source,
-            Err(e) if port_taken(&e) => continue,
-            Err(e) => {
-                // Still deliver the connection; the application then sees the pod's own address as peer.
-                tracing::warn!(error = %e, "cannot preserve the client address towards the application");
-                return connect_socket(pod_socket(pod, target, INBOUND_MARK)?, target).await;
+        let source = SocketAddr::new(client_ip, next_transparent_port());
+        if let Err(e) = bind_transparent(&socket, source) {
+            if port_taken(&e) {
+                continue;
             }
-        };
+            // Still deliver the connection; the application then sees the pod's own address as peer.
+            tracing::warn!(error = %e, "cannot preserve the client address towards the application");
+            return connect_socket(pod_socket(pod, target, INBOUND_MARK)?, target).await;
+        }
         state.capture().announce_agent_connect(source, target.port()).map_err(io::Error::other)?;
         let result = connect_socket(socket, target).await;
         // Only the SYN needs the exemption; an established connection never meets sk_lookup again.
@@ -191,7 +191,7 @@ pub async fn connect_to_app(
 
 /// Binds `socket` transparently to `source`, the client's address with a port the caller chose (known before
 /// the SYN, so it can be announced to `sk_lookup`).
-fn bind_transparent(socket: &Socket, source: SocketAddr) -> io::Result<SocketAddr> {
+fn bind_transparent(socket: &Socket, source: SocketAddr) -> io::Result<()> {
     if source.is_ipv4() {
         socket.set_ip_transparent_v4(true)?;
     } else {
@@ -211,8 +211,7 @@ fn bind_transparent(socket: &Socket, source: SocketAddr) -> io::Result<SocketAdd
         }
     }
     socket.set_reuse_address(true)?;
-    socket.bind(&source.into())?;
-    Ok(source)
+    socket.bind(&source.into())
 }
 
 /// A stream that counts the bytes read from it into a shared counter, so `/connections` and the metrics see
