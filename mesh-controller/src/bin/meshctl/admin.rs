@@ -57,10 +57,11 @@ pub async fn get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
 }
 
 /// The agent pods of a Kubernetes install: (node, pod name), and the API to reach them.
-pub async fn agent_pods() -> anyhow::Result<(kube::Api<k8s_openapi::api::core::v1::Pod>, Vec<(String, String)>)> {
+pub async fn agent_pods(
+    client: kube::Client,
+) -> anyhow::Result<(kube::Api<k8s_openapi::api::core::v1::Pod>, Vec<(String, String)>)> {
     use k8s_openapi::api::core::v1::Pod;
     use kube::api::{Api, ListParams};
-    let client = kube::Client::try_default().await.context("no Kubernetes access (in-cluster or KUBECONFIG)")?;
     let pods: Api<Pod> = Api::namespaced(client, NAMESPACE);
     let list = pods.list(&ListParams::default().labels(AGENT_SELECTOR)).await.context("listing agent pods")?;
     let agents = list.items.into_iter().filter_map(|p| Some((p.spec?.node_name?, p.metadata.name?))).collect();
@@ -86,7 +87,9 @@ pub async fn get_through_pod(
 
 /// `GET path` from the admin API of the agent pod on `node`, through a port-forward.
 async fn get_from_node(node: &str, path: &str) -> anyhow::Result<(u16, String)> {
-    let (pods, agents) = agent_pods().await.context("--node needs Kubernetes access")?;
+    let client =
+        kube::Client::try_default().await.context("--node needs Kubernetes access (in-cluster or KUBECONFIG)")?;
+    let (pods, agents) = agent_pods(client).await?;
     let name = agents
         .into_iter()
         .find_map(|(n, pod)| (n == node).then_some(pod))

@@ -78,10 +78,11 @@ fn main() -> ExitCode {
             Command::Stat { target, metrics, window } => {
                 let source = if !metrics.is_empty() {
                     stat::Source::Endpoints(metrics)
-                } else if kube::Client::try_default().await.is_ok() {
-                    stat::Source::Kubernetes
                 } else {
-                    stat::Source::Endpoints(vec!["127.0.0.1:15020".into()])
+                    match kube::Client::try_default().await {
+                        Ok(client) => stat::Source::Kubernetes(client),
+                        Err(_) => stat::Source::Endpoints(vec!["127.0.0.1:15020".into()]),
+                    }
                 };
                 stat::run(cli.output, target.as_deref(), &source, window).await
             }

@@ -86,7 +86,7 @@ pub enum Source {
     /// `host:port` endpoints.
     Endpoints(Vec<String>),
     /// Every agent pod of a Kubernetes install, through the API server's port-forward.
-    Kubernetes,
+    Kubernetes(kube::Client),
 }
 
 const METRICS_PORT: u16 = 15020;
@@ -101,8 +101,8 @@ async fn scrape(source: &Source) -> anyhow::Result<Vec<Sample>> {
             }))
             .await?
         }
-        Source::Kubernetes => {
-            let (pods, agents) = crate::admin::agent_pods().await?;
+        Source::Kubernetes(client) => {
+            let (pods, agents) = crate::admin::agent_pods(client.clone()).await?;
             anyhow::ensure!(!agents.is_empty(), "no nodemesh agent pods found (is nodemesh installed?)");
             let pods = &pods;
             futures::future::try_join_all(agents.iter().map(|(node, name)| async move {
