@@ -299,21 +299,28 @@ impl Cluster {
         let label = format!("agent-n{}-{}", node + 1, self.processes.len());
         let idx = self.spawn(&label, &Placement { netns: &netns, cgroup: &cgroup }, &mut cmd)?;
         self.nodes[node].agent = Some(idx);
+        let admin: SocketAddr = ADMIN.parse()?;
+        self.wait_started(idx, "agent not ready", || {
+            Ok(matches!(sys::http_get(&netns, admin, "/healthz/ready"), Ok((200, _))))
+        })
+    }
+
+    /// Waits (at most 20 s) until `ready` holds for the process `idx` just spawned; an error naming `what` when
+    /// it does not, or with its last log lines when it exits first.
+    fn wait_started(&mut self, idx: usize, what: &str, mut ready: impl FnMut() -> Result<bool>) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok((200, _)) = sys::http_get(&netns, ADMIN.parse()?, "/healthz/ready") {
-                return Ok(());
-            }
+        while !ready()? {
             if let Some(Some(p)) = self.processes.get_mut(idx) {
                 if let Some(status) = p.child.try_wait()? {
-                    bail!("agent exited during start-up ({status}):\n{}", tail(&p.log, 30));
+                    bail!("{} exited during start-up ({status}):\n{}", p.label, tail(&p.log, 30));
                 }
             }
             if Instant::now() > deadline {
-                bail!("agent not ready after 20s");
+                bail!("{what} after 20s");
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        Ok(())
     }
 
     /// SIGKILLs the node's agent, as a crash would.
@@ -501,24 +508,12 @@ impl Cluster {
         let fabric = self.fabric.clone();
         let idx = self.spawn(&label, &Placement { netns: &fabric, cgroup: &cgroup }, &mut cmd)?;
         let target: SocketAddr = format!("{ip}:{CONTROLLER_PORT}").parse()?;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let up = sys::in_netns(&fabric, move || {
+        self.wait_started(idx, "controller not listening", || {
+            sys::in_netns(&fabric, move || {
                 std::net::TcpStream::connect_timeout(&target, Duration::from_millis(200)).is_ok()
-            })?;
-            if up {
-                return Ok(idx);
-            }
-            if let Some(Some(p)) = self.processes.get_mut(idx) {
-                if let Some(status) = p.child.try_wait()? {
-                    bail!("controller exited during start-up ({status}):\n{}", tail(&p.log, 30));
-                }
-            }
-            if Instant::now() > deadline {
-                bail!("controller not listening after 20s");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            })
+        })?;
+        Ok(idx)
     }
 
     pub fn kill_controller(&mut self) -> Result<()> {
