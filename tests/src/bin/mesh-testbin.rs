@@ -213,10 +213,9 @@ fn round_trips(addr: SocketAddr, count: usize) -> Result<()> {
     Ok(())
 }
 
-/// New connections for `seconds`: connect, receive the server's first line (a full round trip through every
-/// hop), close. Prints the rate.
-/// New connections one after the other for `seconds` or until `max` were made; prints the rate and, per IP, how
-/// many connections the server saw coming from it.
+/// New connections one after the other for `seconds` or until `max` were made: connect, receive the server's
+/// first line (a full round trip through every hop), close. Prints the rate and, per IP, how many connections
+/// the server saw coming from it.
 fn connections_per_second(addr: SocketAddr, seconds: f64, max: u64) -> Result<()> {
     let start = std::time::Instant::now();
     let mut done = 0u64;

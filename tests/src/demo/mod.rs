@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
+use crate::Cluster;
 use crate::cluster::{ADMIN, METRICS, built_binary, prerequisites};
-use crate::{Cluster, Pod};
 use bookinfo::Bookinfo;
 
 pub struct Options {
@@ -122,13 +122,9 @@ fn forwards(c: &Cluster, app: &Bookinfo, smoke: bool) -> Result<Endpoints> {
 impl Demo<'_> {
     /// `bookinfo fetch URL ARGS..` in the curl pod: its report.
     fn fetch(&self, url: &str, args: &[&str]) -> Result<Value> {
-        self.fetch_from(&self.app.curl, url, args)
-    }
-
-    fn fetch_from(&self, pod: &Pod, url: &str, args: &[&str]) -> Result<Value> {
         let mut all = vec!["fetch", url];
         all.extend(args);
-        self.c.run_in(pod, &self.bookinfo, &all)
+        self.c.run_in(&self.app.curl, &self.bookinfo, &all)
     }
 
     /// Applies (or with `None` deletes) one file of objects, the way `kubectl apply -f` would, and shows it.
