@@ -79,6 +79,7 @@ pub struct Capture {
     enrolled: BpfHashMap<MapData, u64, EnrolledPod>,
     orig_by_peer: BpfHashMap<MapData, PeerKey, SockAddr>,
     inbound_listeners: SockHash<MapData, IpKey>,
+    pod_addrs: BpfHashMap<MapData, IpKey, u64>,
     node_addrs: BpfHashMap<MapData, IpKey, u32>,
     agent_connects: BpfHashMap<MapData, SockAddr, u32>,
     excluded_ports: BpfHashMap<MapData, u32, u32>,
@@ -154,6 +155,7 @@ impl Capture {
             enrolled: take_map(&mut ebpf, maps::ENROLLED)?,
             orig_by_peer: take_map(&mut ebpf, maps::ORIG_BY_PEER)?,
             inbound_listeners: take_map(&mut ebpf, maps::INBOUND_LISTENERS)?,
+            pod_addrs: take_map(&mut ebpf, maps::POD_ADDRS)?,
             node_addrs: take_map(&mut ebpf, maps::NODE_ADDRS)?,
             agent_connects: take_map(&mut ebpf, maps::AGENT_CONNECTS)?,
             excluded_ports: take_map(&mut ebpf, maps::EXCLUDED_PORTS)?,
@@ -172,6 +174,9 @@ impl Capture {
             self.inbound_listeners
                 .insert(IpKey::from(*ip), listener.as_raw_fd(), 0)
                 .map_err(|e| CaptureError::Map(maps::INBOUND_LISTENERS, e))?;
+            self.pod_addrs
+                .insert(IpKey::from(*ip), netns_cookie, 0)
+                .map_err(|e| CaptureError::Map(maps::POD_ADDRS, e))?;
         }
         let prog: &mut SkLookup = program(&mut self.ebpf, programs::SK_LOOKUP)?;
         let link = prog.attach(netns).map_err(|e| CaptureError::Program(programs::SK_LOOKUP, e))?;
@@ -197,6 +202,18 @@ impl Capture {
         }
         for ip in ips {
             let _ = self.inbound_listeners.remove(&IpKey::from(*ip));
+        }
+        // By cookie, not by `ips`: a netns released without a state entry has no address list, and an address
+        // already handed to a newer pod stays with it.
+        let addrs: Vec<IpKey> = self
+            .pod_addrs
+            .iter()
+            .filter_map(|entry| entry.ok())
+            .filter(|(_, cookie)| *cookie == netns_cookie)
+            .map(|(ip, _)| ip)
+            .collect();
+        for ip in addrs {
+            let _ = self.pod_addrs.remove(&ip);
         }
     }
 
@@ -300,6 +317,7 @@ impl Capture {
         let maps = vec![
             (maps::ENROLLED, count(self.enrolled.keys().count())),
             (maps::NODE_ADDRS, count(self.node_addrs.keys().count())),
+            (maps::POD_ADDRS, count(self.pod_addrs.keys().count())),
             (maps::AGENT_CONNECTS, count(self.agent_connects.keys().count())),
             (maps::EXCLUDED_PORTS, count(self.excluded_ports.keys().count())),
         ];

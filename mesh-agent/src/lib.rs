@@ -1,6 +1,7 @@
 //! nodemesh node agent: captures enrolled pods' TCP traffic with eBPF and proxies it from inside each pod's
 //! network namespace. See docs/ARCHITECTURE.md for the data path.
 
+pub mod abort;
 pub mod admin;
 pub mod capture;
 pub mod cni_install;
@@ -18,6 +19,7 @@ pub mod node;
 pub mod policy;
 pub mod proxy;
 pub mod state;
+pub mod state_dir;
 pub mod telemetry;
 pub mod tunnels;
 pub mod uninstall;

@@ -45,6 +45,11 @@ pub mod maps {
     pub const NODE_ADDRS: &str = "NODE_ADDRS";
     /// SOCKHASH [`super::IpKey`] (a pod IP) -> the agent's inbound listener in that pod.
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
+    /// [`super::IpKey`] -> netns cookie (u64): the addresses of enrolled pods, the only ones `sk_lookup` steers.
+    /// Kept apart from `INBOUND_LISTENERS` because a sockhash entry vanishes with its socket: while the agent
+    /// is down the pod's addresses must still be known (and refused), while loopback and any other address
+    /// the pod has are left to the kernel.
+    pub const POD_ADDRS: &str = "POD_ADDRS";
     /// [`super::SockAddr`] (source of one of the agent's own connections to a pod's application) -> the
     /// destination port it connects to. `sk_lookup` lets exactly these through instead of steering them back.
     pub const AGENT_CONNECTS: &str = "AGENT_CONNECTS";

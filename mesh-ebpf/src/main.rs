@@ -58,6 +58,8 @@ static NODE_ADDRS: HashMap<IpKey, u32> = HashMap::pinned(256, 0);
 #[map]
 static INBOUND_LISTENERS: SockHash<IpKey> = SockHash::pinned(8192, 0);
 #[map]
+static POD_ADDRS: HashMap<IpKey, u64> = HashMap::pinned(8192, 0);
+#[map]
 static AGENT_CONNECTS: HashMap<SockAddr, u32> = HashMap::pinned(65536, 0);
 #[map]
 static COUNTERS: PerCpuArray<CaptureCounters> = PerCpuArray::pinned(1, 0);
@@ -333,6 +335,12 @@ pub fn nodemesh_sk_lookup(ctx: SkLookupContext) -> u32 {
             IpKey { addr: ip6_bytes(&l.remote_ip6), family: AF_INET6, _pad: 0 },
         )
     };
+    // Only the enrolled pods' own addresses are steered: loopback (containers of one pod talking to each
+    // other) and any address the agent did not enroll are the kernel's business, as in a pod outside the mesh.
+    // SAFETY: plain value read from a hash map.
+    if unsafe { POD_ADDRS.get(&local) }.is_none() {
+        return SK_PASS;
+    }
     // The agent's own connection to the application (made transparently, as the client): let it through.
     // `ingress_ifindex` cannot tell it apart: for local traffic the kernel reports the address's device.
     let source = SockAddr { addr: remote.addr, port: u16::from_be(l.remote_port), family: remote.family };

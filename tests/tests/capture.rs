@@ -339,3 +339,53 @@ fn quitquitquit_drains_then_exits() {
     mesh_tests::wait_for("the agent to exit", || !mesh_tests::sys::pid_running(pid));
     assert!(c.log_of("agent-n1").contains("drained"));
 }
+
+/// The outcome of `mesh-testbin probe` from `pod` to `target`, and how long it took in ms.
+fn probe(c: &Cluster, pod: &Pod, target: std::net::SocketAddr) -> (String, u64) {
+    let r = c.testbin(pod, &["probe", &target.to_string()]).unwrap();
+    (r["outcome"].as_str().unwrap().to_string(), r["ms"].as_u64().unwrap())
+}
+
+/// A refusal stays a refusal: a closed port of an enrolled pod fails within milliseconds for callers in the
+/// mesh and outside it (the application's RST used to leave the pod towards the real client, and the agent's
+/// connect waited 10 s). The caller's connection was accepted by an agent first, so it sees a reset.
+#[test]
+fn closed_port_of_enrolled_pod_fails_at_once() {
+    let mut c = cluster!(1);
+    let (client, server) = enrolled_pair(&mut c, 0, 0);
+    let outside = c.add_pod(0, "outside").unwrap();
+    let closed = addr(server.ipv4, 9999);
+    // Without the mesh in the way (the server's own node address skips capture): refused.
+    assert_eq!(probe(&c, &outside, addr(c.nodes[0].pod_gateway, 9999)).0, "refused");
+    for (caller, pod) in [("meshed", &client), ("outside the mesh", &outside)] {
+        let (outcome, ms) = probe(&c, pod, closed);
+        assert_eq!(outcome, "reset", "{caller} caller of a closed port");
+        assert!(ms < 1000, "{caller} caller waited {ms} ms for a refusal");
+        let (outcome, _) = probe(&c, pod, addr(server.ipv4, 8080));
+        assert_eq!(outcome, "greeted", "{caller} caller of the open port");
+    }
+    let failed = c.metric(0, "nodemesh_tcp_connection_failures_total", &[("reason", "connect")]).unwrap();
+    assert!(failed >= 2.0, "refusals are counted as failed connects ({failed})");
+}
+
+/// Containers of one pod talk over loopback as in any pod: inside an enrolled pod, 127.0.0.1 and ::1 reach the
+/// pod's own listener, and a closed loopback port is refused by the kernel, at once. Only the pod's own
+/// addresses are steered to the agent.
+#[test]
+fn loopback_inside_an_enrolled_pod_is_left_alone() {
+    let mut c = cluster!(1);
+    let (client, _server) = enrolled_pair(&mut c, 0, 0);
+    c.serve(&client, 7070).unwrap();
+    let no_listener =
+        |c: &Cluster| c.metric(0, "nodemesh_capture_events_total", &[("event", "inbound_no_listener")]).unwrap_or(0.0);
+    for ip in ["127.0.0.1".parse::<IpAddr>().unwrap(), "::1".parse().unwrap()] {
+        assert_eq!(probe(&c, &client, addr(ip, 7070)).0, "greeted", "listening port on {ip}");
+        let (outcome, ms) = probe(&c, &client, addr(ip, 7071));
+        assert_eq!(outcome, "refused", "closed port on {ip}");
+        assert!(ms < 1000, "{ms} ms for a refusal on {ip}");
+    }
+    assert_eq!(no_listener(&c), 0.0, "loopback must never meet the agent's inbound steering");
+    // The pod's own address is still steered (and so still proxied and accounted).
+    assert_eq!(probe(&c, &client, addr(client.ipv4, 7070)).0, "greeted");
+    assert!(c.metric(0, "nodemesh_capture_events_total", &[("event", "inbound_steered")]).unwrap() >= 1.0);
+}

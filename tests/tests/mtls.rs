@@ -357,3 +357,19 @@ fn destination_with_unexpected_identity_is_refused() {
     assert_eq!(tls, 1.0);
     assert_eq!(opened(&c, 1, &server, "inbound", "mutual_tls"), 0.0);
 }
+
+/// A closed port behind the tunnel: the destination agent answers the CONNECT with 503 as soon as the
+/// application's kernel refuses, and the calling agent resets its client — within milliseconds, where the
+/// refusal used to be lost and the destination agent's connect waited 10 s.
+#[test]
+fn closed_port_behind_the_tunnel_is_reset_at_once() {
+    let mut c = cluster!(2);
+    let (client, server) = meshed_pair(&mut c, 0, 1, "", &[]);
+    let r = c.testbin(&client, &["probe", &addr(server.ipv4, 9999).to_string()]).unwrap();
+    assert_eq!(r["outcome"], "reset", "{r}");
+    assert!(r["ms"].as_u64().unwrap() < 1000, "{r}");
+    let failed = c.metric(1, "nodemesh_tcp_connection_failures_total", &[("reason", "connect")]).unwrap();
+    assert_eq!(failed, 1.0, "the destination agent counts the refused connect");
+    let r = c.testbin(&client, &["probe", &addr(server.ipv4, 8080).to_string()]).unwrap();
+    assert_eq!(r["outcome"], "greeted", "{r}");
+}

@@ -27,6 +27,13 @@ impl H2Stream {
     }
 }
 
+impl crate::abort::Abort for H2Stream {
+    /// RST_STREAM: the calling agent resets its client connection in turn.
+    fn abort(mut self) {
+        self.send.send_reset(h2::Reason::CONNECT_ERROR);
+    }
+}
+
 fn h2_io(e: h2::Error) -> io::Error {
     if e.is_io() {
         e.into_io().unwrap_or_else(|| io::Error::other("h2 I/O error"))

@@ -6,6 +6,13 @@
 //! inherits that mark from the SYN, and a rule sends marked packets to a table whose only route is
 //! `local default dev lo`, so the replies addressed to the client's IP are delivered back to the agent instead of
 //! leaving through the pod's interface. Nothing else in the pod carries that mark, so nothing else changes.
+//!
+//! A refusal must come back the same way: when nothing listens on the port, the kernel answers the SYN with a
+//! RST that belongs to no socket, so it has no mark to inherit and was routed out of the pod towards the real
+//! client (which ignored it) while the agent waited for its connect to time out. `net.ipv4.fwmark_reflect` and
+//! `net.ipv6.fwmark_reflect` give such replies the mark of the packet they answer, so the RST reaches the
+//! agent at once and the caller sees "connection refused", as it would without the mesh. Only the agent's
+//! packets carry a mark in the pod, so no other reply changes.
 
 use std::io;
 use std::process::Command;
@@ -17,8 +24,12 @@ const RULE_PRIORITY: &str = "100";
 
 /// Installs the rules and sysctl. Must run on a thread inside the pod's netns.
 pub fn install(ipv4: bool, ipv6: bool) -> io::Result<()> {
-    std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot set net.ipv4.tcp_fwmark_accept in the pod: {e}")))?;
+    for sysctl in SYSCTLS {
+        // A kernel without IPv6 has no net.ipv6 tree; a pod without IPv6 addresses needs none of it.
+        if ipv6 || !sysctl.starts_with("ipv6/") {
+            set_sysctl(sysctl, "1")?;
+        }
+    }
     for (enabled, family, default) in [(ipv4, "-4", "0.0.0.0/0"), (ipv6, "-6", "::/0")] {
         if !enabled {
             continue;
@@ -36,7 +47,17 @@ pub fn remove() {
         remove_rules(family);
         let _ = ip(&[family, "route", "del", "local", default, "dev", "lo", "table", &table()]);
     }
-    let _ = std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "0");
+    for sysctl in SYSCTLS {
+        let _ = set_sysctl(sysctl, "0");
+    }
+}
+
+/// Under `/proc/sys/net/`: accepted sockets inherit the SYN's mark; kernel replies (RSTs) reflect it.
+const SYSCTLS: [&str; 3] = ["ipv4/tcp_fwmark_accept", "ipv4/fwmark_reflect", "ipv6/fwmark_reflect"];
+
+fn set_sysctl(name: &str, value: &str) -> io::Result<()> {
+    std::fs::write(format!("/proc/sys/net/{name}"), value)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot set net.{} in the pod: {e}", name.replace('/', "."))))
 }
 
 fn remove_rules(family: &str) {

@@ -135,6 +135,12 @@ impl<S> Rewind<S> {
     }
 }
 
+impl<S: crate::abort::Abort> crate::abort::Abort for Rewind<S> {
+    fn abort(self) {
+        self.inner.abort()
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         if !self.prefix.is_empty() {

@@ -14,11 +14,12 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use mesh_common::bpf::{INBOUND_MARK, OUTBOUND_MARK};
-use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::Instrument;
 
+use crate::abort::Abort;
 use crate::inpod::PodContext;
 use crate::metrics::{Direction, Flow};
 use crate::state::AgentState;
@@ -65,7 +66,8 @@ pub async fn serve(listener: TcpListener, direction: Direction, pod: Arc<PodCont
 
 /// Copies both ways with half-close until both sides are done, and accounts for it (metrics with `flow`'s
 /// labels, `/connections`, the access log). `downstream` is the side that opened the connection, from `client`
-/// to `server`.
+/// to `server`. When the copy fails (one side reset or broke), both sides are aborted, so the failure reaches
+/// the other end as a reset instead of a clean close.
 pub async fn forward<D, U>(
     state: &AgentState,
     pod: &PodContext,
@@ -74,16 +76,24 @@ pub async fn forward<D, U>(
     downstream: D,
     upstream: U,
 ) where
-    D: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
+    D: AsyncRead + AsyncWrite + Unpin + Abort,
+    U: AsyncRead + AsyncWrite + Unpin + Abort,
 {
     let started = std::time::Instant::now();
     let open = state.metrics().traffic.open(flow, client, server);
     let bytes = open.bytes().clone();
-    let mut downstream = Counted::new(downstream, &bytes.received);
-    let mut upstream = Counted::new(upstream, &bytes.sent);
-    let result =
-        tokio::io::copy_bidirectional_with_sizes(&mut downstream, &mut upstream, COPY_BUFFER, COPY_BUFFER).await;
+    let (mut downstream, mut upstream) = (downstream, upstream);
+    let result = tokio::io::copy_bidirectional_with_sizes(
+        &mut Counted::new(&mut downstream, &bytes.received),
+        &mut Counted::new(&mut upstream, &bytes.sent),
+        COPY_BUFFER,
+        COPY_BUFFER,
+    )
+    .await;
+    if result.is_err() {
+        downstream.abort();
+        upstream.abort();
+    }
     let (received, sent) = (bytes.received.load(Ordering::Relaxed), bytes.sent.load(Ordering::Relaxed));
     let error = result.as_ref().err().map(ToString::to_string);
     crate::telemetry::access_log::connection(
@@ -104,8 +114,7 @@ pub async fn forward<D, U>(
 
 /// Refuses a connection the agent already accepted: a reset, so the application sees an error, not a clean EOF.
 pub fn reset(conn: TcpStream) {
-    let _ = SockRef::from(&conn).set_linger(Some(Duration::ZERO));
-    drop(conn);
+    conn.abort();
 }
 
 fn pod_socket(pod: &PodContext, target: SocketAddr, mark: u32) -> io::Result<Socket> {

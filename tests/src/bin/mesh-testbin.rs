@@ -5,6 +5,9 @@
 //! `client ADDR BYTES [CONNS]`: opens CONNS connections (all held open at once), then on each sends BYTES
 //! pseudo-random bytes while reading the echo, and checks length and CRC32 both ways. Prints one JSON line
 //! (`serverSawLocals`: the server address each good connection reached).
+//! `probe ADDR`: one connection, reading the server's first line; prints `{"outcome","ms"}` with the outcome
+//! `greeted` (a server answered), `refused` (connect failed with ECONNREFUSED), `reset` (connected, then reset),
+//! `closed` (connected, then EOF), `timeout` or `error`, and how long it took to find out.
 //! `MESH_TESTBIN_MARKER=text` sends that text repeated instead (to look for it on the wire);
 //! `MESH_TESTBIN_HOLD_MS=n` waits n ms after connecting before sending (a long-lived connection).
 
@@ -26,12 +29,13 @@ fn main() {
             args[3].parse().expect("seconds"),
             args.get(4).map(|n| n.parse().expect("max connections")).unwrap_or(u64::MAX),
         ),
+        Some("probe") => probe(args[2].parse().expect("address")),
         Some("client") => client(
             args[2].parse().expect("address"),
             args[3].parse().expect("bytes"),
             args.get(4).map(|c| c.parse().expect("connections")).unwrap_or(1),
         ),
-        _ => Err("usage: mesh-testbin serve PORT [sink] | client ADDR BYTES [CONNS] | throughput ADDR BYTES | rr ADDR COUNT | cps ADDR SECONDS [MAX]".into()),
+        _ => Err("usage: mesh-testbin serve PORT [sink] | client ADDR BYTES [CONNS] | throughput ADDR BYTES | rr ADDR COUNT | cps ADDR SECONDS [MAX] | probe ADDR".into()),
     };
     if let Err(e) = result {
         eprintln!("mesh-testbin: {e}");
@@ -170,6 +174,29 @@ fn connect_reading_header(addr: SocketAddr) -> Result<(TcpStream, BufReader<TcpS
     let mut header = String::new();
     reader.read_line(&mut header)?;
     Ok((stream, reader, header))
+}
+
+/// How one connection attempt ended (a mesh must keep refusals refusals, and fast). Exits 0 whatever the outcome.
+fn probe(addr: SocketAddr) -> Result<()> {
+    use std::io::ErrorKind;
+    let start = std::time::Instant::now();
+    let greeting = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).and_then(|mut stream| {
+        stream.set_read_timeout(Some(Duration::from_secs(12)))?;
+        let mut byte = [0u8; 1];
+        stream.read(&mut byte)
+    });
+    let outcome = match greeting {
+        Ok(0) => "closed",
+        Ok(_) => "greeted",
+        Err(e) => match e.kind() {
+            ErrorKind::ConnectionRefused => "refused",
+            ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe => "reset",
+            ErrorKind::TimedOut | ErrorKind::WouldBlock => "timeout",
+            _ => "error",
+        },
+    };
+    println!("{{\"outcome\":\"{outcome}\",\"ms\":{}}}", start.elapsed().as_millis());
+    Ok(())
 }
 
 /// One-way bulk transfer to a `sink` server; prints {"bytes", "seconds", "gbitPerSecond"}.
