@@ -5,6 +5,8 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use mesh_agent::capture::{self, Capture};
 use mesh_agent::controller::ControllerClient;
+use mesh_agent::controller::last_good::LastGood;
+use mesh_agent::identity::store::CertStore;
 use mesh_agent::identity::{LocalCa, SecretManager};
 use mesh_agent::state::AgentState;
 use mesh_agent::{admin, cni_server, inpod, node};
@@ -221,17 +223,24 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let capture = Capture::load(&args.paths.bpffs, &cgroup_root).context("setting up eBPF capture")?;
     tracing::info!(node = %args.node, cgroup = %cgroup_root.display(), bpffs = %args.paths.bpffs.display(), "capture attached");
 
-    std::fs::create_dir_all(&args.paths.state_dir)
+    mesh_agent::state_dir::create_private_dir(&args.paths.state_dir)
         .with_context(|| format!("creating state dir {}", args.paths.state_dir.display()))?;
+    let mut kept_config = None;
     let controller = match &args.controller {
         Some(url) => {
             let token_file = args.token_file.as_ref().context("--controller needs --token-file")?;
-            Some(ControllerClient::new(url, args.controller_ca.as_deref(), token_file, args.node.clone())?)
+            let mut client = ControllerClient::new(url, args.controller_ca.as_deref(), token_file, args.node.clone())?;
+            kept_config = client.resume_from(LastGood::new(&args.paths.state_dir));
+            Some(client)
         }
         None => None,
     };
     let secrets = match (&controller, &args.ca_dir) {
-        (Some(client), _) => Some(SecretManager::new(std::sync::Arc::new(client.clone()), args.cert_lifetime)?),
+        (Some(client), _) => {
+            let store = CertStore::open(&args.paths.state_dir.join("certs"))
+                .with_context(|| format!("certificate store under {}", args.paths.state_dir.display()))?;
+            Some(SecretManager::with_store(std::sync::Arc::new(client.clone()), args.cert_lifetime, Some(store))?)
+        }
         (None, Some(dir)) => {
             let ca = LocalCa::load(dir).context("loading the CA (create one with `mesh-agent ca init DIR`)")?;
             Some(SecretManager::new(std::sync::Arc::new(ca), args.cert_lifetime)?)
@@ -243,11 +252,25 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let state_file = args.paths.state_dir.join("pods.json");
     let istio_names = args.metrics_compat == MetricsCompat::Istio;
+    // Fed by the controller, the agent resumes from the last config it applied, if one was kept; a `--config`
+    // seed comes next; with neither it refuses enrolled pods' traffic until the controller answers.
+    let resuming = kept_config.is_some();
+    let seeded = args.config.is_some();
+    let config = kept_config.unwrap_or(config);
+    if resuming {
+        tracing::info!(version = %config.version, "resuming from the last good config until the controller answers");
+    }
     let state = AgentState::new(args.node.clone(), capture, config.clone(), state_file, secrets, istio_names);
     state.set_config(config).context("applying capture exclusions")?;
-    // Config from the controller replaces the seed above once it arrives; until then the agent is not ready.
     if let Some(client) = controller {
-        state.expect_config();
+        match (resuming, seeded) {
+            (true, _) => {}
+            (false, true) => state.expect_config(),
+            (false, false) => {
+                tracing::warn!("no config yet: enrolled pods' connections are refused until the controller answers");
+                state.fail_closed_until_config();
+            }
+        }
         tokio::spawn(client.run_config_stream(state.clone()));
     }
     state.capture().set_node_addresses(&node::local_addresses()?).context("recording node addresses")?;

@@ -35,6 +35,9 @@ struct Inner {
     capture_ready: AtomicBool,
     /// False until a controller-fed agent has its first config.
     config_ready: AtomicBool,
+    /// False while the agent has no config at all (fed by a controller that has not answered, nothing kept
+    /// from before): enrolled pods' connections are then refused, since nothing tells what is meshed.
+    has_config: AtomicBool,
     /// Present when a CA is configured: then meshed traffic travels in mTLS tunnels.
     secrets: Option<SecretManager>,
     pool: Pool,
@@ -101,6 +104,7 @@ impl AgentState {
                 state_file,
                 capture_ready: AtomicBool::new(false),
                 config_ready: AtomicBool::new(true),
+                has_config: AtomicBool::new(true),
                 secrets,
                 pool: Pool::default(),
                 tunnels: Tunnels::default(),
@@ -205,8 +209,21 @@ impl AgentState {
         self.inner.config_ready.store(false, Ordering::Release);
     }
 
+    /// For an agent fed by the controller with no config to start from: not ready, and every connection of an
+    /// enrolled pod refused, until the first config arrives.
+    pub fn fail_closed_until_config(&self) {
+        self.expect_config();
+        self.inner.has_config.store(false, Ordering::Release);
+    }
+
     pub fn set_config_ready(&self) {
+        self.inner.has_config.store(true, Ordering::Release);
         self.inner.config_ready.store(true, Ordering::Release);
+    }
+
+    /// Whether the agent has any config to decide by (see [`AgentState::fail_closed_until_config`]).
+    pub fn has_config(&self) -> bool {
+        self.inner.has_config.load(Ordering::Acquire)
     }
 
     /// Ready when the programs are attached, config is loaded, the enrolled pods were re-adopted and have their

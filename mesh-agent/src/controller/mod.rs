@@ -4,6 +4,7 @@
 use anyhow::Context;
 
 pub mod channel;
+pub mod last_good;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -26,7 +27,16 @@ use crate::identity::{CaError, CertificateAuthority, Identity};
 use crate::state::AgentState;
 
 pub const NODE_HEADER: &str = "x-nodemesh-node";
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Reconnect delays double from 200 ms up to this cap: a controller back after a restart has every agent again
+/// within a few seconds, and the jitter below keeps a thousand agents from arriving in the same instant.
+const MAX_BACKOFF: Duration = Duration::from_secs(3);
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+
+/// Half of `backoff` plus a random part of the other half ("equal jitter").
+fn jittered(backoff: Duration) -> Duration {
+    let half = backoff / 2;
+    half + half.mul_f64(fastrand::f64())
+}
 
 /// How to reach and authenticate to the controller.
 #[derive(Clone)]
@@ -36,6 +46,8 @@ pub struct ControllerClient {
     node: Arc<str>,
     /// Roots from the config stream, for [`CertificateAuthority::trust_bundle`].
     bundle: Arc<RwLock<Vec<CertificateDer<'static>>>>,
+    /// Where what the controller sent is kept for a restart without it.
+    last_good: Option<last_good::LastGood>,
 }
 
 /// The credential file: a bootstrap token, or in Kubernetes a projected service-account token the kubelet
@@ -75,7 +87,22 @@ impl ControllerClient {
     pub fn new(url: &str, ca_file: Option<&Path>, token_file: &Path, node: String) -> anyhow::Result<Self> {
         let token = Arc::new(TokenFile::open(token_file)?);
         let channel = channel::channel(url, ca_file)?;
-        Ok(ControllerClient { channel, token, node: node.into(), bundle: Default::default() })
+        Ok(ControllerClient { channel, token, node: node.into(), bundle: Default::default(), last_good: None })
+    }
+
+    /// Keeps every config and trust bundle the agent applies in `last_good`, and takes back the trust bundle
+    /// kept there (so certificates restored from disk can be verified before the controller answers). Returns
+    /// the kept config, for the agent to resume from.
+    pub fn resume_from(&mut self, last_good: last_good::LastGood) -> Option<mesh_common::config::NodeConfig> {
+        if let Some(pem) = last_good.load_bundle() {
+            match pem_certs(&String::from_utf8_lossy(&pem), "the kept trust bundle") {
+                Ok(roots) => *self.bundle.write().unwrap_or_else(|p| p.into_inner()) = roots,
+                Err(e) => tracing::error!(error = %e, "ignoring the kept trust bundle"),
+            }
+        }
+        let config = last_good.load_config();
+        self.last_good = Some(last_good);
+        config
     }
 
     fn authenticated(&self) -> Result<Authenticated, Status> {
@@ -94,15 +121,16 @@ impl ControllerClient {
 
     /// Keeps the config stream up for as long as the agent runs.
     pub async fn run_config_stream(self, state: AgentState) {
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = FIRST_BACKOFF;
         loop {
+            let delay = jittered(backoff);
             match self.config_stream_once(&state, &mut backoff).await {
-                Ok(()) => tracing::warn!("controller closed the config stream; reconnecting"),
+                Ok(()) => tracing::warn!(retry_in = ?delay, "controller closed the config stream; reconnecting"),
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "config stream from the controller failed; keeping the last good config")
+                    tracing::warn!(error = %e, retry_in = ?delay, "config stream from the controller failed; keeping the last good config")
                 }
             }
-            tokio::time::sleep(backoff).await;
+            tokio::time::sleep(delay).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
@@ -121,12 +149,18 @@ impl ControllerClient {
             let result = assembler
                 .apply(update.full, &update.upserts, &update.removals, &update.version)
                 .map_err(|e| e.to_string())
-                .and_then(|config| state.set_config(config).map_err(|e| e.to_string()));
+                .and_then(|config| {
+                    let encoded = self.last_good.as_ref().and_then(|_| last_good::LastGood::encode(&config));
+                    state.set_config(config).map_err(|e| e.to_string()).map(|()| encoded)
+                });
             let error = match result {
-                Ok(()) => {
+                Ok(encoded) => {
                     tracing::info!(version = %update.version, full = update.full, "config from controller applied");
+                    if let (Some(kept), Some(encoded)) = (&self.last_good, encoded) {
+                        kept.save_config(&encoded);
+                    }
                     state.set_config_ready();
-                    *backoff = Duration::from_millis(200);
+                    *backoff = FIRST_BACKOFF;
                     String::new()
                 }
                 Err(e) => {
@@ -153,6 +187,9 @@ impl ControllerClient {
             }
         }
         *self.bundle.write().unwrap_or_else(|p| p.into_inner()) = roots;
+        if let Some(kept) = &self.last_good {
+            kept.save_bundle(pem);
+        }
     }
 }
 
@@ -178,5 +215,19 @@ impl CertificateAuthority for ControllerClient {
 
     fn trust_bundle(&self) -> Vec<CertificateDer<'static>> {
         self.bundle.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_delays_are_jittered_and_capped() {
+        let delays: Vec<Duration> = (0..200).map(|_| jittered(MAX_BACKOFF)).collect();
+        assert!(delays.iter().all(|d| *d >= MAX_BACKOFF / 2 && *d <= MAX_BACKOFF), "{delays:?}");
+        let distinct: std::collections::BTreeSet<u128> = delays.iter().map(Duration::as_millis).collect();
+        assert!(distinct.len() > 50, "agents must not reconnect in lockstep: {distinct:?}");
+        assert!(jittered(FIRST_BACKOFF) <= FIRST_BACKOFF);
     }
 }

@@ -1,11 +1,13 @@
 //! Workload identities: SPIFFE IDs, X.509-SVIDs, the CA that signs them and the manager that keeps one
 //! certificate per service account on this node fresh.
 //!
-//! Keys are generated here and never leave the agent's memory. TLS is rustls with the `ring` provider, TLS 1.3
+//! Keys are generated here and never leave the agent, which keeps them in memory and, with a state dir, in
+//! root-only files so a restart resumes without the CA (`store`). TLS is rustls with the `ring` provider, TLS 1.3
 //! only (docs/identity.md says why).
 
 pub mod ca;
 pub mod manager;
+pub mod store;
 pub mod svid;
 pub mod verifier;
 

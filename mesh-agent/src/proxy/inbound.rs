@@ -26,6 +26,11 @@ pub async fn handle(conn: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, sta
         state.metrics().original_destination_missing.inc();
         return;
     };
+    if !state.has_config() {
+        // Without config the agent cannot know the pod's PeerAuthentication or AuthorizationPolicy.
+        state.metrics().denied(&pod, crate::metrics::Direction::Inbound, "no_config");
+        return reset(conn);
+    }
     let config = state.config();
     if let Err(refusal) = policy::check_mtls_mode(&config, &pod, None) {
         refusal.record(&state, &pod, None, peer);

@@ -1,5 +1,7 @@
 //! What an enrolled pod dials: through an HBONE tunnel when the destination is a meshed workload and both
-//! identities are known, plaintext passthrough otherwise (or refused under `REGISTRY_ONLY`).
+//! identities are known, plaintext passthrough to destinations outside the mesh (refused under
+//! `REGISTRY_ONLY`). Fail closed: nothing that could be meshed ever leaves in plaintext — before the agent has
+//! any config, or when the calling pod has no identity yet, the connection is refused.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,15 +21,21 @@ use crate::state::AgentState;
 
 #[derive(Debug, PartialEq)]
 enum Route {
-    Hbone { src: Identity, dst: Identity },
+    Hbone {
+        src: Identity,
+        dst: Identity,
+    },
     Passthrough,
-    Refuse,
+    /// With the reason, as the denial metric and the log name it.
+    Refuse(&'static str),
 }
 
 fn route(config: &NodeConfig, state: &AgentState, pod: &PodContext, target: SocketAddr) -> Route {
     let Some(dst) = config.workload_by_ip(target.ip()) else {
         return match config.outbound_traffic_policy {
-            OutboundTrafficPolicy::RegistryOnly if !config.knows_destination(target.ip()) => Route::Refuse,
+            OutboundTrafficPolicy::RegistryOnly if !config.knows_destination(target.ip()) => {
+                Route::Refuse("registry_only")
+            }
             _ => Route::Passthrough,
         };
     };
@@ -36,10 +44,9 @@ fn route(config: &NodeConfig, state: &AgentState, pod: &PodContext, target: Sock
             Route::Hbone { src, dst: Identity::new(&config.trust_domain, &dst.namespace, &dst.service_account) }
         }
         (None, _) => Route::Passthrough,
-        (Some(_), None) => {
-            tracing::warn!("pod has no identity in config; sending plaintext to a meshed destination");
-            Route::Passthrough
-        }
+        // The config does not list the calling pod (yet): it has no certificate, and plaintext to a meshed
+        // workload is exactly the leak the mesh exists to prevent.
+        (Some(_), None) => Route::Refuse("no_identity"),
     }
 }
 
@@ -50,6 +57,11 @@ pub async fn handle(conn: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, sta
         return;
     };
     let span = tracing::debug_span!("outbound", %target);
+    if !state.has_config() {
+        state.metrics().denied(&pod, Direction::Outbound, "no_config");
+        tracing::info!(%target, "refused: no config yet, so nothing tells whether the destination is meshed");
+        return reset(conn);
+    }
     let config = state.config();
     // A Service address: L7 when the connection speaks HTTP, an endpoint picked by the balancer otherwise.
     if let Some((service, port)) = config.service_by_address(target.ip(), target.port()) {
@@ -68,9 +80,9 @@ pub async fn to_endpoint(conn: Rewind<TcpStream>, target: SocketAddr, pod: Arc<P
         Flow::outbound(&config, &pod, target.ip(), principal.as_deref(), service, security)
     };
     match route(&config, &state, &pod, target) {
-        Route::Refuse => {
-            state.metrics().denied(&pod, Direction::Outbound, "registry_only");
-            tracing::info!(%target, "refused: destination unknown and outboundTrafficPolicy is REGISTRY_ONLY");
+        Route::Refuse(reason) => {
+            state.metrics().denied(&pod, Direction::Outbound, reason);
+            tracing::info!(%target, reason, "outbound connection refused");
             reset(conn.into_inner());
         }
         Route::Passthrough => match super::connect_from_pod(&pod, target).await {

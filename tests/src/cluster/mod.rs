@@ -305,6 +305,20 @@ impl Cluster {
         })
     }
 
+    /// Starts the node's agent fed by the controller, waiting only until its admin API answers (ready or not):
+    /// for agents that are meant to stay unready.
+    pub fn start_agent_unready(&mut self, node: usize) -> Result<()> {
+        let args = self.controller_args(&self.token_file()?, CONTROLLER_IP)?;
+        let mut cmd = self.agent_command(node);
+        cmd.args(&args);
+        let (netns, cgroup) = (self.nodes[node].netns.clone(), self.nodes[node].cgroup.join("agent"));
+        let label = format!("agent-n{}-{}", node + 1, self.processes.len());
+        let idx = self.spawn(&label, &Placement { netns: &netns, cgroup: &cgroup }, &mut cmd)?;
+        self.nodes[node].agent = Some(idx);
+        let admin: SocketAddr = ADMIN.parse()?;
+        self.wait_started(idx, "agent admin API not up", || Ok(sys::http_get(&netns, admin, "/healthz/ready").is_ok()))
+    }
+
     /// Waits (at most 20 s) until `ready` holds for the process `idx` just spawned; an error naming `what` when
     /// it does not, or with its last log lines when it exits first.
     fn wait_started(&mut self, idx: usize, what: &str, mut ready: impl FnMut() -> Result<bool>) -> Result<()> {
