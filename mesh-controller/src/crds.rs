@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
 use mesh_common::policy::{Action, MtlsMode, Rule};
@@ -133,12 +134,12 @@ fn service_kind() -> String {
     "Service".into()
 }
 
-/// Every CRD the controller reads, as `(file name, YAML)`: nodemesh.io's, and Gateway API's HTTPRoute and
-/// GRPCRoute (experimental channel, which adds GEP-1731 retries) as the `gateway-api` crate defines them.
-pub fn all() -> Vec<(String, String)> {
+/// Every CRD the controller reads: nodemesh.io's, and Gateway API's HTTPRoute and GRPCRoute (experimental
+/// channel, which adds GEP-1731 retries) as the `gateway-api` crate defines them.
+pub fn definitions() -> Vec<CustomResourceDefinition> {
     use gateway_api::experimental::{grpcroutes::GRPCRoute, httproutes::HTTPRoute};
     use kube::CustomResourceExt;
-    [
+    vec![
         PeerAuthentication::crd(),
         AuthorizationPolicy::crd(),
         TrafficPolicy::crd(),
@@ -146,12 +147,17 @@ pub fn all() -> Vec<(String, String)> {
         HTTPRoute::crd(),
         GRPCRoute::crd(),
     ]
-    .into_iter()
-    .map(|crd| {
-        let file = format!("{}.yaml", crd.metadata.name.clone().unwrap_or_default());
-        (file, serde_yaml::to_string(&crd).unwrap_or_default())
-    })
-    .collect()
+}
+
+/// [`definitions`] as `(file name, YAML)`, for `manifests/crds/`.
+pub fn all() -> Vec<(String, String)> {
+    definitions()
+        .into_iter()
+        .map(|crd| {
+            let file = format!("{}.yaml", crd.metadata.name.clone().unwrap_or_default());
+            (file, serde_yaml::to_string(&crd).unwrap_or_default())
+        })
+        .collect()
 }
 
 #[cfg(test)]

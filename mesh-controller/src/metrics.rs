@@ -16,6 +16,10 @@ pub struct Metrics {
     pub snapshots: IntCounter,
     /// Objects of the last snapshot by kind.
     pub objects: IntGaugeVec,
+    /// Objects the last snapshot left out, by kind and reason.
+    pub rejected: IntGaugeVec,
+    /// 1 while the current snapshot is withheld from agents (a source file that never parsed).
+    pub withheld: IntGauge,
 }
 
 fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
@@ -63,6 +67,19 @@ impl Default for Metrics {
                 "Accepted objects in the current snapshot, by kind",
                 &["kind"],
             ),
+            rejected: gauge_vec(
+                "nodemesh_controller_rejected_objects",
+                "Objects left out of the current snapshot (Accepted=False), by kind and reason",
+                &["kind", "reason"],
+            ),
+            withheld: register(
+                &registry,
+                IntGauge::new(
+                    "nodemesh_controller_snapshot_withheld",
+                    "1 while the snapshot is not served because a source file never parsed",
+                )
+                .expect("static definition"),
+            ),
             registry,
         }
     }
@@ -85,6 +102,11 @@ impl Metrics {
         ] {
             self.objects.with_label_values(&[kind]).set(n as i64);
         }
+        self.rejected.reset();
+        for ((kind, reason), n) in &mesh.rejected {
+            self.rejected.with_label_values(&[kind, reason]).set(*n as i64);
+        }
+        self.withheld.set(i64::from(mesh.withheld.is_some()));
     }
 
     pub fn encode(&self) -> String {

@@ -159,35 +159,11 @@ async fn serve_node(
     let mut sent: Option<(Arc<Shared>, Resources)> = None;
     loop {
         let mesh = snapshots.borrow_and_update().clone();
-        let shared = controller.shared_for(&mesh);
-        let local = resources::split(&mesh.local_config(&node, &controller.trust_domain));
-        let update = match &sent {
-            None => {
-                let upserts = shared.resources.iter().chain(&local).map(|(k, v)| resources::to_proto(k, v)).collect();
-                Some(ConfigUpdate {
-                    full: true,
-                    upserts,
-                    trust_bundle_pem: controller.trust_bundle_pem(),
-                    ..Default::default()
-                })
-            }
-            Some((old_shared, old_local)) => {
-                let mut delta = if Arc::ptr_eq(old_shared, &shared) {
-                    Delta::default()
-                } else {
-                    (*controller.shared_delta(old_shared, &shared)).clone()
-                };
-                let own = diff(old_local, &local);
-                delta.upserts.extend(own.upserts);
-                delta.removals.extend(own.removals);
-                (!delta.upserts.is_empty() || !delta.removals.is_empty()).then(|| ConfigUpdate {
-                    upserts: delta.upserts,
-                    removals: delta.removals,
-                    ..Default::default()
-                })
-            }
-        };
-        if let Some(update) = update {
+        if let Some(why) = &mesh.withheld {
+            tracing::warn!(%node, reason = %why, "snapshot withheld; the agent keeps its last config");
+        }
+        let next = if mesh.withheld.is_some() { None } else { Some(next_update(&controller, &node, &mesh, &sent)) };
+        if let Some((Some(update), now)) = next {
             let version = controller.versions.fetch_add(1, Ordering::Relaxed) + 1;
             let update = ConfigUpdate { version: version.to_string(), ..update };
             let kind = if update.full { "full" } else { "delta" };
@@ -196,7 +172,7 @@ async fn serve_node(
             if tx.send(Ok(update)).await.is_err() {
                 break;
             }
-            sent = Some((shared, local));
+            sent = Some(now);
         }
         tokio::select! {
             changed = snapshots.changed() => if changed.is_err() { break },
@@ -216,6 +192,45 @@ async fn serve_node(
     }
     controller.metrics.connected_agents.dec();
     tracing::info!(%node, "agent disconnected");
+}
+
+/// The update that brings an agent from what it was `sent` to `mesh` (everything when it was sent nothing; `None`
+/// when nothing changed for it), and what it has after it.
+fn next_update(
+    controller: &Controller,
+    node: &str,
+    mesh: &Arc<Mesh>,
+    sent: &Option<(Arc<Shared>, Resources)>,
+) -> (Option<ConfigUpdate>, (Arc<Shared>, Resources)) {
+    let shared = controller.shared_for(mesh);
+    let local = resources::split(&mesh.local_config(node, &controller.trust_domain));
+    let update = match sent {
+        None => {
+            let upserts = shared.resources.iter().chain(&local).map(|(k, v)| resources::to_proto(k, v)).collect();
+            Some(ConfigUpdate {
+                full: true,
+                upserts,
+                trust_bundle_pem: controller.trust_bundle_pem(),
+                ..Default::default()
+            })
+        }
+        Some((old_shared, old_local)) => {
+            let mut delta = if Arc::ptr_eq(old_shared, &shared) {
+                Delta::default()
+            } else {
+                (*controller.shared_delta(old_shared, &shared)).clone()
+            };
+            let own = diff(old_local, &local);
+            delta.upserts.extend(own.upserts);
+            delta.removals.extend(own.removals);
+            (!delta.upserts.is_empty() || !delta.removals.is_empty()).then(|| ConfigUpdate {
+                upserts: delta.upserts,
+                removals: delta.removals,
+                ..Default::default()
+            })
+        }
+    };
+    (update, (shared, local))
 }
 
 /// What changed from `old` to `new`.

@@ -137,3 +137,91 @@ fn request_to_a_refusing_endpoint_is_a_fast_503_uf() {
     assert_eq!(r["flags"]["UF"], 1, "{r}");
     assert!(r["max_ms"].as_f64().unwrap() < 1000.0, "{r}");
 }
+
+/// The controller's own metrics (it listens in the fabric netns).
+fn controller_metric(c: &Cluster, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let at = addr(mesh_tests::cluster::CONTROLLER_IP.parse::<std::net::Ipv4Addr>().unwrap(), 15014);
+    let (_, text) = mesh_tests::sys::http_get(&c.fabric, at, "/metrics").unwrap();
+    mesh_tests::metric_sum(&text, name, labels)
+}
+
+const ECHO_SERVICE: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: default}
+spec: {clusterIP: 10.96.5.2, selector: {app: server}, ports: [{name: tcp, port: 7000, targetPort: 8080}]}
+";
+
+fn traffic_policy(name: &str, fault: &str) -> String {
+    format!(
+        "---\napiVersion: nodemesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: {name}, namespace: default}}\n\
+         spec: {{targetRef: {{name: echo}}, faultInjection: {fault}}}\n"
+    )
+}
+
+/// What the CRD schema forbids is refused in directory mode too, with reason Invalid, counted, and applied
+/// nowhere: a 150 % abort, an HTTP status 999, a delay of "2 seconds", and an ALLOW policy whose `rules` is
+/// misspelled (which used to be read as "no rules": deny everything).
+#[test]
+fn invalid_objects_are_refused_loudly_and_change_nothing() {
+    let mut c = cluster!(2);
+    let (client, server) = meshed_by_controller(&mut c);
+    let bad = [
+        ECHO_SERVICE.to_string(),
+        traffic_policy("abort-too-often", "{abort: {httpStatus: 503, percent: 150}}"),
+        traffic_policy("abort-negative", "{abort: {httpStatus: 503, percent: -10}}"),
+        traffic_policy("odd-status", "{abort: {httpStatus: 999, percent: 10}}"),
+        traffic_policy("wordy-delay", "{delay: {fixedDelay: 2 seconds, percent: 100}}"),
+        "---\napiVersion: nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: typo, namespace: default}\n\
+         spec: {action: ALLOW, selector: {matchLabels: {app: server}}, rulez: [{from: [{source: {namespaces: [default]}}]}]}\n"
+            .to_string(),
+    ]
+    .concat();
+    c.write_objects("bad.yaml", Some(&bad)).unwrap();
+    wait_for("the Service on node 1", || c.config_len(0, "services") == 1);
+    wait_for("the rejections counted", || {
+        controller_metric(&c, "nodemesh_controller_rejected_objects", &[("reason", "Invalid")]) == 5.0
+    });
+    let by_kind = |kind| controller_metric(&c, "nodemesh_controller_rejected_objects", &[("kind", kind)]);
+    assert_eq!(by_kind("TrafficPolicy"), 4.0);
+    assert_eq!(by_kind("AuthorizationPolicy"), 1.0);
+    for node in 0..2 {
+        assert_eq!(c.config_len(node, "trafficPolicies"), 0);
+        assert_eq!(c.config_len(node, "authorizationPolicies"), 0);
+    }
+    let log = c.log_of("controller");
+    assert!(log.contains("spec.faultInjection.abort.percent: 150 is above the maximum 100"), "the reason is logged");
+    assert!(log.contains("spec.rulez: unknown field"), "the typo is named");
+    let r = c.client(&client, addr(server.ipv4, 8080), 4 * KIB, 1).unwrap();
+    assert!(r.success, "the misspelled policy must not deny everything: {:?}", r.json);
+}
+
+/// A controller restarted while one of its files does not parse serves nothing rather than a mesh without that
+/// file's objects: agents keep their config (and traffic) until the file is fixed, then get the new one.
+#[test]
+fn controller_restarted_with_a_broken_file_withholds_config_instead_of_dropping_it() {
+    let mut c = cluster!(2);
+    let (client, server) = meshed_by_controller(&mut c);
+    c.write_objects("services.yaml", Some(ECHO_SERVICE)).unwrap();
+    wait_for("the Service on node 1", || c.config_len(0, "services") == 1);
+
+    c.kill_controller().unwrap();
+    c.write_objects("services.yaml", Some("apiVersion: v1\nkind: Service\nmetadata: {name: [broken\n")).unwrap();
+    c.start_controller().unwrap();
+    wait_for("the snapshot withheld", || controller_metric(&c, "nodemesh_controller_snapshot_withheld", &[]) == 1.0);
+    // The agents reconnect (at most 3 s apart) and are sent nothing.
+    wait_for("both agents back", || controller_metric(&c, "nodemesh_controller_connected_agents", &[]) == 2.0);
+    std::thread::sleep(Duration::from_millis(500));
+    for node in 0..2 {
+        assert_eq!(c.config_len(node, "services"), 1, "node {} lost the Service", node + 1);
+        assert_eq!(c.config_len(node, "workloads"), 2, "node {} lost its workloads", node + 1);
+    }
+    let r = c.client(&client, addr(server.ipv4, 8080), 4 * KIB, 1).unwrap();
+    assert!(r.success, "{:?}", r.json);
+    assert!(c.log_of("controller").contains("not serving config until every file parses"));
+
+    let fixed = format!("{ECHO_SERVICE}---\n{}", ECHO_SERVICE.replace("echo", "echo-2").replace("5.2", "5.3"));
+    c.write_objects("services.yaml", Some(&fixed)).unwrap();
+    wait_for("the fixed file served", || c.config_len(0, "services") == 2);
+    assert_eq!(controller_metric(&c, "nodemesh_controller_snapshot_withheld", &[]), 0.0);
+}

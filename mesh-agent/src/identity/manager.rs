@@ -361,7 +361,7 @@ mod tests {
         restarted.set_users(&users);
         let restored = restarted.fetch(&id).await.unwrap();
         assert_eq!(restored.svid.serial, issued.svid.serial);
-        assert!(restarted.all_issued() == false, "the foreign file is not a certificate for {other}");
+        assert!(!restarted.all_issued(), "the foreign file is not a certificate for {other}");
         assert!(!path(&other).exists(), "an unusable file is removed");
 
         restarted.set_users(&HashMap::new());

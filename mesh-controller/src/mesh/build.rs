@@ -171,6 +171,9 @@ impl Mesh {
             };
             verdicts.push(verdict(o, rejection));
         }
+        for (key, rejection) in verdicts.iter().filter_map(|v| Some((&v.key, v.rejected.as_ref()?))) {
+            *mesh.rejected.entry((key.kind.clone(), rejection.reason.to_string())).or_default() += 1;
+        }
         (mesh, verdicts)
     }
 }
@@ -274,7 +277,9 @@ fn endpoint_slice(o: &Object, out: &mut BTreeMap<String, Vec<SliceEndpoint>>) ->
     Ok(())
 }
 
-/// The object's spec as its CRD type: the same types that define the CRDs' schemas.
+/// The object's spec as its CRD type, after checking it against the CRD's schema (generated from the same
+/// types): what the API server would refuse is refused here too, and unknown fields are errors.
 fn spec<T: serde::de::DeserializeOwned>(o: &Object) -> Result<T, String> {
+    super::schema::check_spec(&o.api_version, &o.kind, &o.spec)?;
     serde_json::from_value(o.spec.clone()).map_err(|e| format!("spec: {e}"))
 }

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 mod build;
+pub mod schema;
 #[cfg(test)]
 mod tests;
 
@@ -151,6 +152,11 @@ pub struct Mesh {
     pub telemetry: Vec<mesh_common::telemetry::Telemetry>,
     /// Zone and region of each Node, from its topology labels.
     pub nodes: BTreeMap<String, Locality>,
+    /// Set when the source knows this snapshot lacks objects (a file of the directory source that never
+    /// parsed): it must not be served, since agents would drop everything it lost. Says why.
+    pub withheld: Option<String>,
+    /// Objects left out of this snapshot, by `(kind, reason)` (`Invalid`, `Conflicted`, ...), for the metrics.
+    pub rejected: BTreeMap<(String, String), usize>,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -1,6 +1,8 @@
 //! `--source dir:PATH`: Kubernetes objects as YAML files (`*.yaml`, `*.yml`, multi-document) in a directory,
 //! re-read when a file changes. A file that does not parse keeps its last good objects in force, so one bad
-//! edit never takes the rest of the mesh's config with it.
+//! edit never takes the rest of the mesh's config with it. A file that has not parsed since the controller
+//! started has no last good objects: the snapshot is then withheld (agents keep the config they have, which
+//! they also keep across their own restarts) until the file is fixed, instead of serving a mesh without it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -90,11 +92,18 @@ fn reload(dir: &Path, files: &mut BTreeMap<PathBuf, Vec<Object>>, seen: &mut Fin
             }
         }
     }
+    let unparsed: Vec<String> =
+        now.keys().filter(|path| !files.contains_key(*path)).map(|path| path.display().to_string()).collect();
     *seen = now;
     let all: Vec<Object> = files.values().flatten().cloned().collect();
-    let (mesh, verdicts) = Mesh::from_objects(&all);
+    let (mut mesh, verdicts) = Mesh::from_objects(&all);
     for v in verdicts.iter().filter(|v| v.is_problem()) {
         tracing::error!("{v}");
+    }
+    if !unparsed.is_empty() {
+        let why = format!("never parsed since the controller started: {}", unparsed.join(", "));
+        tracing::error!("not serving config until every file parses ({why}); agents keep their last config");
+        mesh.withheld = Some(why);
     }
     mesh
 }
