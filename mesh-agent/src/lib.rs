@@ -12,6 +12,7 @@ pub mod hbone;
 pub mod identity;
 pub mod inpod;
 pub mod l7;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod netns;

@@ -149,6 +149,13 @@ struct RunArgs {
     /// The node's CNI bin dir, as mounted into the agent (for removal on uninstall).
     #[arg(long, env = "NODEMESH_CNI_BIN_DIR")]
     cni_bin_dir: Option<PathBuf>,
+    /// A request head (HTTP/1) must arrive whole within this — the first after the connection opens and each
+    /// later one after the previous response, so it is also the keep-alive idle timeout.
+    #[arg(long, env = "NODEMESH_HTTP_HEADER_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    http_header_timeout: std::time::Duration,
+    /// Connections one pod may have open through the agent at once; beyond it new ones are reset.
+    #[arg(long, env = "NODEMESH_MAX_CONNECTIONS_PER_POD", default_value_t = mesh_agent::limits::DEFAULT_MAX_CONNECTIONS_PER_POD)]
+    max_connections_per_pod: usize,
     /// How long `/quitquitquit` waits for proxied connections to finish before exiting.
     #[arg(long, env = "NODEMESH_DRAIN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
     drain_timeout: std::time::Duration,
@@ -260,7 +267,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if resuming {
         tracing::info!(version = %config.version, "resuming from the last good config until the controller answers");
     }
-    let state = AgentState::new(args.node.clone(), capture, config.clone(), state_file, secrets, istio_names);
+    let limits = mesh_agent::limits::Limits {
+        header_timeout: args.http_header_timeout,
+        max_connections_per_pod: args.max_connections_per_pod,
+    };
+    let state = AgentState::new(args.node.clone(), capture, config.clone(), state_file, secrets, istio_names, limits);
     state.set_config(config).context("applying capture exclusions")?;
     if let Some(client) = controller {
         match (resuming, seeded) {

@@ -49,6 +49,7 @@ struct Inner {
     /// Notified when `/quitquitquit` asks the agent to drain and exit.
     quit: tokio::sync::Notify,
     quitting: AtomicBool,
+    limits: crate::limits::Limits,
 }
 
 /// Counts one proxied connection as active until dropped.
@@ -86,6 +87,7 @@ impl AgentState {
         state_file: PathBuf,
         secrets: Option<SecretManager>,
         istio_metric_names: bool,
+        limits: crate::limits::Limits,
     ) -> Self {
         let capture = Mutex::new(capture);
         let inner = Arc::new_cyclic(|weak: &std::sync::Weak<Inner>| {
@@ -113,9 +115,14 @@ impl AgentState {
                 active: Default::default(),
                 quit: tokio::sync::Notify::new(),
                 quitting: AtomicBool::new(false),
+                limits,
             }
         });
         AgentState { inner }
+    }
+
+    pub fn limits(&self) -> &crate::limits::Limits {
+        &self.inner.limits
     }
 
     pub fn node(&self) -> &str {

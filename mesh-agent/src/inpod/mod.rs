@@ -31,6 +31,8 @@ pub struct PodContext {
     pub net: PodNetwork,
     pub netns: NetNs,
     pub enrolled_at: u64,
+    /// The pod's open outbound connections, against `Limits::max_connections_per_pod`.
+    pub outbound_connections: crate::limits::ConnectionCount,
 }
 
 impl PodContext {
@@ -330,7 +332,8 @@ fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 /// The non-blocking part: kernel maps and accept loops. Synchronous so no lock is held across an await.
 fn activate(state: &AgentState, p: Prepared) -> anyhow::Result<Arc<PodContext>> {
     let enrolled_at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let pod = Arc::new(PodContext { net: p.net, netns: p.netns, enrolled_at });
+    let pod =
+        Arc::new(PodContext { net: p.net, netns: p.netns, enrolled_at, outbound_connections: Default::default() });
     let mut tasks = Vec::new();
     for listener in p.outbound {
         let listener = TcpListener::from_std(listener)?;

@@ -50,18 +50,21 @@ impl Protocol {
 pub enum Hint {
     /// Nothing declared: detect, opaque after [`DETECT_TIMEOUT`].
     Detect,
-    /// Declared HTTP (any version): the client speaks first, so wait for it without a deadline.
-    Http,
+    /// Declared HTTP (any version): the client speaks first, so wait for it — as long as a request head may
+    /// take (`Limits::header_timeout`), not for ever.
+    Http(std::time::Duration),
     /// Declared TCP or TLS: never parsed.
     Opaque,
 }
 
 /// `appProtocol` first, then the port name's prefix (Istio's convention: `http-web`, `grpc`, `tcp-db`).
-pub fn hint(port: &ServicePort) -> Hint {
+pub fn hint(port: &ServicePort, header_timeout: Duration) -> Hint {
     let declared =
         port.app_protocol.as_deref().or_else(|| port.name.as_deref().map(|n| n.split('-').next().unwrap_or(n)));
     match declared.map(str::to_ascii_lowercase).as_deref() {
-        Some("http" | "http1" | "http2" | "h2c" | "kubernetes.io/h2c" | "grpc" | "grpc-web") => Hint::Http,
+        Some("http" | "http1" | "http2" | "h2c" | "kubernetes.io/h2c" | "grpc" | "grpc-web") => {
+            Hint::Http(header_timeout)
+        }
         Some("tcp" | "tls" | "https" | "mongo" | "mysql" | "redis" | "kubernetes.io/ws" | "kubernetes.io/wss") => {
             Hint::Opaque
         }
@@ -98,7 +101,10 @@ pub async fn detect<S: AsyncRead + Unpin>(mut io: S, hint: Hint) -> io::Result<(
     let protocol = loop {
         let read = io.read_buf(&mut buf);
         let n = match hint {
-            Hint::Http => read.await?,
+            Hint::Http(patience) => match tokio::time::timeout(patience, read).await {
+                Ok(n) => n?,
+                Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "no request within the header timeout")),
+            },
             _ => match tokio::time::timeout_at(deadline, read).await {
                 Ok(n) => n?,
                 Err(_) => break Protocol::Opaque,
@@ -191,12 +197,26 @@ mod tests {
             target_port: None,
             app_protocol: app.map(String::from),
         };
-        assert_eq!(hint(&port(Some("http-web"), None)), Hint::Http);
-        assert_eq!(hint(&port(Some("grpc"), None)), Hint::Http);
-        assert_eq!(hint(&port(Some("web"), Some("kubernetes.io/h2c"))), Hint::Http);
+        let hint = |port: &ServicePort| hint(port, WAIT);
+        assert_eq!(hint(&port(Some("http-web"), None)), Hint::Http(WAIT));
+        assert_eq!(hint(&port(Some("grpc"), None)), Hint::Http(WAIT));
+        assert_eq!(hint(&port(Some("web"), Some("kubernetes.io/h2c"))), Hint::Http(WAIT));
         assert_eq!(hint(&port(Some("http"), Some("tcp"))), Hint::Opaque, "appProtocol wins over the name");
         assert_eq!(hint(&port(Some("tcp-db"), None)), Hint::Opaque);
         assert_eq!(hint(&port(None, None)), Hint::Detect);
+    }
+
+    const WAIT: Duration = Duration::from_millis(200);
+
+    /// A client of a port declared HTTP is waited for, but not for ever: a connection that never sends its
+    /// request is an error (the caller closes and counts it), not a task held until the client gives up.
+    #[tokio::test]
+    async fn silent_clients_of_declared_http_ports_time_out() {
+        let (_client, server) = tokio::io::duplex(1024);
+        let started = tokio::time::Instant::now();
+        let error = detect(server, Hint::Http(WAIT)).await.err().unwrap();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() < WAIT * 5);
     }
 
     #[tokio::test]

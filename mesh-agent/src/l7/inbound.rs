@@ -3,22 +3,18 @@
 //! (403, gRPC PERMISSION_DENIED, with the connection staying up for the next request) and forwarded to the
 //! application in its own protocol over connections that carry the caller's address.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_common::policy::Request as PolicyRequest;
-use tracing::Instrument;
 
 use super::body::{self, Body};
 use super::client::{Guard, HttpPool, Io, io_error};
 use super::detect::{self, Hint, Protocol, Rewind};
 use super::local_reply::{Flag, is_grpc, reply};
-use super::{upgrade, upstream};
+use super::{server, upgrade, upstream};
 use crate::inpod::PodContext;
 use crate::metrics::{Flow, Security};
 use crate::policy;
@@ -67,26 +63,16 @@ pub async fn serve_if_http<I: Io>(io: I, session: impl FnOnce(Protocol) -> Sessi
 
 /// Serves `downstream` HTTP on `io` until the caller closes it.
 pub async fn serve(io: impl Io, downstream: Protocol, session: Session) {
+    let limits = *session.state.limits();
+    let (metrics, pod) = (session.state.metrics().clone(), session.pod.clone());
     let session = Arc::new(session);
-    let span = tracing::Span::current();
-    let svc = service_fn(move |req: Request<Incoming>| {
+    let ended = server::serve(io, downstream, &limits, move |req| {
         let session = session.clone();
-        async move { Ok::<_, Infallible>(handle(&session, req).await) }.instrument(span.clone())
-    });
-    let io = TokioIo::new(io);
-    let result = match downstream {
-        Protocol::Http2 => {
-            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .initial_stream_window_size(crate::hbone::STREAM_WINDOW)
-                .initial_connection_window_size(crate::hbone::CONNECTION_WINDOW)
-                .max_frame_size(crate::hbone::MAX_FRAME)
-                .serve_connection(io, svc)
-                .await
-        }
-        _ => hyper::server::conn::http1::Builder::new().serve_connection(io, svc).with_upgrades().await,
-    };
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "inbound HTTP connection ended");
+        async move { handle(&session, req).await }
+    })
+    .await;
+    if ended == server::Ended::HeaderTimeout {
+        metrics.cut(&pod, crate::metrics::Direction::Inbound, "header_timeout");
     }
 }
 

@@ -25,6 +25,7 @@ pub mod outlier;
 pub mod ratelimit;
 pub mod retry;
 pub mod router;
+pub mod server;
 pub mod upgrade;
 pub mod upstream;
 

@@ -8,7 +8,6 @@
 //! all under the route's request timeout. Opaque connections keep the L4 path, to an endpoint the Service's
 //! balancer picks.
 
-use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,12 +15,9 @@ use std::time::Duration;
 use http::request::Parts;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_common::config::{Service, ServicePort};
 use mesh_common::route::{Filter, HeaderModifier, Mirror, RouteRule, ServiceRef};
 use tokio::net::TcpStream;
-use tracing::Instrument;
 
 use super::body::{self, Body};
 use super::destination::Here;
@@ -30,8 +26,9 @@ use super::filters;
 use super::forward::{self, Attempt};
 use super::local_reply::{Flag, is_grpc, reply};
 use super::router::RequestView;
+use super::server;
 use crate::inpod::PodContext;
-use crate::metrics::{DestinationService, Flow, Peer, Reporter, Security};
+use crate::metrics::{DestinationService, Direction, Flow, Peer, Reporter, Security};
 use crate::state::AgentState;
 use crate::telemetry::request::{self, Upstream};
 
@@ -59,8 +56,11 @@ pub async fn serve(
     service: &Service,
     port: &ServicePort,
 ) {
-    let (protocol, io) = match detect::detect(conn, detect::hint(port)).await {
+    let (protocol, io) = match detect::detect(conn, detect::hint(port, state.limits().header_timeout)).await {
         Ok(detected) => detected,
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+            return state.metrics().cut(&pod, Direction::Outbound, "header_timeout");
+        }
         Err(e) => return tracing::debug!(error = %e, "connection closed during protocol detection"),
     };
     let service_ref =
@@ -72,21 +72,12 @@ pub async fn serve(
     let source = pod.identity_string(&config).unwrap_or_else(|| pod.name());
     tracing::debug!(protocol = protocol.as_str(), service = %format!("{}/{}", service.namespace, service.name), "L7");
     let client = pod.caller(peer);
+    let limits = *state.limits();
+    let (metrics, counted) = (state.metrics().clone(), pod.clone());
     let call = Arc::new(Call { state, pod, source_ip: client.ip(), client, service: service_ref, protocol, source });
-    let span = tracing::Span::current();
-    let svc = service_fn(move |req: Request<Incoming>| {
-        let call = call.clone();
-        async move { Ok::<_, Infallible>(handle(call, req).await) }.instrument(span.clone())
-    });
-    let io = TokioIo::new(io);
-    let result = match protocol {
-        Protocol::Http2 => {
-            hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(io, svc).await
-        }
-        _ => hyper::server::conn::http1::Builder::new().serve_connection(io, svc).with_upgrades().await,
-    };
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "downstream HTTP connection ended");
+    let ended = server::serve(io, protocol, &limits, move |req| handle(call.clone(), req)).await;
+    if ended == server::Ended::HeaderTimeout {
+        metrics.cut(&counted, Direction::Outbound, "header_timeout");
     }
 }
 

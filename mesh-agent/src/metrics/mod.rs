@@ -46,6 +46,8 @@ pub struct Metrics {
     /// HBONE (mTLS HTTP/2) connections, not streams.
     pub hbone_connections: IntCounterVec,
     pub hbone_failures: IntCounterVec,
+    /// Connections the agent closed to bound its resources (`reason`: `header_timeout`, `connection_limit`).
+    pub connections_cut: IntCounterVec,
     pub enrolled_pods: IntGauge,
     pub original_destination_missing: IntCounter,
 }
@@ -95,6 +97,12 @@ impl Metrics {
                 "mTLS HTTP/2 tunnel connections established (each carries many streams)",
                 &["direction"],
             ),
+            connections_cut: labelled(
+                &registry,
+                "nodemesh_connections_cut_total",
+                "Connections the agent closed to bound its resources (limits in docs/ARCHITECTURE.md), by reason",
+                REASON_LABELS,
+            ),
             hbone_failures: labelled(
                 &registry,
                 "nodemesh_hbone_failures_total",
@@ -117,6 +125,10 @@ impl Metrics {
         self.connection_failures
             .with_label_values(&[&pod.net.namespace, &pod.net.name, direction.as_str(), reason])
             .inc();
+    }
+
+    pub fn cut(&self, pod: &crate::inpod::PodContext, direction: Direction, reason: &str) {
+        self.connections_cut.with_label_values(&[&pod.net.namespace, &pod.net.name, direction.as_str(), reason]).inc();
     }
 
     pub fn hbone_failed(&self, direction: Direction, reason: &str) {

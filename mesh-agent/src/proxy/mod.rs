@@ -34,6 +34,21 @@ pub async fn serve(listener: TcpListener, direction: Direction, pod: Arc<PodCont
     loop {
         match listener.accept().await {
             Ok((conn, peer)) => {
+                // One pod must not take every descriptor the agent has: beyond its cap, new connections are reset.
+                let slot = match direction {
+                    Direction::Outbound => {
+                        match pod.outbound_connections.try_take(state.limits().max_connections_per_pod) {
+                            Some(slot) => Some(slot),
+                            None => {
+                                state.metrics().cut(&pod, direction, "connection_limit");
+                                tracing::warn!(pod = %pod.name(), limit = state.limits().max_connections_per_pod, "connection limit of the pod reached; resetting");
+                                reset(conn);
+                                continue;
+                            }
+                        }
+                    }
+                    Direction::Inbound => None,
+                };
                 // Small writes (protocol headers, request/response traffic) must not wait for delayed ACKs.
                 let _ = conn.set_nodelay(true);
                 let span = tracing::info_span!(
@@ -46,6 +61,7 @@ pub async fn serve(listener: TcpListener, direction: Direction, pod: Arc<PodCont
                 let (pod, state) = (pod.clone(), state.clone());
                 tokio::spawn(
                     async move {
+                        let _slot = slot;
                         let _active = state.connection_started();
                         match direction {
                             Direction::Outbound => outbound::handle(conn, peer, pod, state).await,

@@ -8,6 +8,9 @@
 //! `probe ADDR`: one connection, reading the server's first line; prints `{"outcome","ms"}` with the outcome
 //! `greeted` (a server answered), `refused` (connect failed with ECONNREFUSED), `reset` (connected, then reset),
 //! `closed` (connected, then EOF), `timeout` or `error`, and how long it took to find out.
+//! `stall ADDR CONNS SECONDS [PREFIX]`: opens CONNS connections, sends PREFIX (say, half a request head) on each
+//! and nothing more, then waits at most SECONDS for the other side to close them; prints
+//! `{"connections","closedByPeer","stillOpen","lastClosedMs"}` (a slowloris client, for the agent's bounds).
 //! `MESH_TESTBIN_MARKER=text` sends that text repeated instead (to look for it on the wire);
 //! `MESH_TESTBIN_HOLD_MS=n` waits n ms after connecting before sending (a long-lived connection).
 
@@ -30,12 +33,18 @@ fn main() {
             args.get(4).map(|n| n.parse().expect("max connections")).unwrap_or(u64::MAX),
         ),
         Some("probe") => probe(args[2].parse().expect("address")),
+        Some("stall") => stall(
+            args[2].parse().expect("address"),
+            args[3].parse().expect("connections"),
+            args[4].parse().expect("seconds"),
+            args.get(5).map(String::as_str).unwrap_or(""),
+        ),
         Some("client") => client(
             args[2].parse().expect("address"),
             args[3].parse().expect("bytes"),
             args.get(4).map(|c| c.parse().expect("connections")).unwrap_or(1),
         ),
-        _ => Err("usage: mesh-testbin serve PORT [sink] | client ADDR BYTES [CONNS] | throughput ADDR BYTES | rr ADDR COUNT | cps ADDR SECONDS [MAX] | probe ADDR".into()),
+        _ => Err("usage: mesh-testbin serve PORT [sink] | client ADDR BYTES [CONNS] | throughput ADDR BYTES | rr ADDR COUNT | cps ADDR SECONDS [MAX] | probe ADDR | stall ADDR CONNS SECONDS [PREFIX]".into()),
     };
     if let Err(e) = result {
         eprintln!("mesh-testbin: {e}");
@@ -196,6 +205,43 @@ fn probe(addr: SocketAddr) -> Result<()> {
         },
     };
     println!("{{\"outcome\":\"{outcome}\",\"ms\":{}}}", start.elapsed().as_millis());
+    Ok(())
+}
+
+/// Holds `conns` connections with only `prefix` sent, and reports how many the other side closed within `seconds`.
+fn stall(addr: SocketAddr, conns: usize, seconds: u64, prefix: &str) -> Result<()> {
+    let prefix = prefix.replace("\\r\\n", "\r\n");
+    let mut streams = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+        s.write_all(prefix.as_bytes())?;
+        s.set_nonblocking(true)?;
+        streams.push(Some(s));
+    }
+    let start = std::time::Instant::now();
+    let (mut closed, mut last_closed_ms) = (0usize, 0u128);
+    let mut buf = [0u8; 4096];
+    while closed < conns && start.elapsed() < Duration::from_secs(seconds) {
+        for slot in streams.iter_mut() {
+            let Some(s) = slot else { continue };
+            let done = match s.read(&mut buf) {
+                Ok(0) => true,
+                Ok(_) => false,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+                Err(_) => true,
+            };
+            if done {
+                *slot = None;
+                closed += 1;
+                last_closed_ms = start.elapsed().as_millis();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!(
+        "{{\"connections\":{conns},\"closedByPeer\":{closed},\"stillOpen\":{},\"lastClosedMs\":{last_closed_ms}}}",
+        conns - closed
+    );
     Ok(())
 }
 

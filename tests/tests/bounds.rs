@@ -1,0 +1,97 @@
+//! The agent's resource bounds, end to end with real clients in pods: a slowloris client (connections with half
+//! a request head, never finished) is cut after the header timeout on the calling side and on the receiving
+//! side, and one pod cannot hold more connections than its cap. Each is counted in
+//! `nodemesh_connections_cut_total`. Before, 500 stalled heads were all still held after 75 s.
+
+use std::path::Path;
+
+use mesh_tests::app::{self, Server, service};
+use mesh_tests::{Cluster, Pod, cluster, wait_for};
+use serde_json::Value;
+
+const HTTP: &str = env!("CARGO_BIN_EXE_mesh-http");
+const HALF_A_HEAD: &str = "GET / HTTP/1.1\\r\\nHost: web\\r\\n";
+
+const SERVERS: [Server<'static>; 2] = [
+    Server { node: 1, name: "web", labels: "{app: web}", args: &[], owner: None },
+    // A TCP echo server that greets each connection with a line (so a held connection reads, not EOF).
+    Server { node: 1, name: "raw", labels: "{app: raw}", args: &["tcp"], owner: None },
+];
+
+/// Requests to `web` are authorized one by one (a method condition), so plaintext arriving at its node is
+/// served as HTTP there too.
+const POLICY: &str = "\
+---
+apiVersion: nodemesh.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: gets, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: ALLOW
+  rules: [{to: [{methods: [GET]}]}]
+";
+
+fn bounded_mesh(c: &mut Cluster) -> Pod {
+    let objects = [service("web", "10.96.7.1", "{app: web}", ""), POLICY.to_string()].concat();
+    let args = ["--http-header-timeout", "1s", "--max-connections-per-pod", "40"];
+    let client = app::mesh(c, Path::new(HTTP), &SERVERS, &objects, 0, &args);
+    wait_for("the policy on node 2", || c.config_len(1, "authorizationPolicies") == 1);
+    client
+}
+
+/// The first address of the workload `name` on node 2.
+fn ip_of(c: &Cluster, name: &str) -> String {
+    let workloads = c.admin(1, "/workloads").unwrap();
+    let workload = workloads.as_array().unwrap().iter().find(|w| w["name"] == name).unwrap().clone();
+    workload["ips"][0].as_str().unwrap().to_string()
+}
+
+fn stall(c: &Cluster, pod: &Pod, target: &str, conns: usize, seconds: u64, prefix: &str) -> Value {
+    c.testbin(pod, &["stall", target, &conns.to_string(), &seconds.to_string(), prefix]).unwrap()
+}
+
+fn cut(c: &Cluster, node: usize, direction: &str, reason: &str) -> f64 {
+    c.metric(node, "nodemesh_connections_cut_total", &[("direction", direction), ("reason", reason)]).unwrap()
+}
+
+#[test]
+fn stalled_request_heads_are_cut_after_the_header_timeout() {
+    let mut c = cluster!(2);
+    let client = bounded_mesh(&mut c);
+    let web = ip_of(&c, "web");
+
+    // The calling side: half a head to the Service, on 30 connections.
+    let r = stall(&c, &client, "10.96.7.1:80", 30, 8, HALF_A_HEAD);
+    assert_eq!(r["closedByPeer"], 30, "{r}");
+    assert!(r["lastClosedMs"].as_u64().unwrap() < 4000, "cut after about 1 s: {r}");
+    assert_eq!(cut(&c, 0, "outbound", "header_timeout"), 30.0);
+
+    // The receiving side: plaintext from a pod outside the mesh, straight to the pod.
+    let outside = c.add_pod(0, "outside").unwrap();
+    let r = stall(&c, &outside, &format!("{web}:8080"), 20, 8, HALF_A_HEAD);
+    assert_eq!(r["closedByPeer"], 20, "{r}");
+    assert!(r["lastClosedMs"].as_u64().unwrap() < 4000, "{r}");
+    assert_eq!(cut(&c, 1, "inbound", "header_timeout"), 20.0);
+
+    // Complete requests are unaffected.
+    let ok = app::get(&c, Path::new(HTTP), &client, &["http://10.96.7.1/", "-n", "3"]);
+    assert_eq!(ok["statuses"]["200"], 3, "{ok}");
+}
+
+#[test]
+fn one_pod_cannot_hold_more_than_its_connection_cap() {
+    let mut c = cluster!(2);
+    let client = bounded_mesh(&mut c);
+    // 50 silent connections to a TCP server's pod address (L4 through the tunnel): the cap of 40 resets 10 at
+    // once; the other 40 are greeted and held.
+    let r = stall(&c, &client, &format!("{}:8080", ip_of(&c, "raw")), 50, 2, "");
+    assert_eq!(r["closedByPeer"], 10, "{r}");
+    assert!(r["lastClosedMs"].as_u64().unwrap() < 1000, "{r}");
+    assert_eq!(cut(&c, 0, "outbound", "connection_limit"), 10.0);
+    // Their slots are free again once they close.
+    wait_for("the held connections to close", || {
+        c.admin(0, "/connections").is_ok_and(|v| v.as_array().is_some_and(Vec::is_empty))
+    });
+    let ok = app::get(&c, Path::new(HTTP), &client, &["http://10.96.7.1/", "-n", "3"]);
+    assert_eq!(ok["statuses"]["200"], 3, "{ok}");
+}
