@@ -32,7 +32,7 @@ impl Refusal {
 }
 
 fn labels<'a>(config: &'a NodeConfig, pod: &PodContext) -> Option<&'a std::collections::BTreeMap<String, String>> {
-    config.workload(&pod.net.namespace, &pod.net.name).map(|w| &w.labels)
+    pod.workload(config).map(|w| &w.labels)
 }
 
 /// Whether the pod's inbound HTTP must be authorized per request (its policies have L7 conditions).

@@ -31,10 +31,10 @@ pub fn pod_object(c: &Cluster, pod: &Pod, sa: &str, labels: &str, owner: Option<
         None => labels.to_string(),
     };
     format!(
-        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {}, labels: {owner}}}\n\
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {}, uid: uid-{}, labels: {owner}}}\n\
          spec: {{nodeName: {}, serviceAccountName: {sa}}}\n\
          status: {{phase: Running, podIPs: [{{ip: {}}}, {{ip: \"{}\"}}]}}\n",
-        pod.name, pod.namespace, c.nodes[pod.node].name, pod.ipv4, pod.ipv6
+        pod.name, pod.namespace, pod.name, c.nodes[pod.node].name, pod.ipv4, pod.ipv6
     )
 }
 

@@ -33,7 +33,8 @@ fn namespace(api: &FakeApi, name: &str, meshed: bool) {
 
 /// The Pod object for a test pod, Running with its IPs, as a kubelet would report it.
 fn pod_object(api: &FakeApi, c: &Cluster, node: usize, pod: &Pod, service_account: &str, app: &str) {
-    let meta = json!({"name": pod.name, "namespace": pod.namespace, "labels": {"app": app}});
+    // The uid the test cluster's CNI calls claim (`K8S_POD_UID`).
+    let meta = json!({"name": pod.name, "namespace": pod.namespace, "labels": {"app": app}, "uid": format!("uid-{}", pod.name)});
     let spec = json!({"nodeName": c.nodes[node].name, "serviceAccountName": service_account,
                       "containers": [{"name": "app", "image": "test"}]});
     api.apply(&json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec})).unwrap();

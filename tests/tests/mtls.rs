@@ -373,3 +373,40 @@ fn closed_port_behind_the_tunnel_is_reset_at_once() {
     let r = c.testbin(&client, &["probe", &addr(server.ipv4, 8080).to_string()]).unwrap();
     assert_eq!(r["outcome"], "greeted", "{r}");
 }
+
+/// A CNI call is a claim, not proof: a network namespace announced as `default/client` gets client's identity
+/// only when its addresses are the ones the config (the control plane) knows for client, and a call claiming
+/// addresses its namespace does not have is refused. Before, the name alone was enough.
+#[test]
+fn a_claimed_pod_name_gets_no_identity_the_control_plane_does_not_confirm() {
+    let mut c = cluster!(2);
+    let (client, server) = meshed_pair(&mut c, 0, 1, "", &[]);
+    let impostor = c.add_pod(0, "impostor").unwrap();
+    c.serve(&impostor, 8080).unwrap();
+    let claim = Pod { name: "client".into(), ..impostor.clone() };
+    c.enroll(&claim).unwrap();
+    let workloads = c.admin(0, "/workloads").unwrap();
+    let identities: Vec<(String, Value)> = workloads
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| (w["containerId"].as_str().unwrap().to_string(), w["identity"].clone()))
+        .collect();
+    assert!(identities.contains(&(client.container_id.clone(), Value::from(spiffe("default", "client-sa")))));
+    assert!(identities.contains(&(impostor.container_id.clone(), Value::Null)), "{identities:?}");
+    assert_eq!(c.admin(0, "/certs").unwrap()["certificates"][0]["users"], 1, "one pod uses client-sa");
+
+    // Without an identity the impostor's connections to a meshed workload are refused, never sent in plaintext.
+    let r = c.client(&impostor, addr(server.ipv4, 8080), 4 * KIB, 1).unwrap();
+    assert!(!r.success, "{:?}", r.json);
+    let denied = c.metric(0, "nodemesh_tcp_connections_denied_total", &[("reason", "no_identity")]).unwrap();
+    assert_eq!(denied, 1.0);
+    assert!(c.client(&client, addr(server.ipv4, 8080), 4 * KIB, 1).unwrap().success, "the real client is unaffected");
+
+    // Claiming the client's addresses, which its namespace does not have, fails the CNI call.
+    let other = c.add_pod(0, "other").unwrap();
+    let lying = Pod { name: "client".into(), ipv4: client.ipv4, ipv6: client.ipv6, ..other };
+    let out = c.cni("ADD", &lying).unwrap();
+    assert!(!out.exit_ok, "{}", out.stdout);
+    assert!(out.stdout.contains("is not configured in its network namespace"), "{}", out.stdout);
+}

@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use mesh_common::bpf::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use mesh_common::cni::{AgentError, PodNetwork};
-use mesh_common::config::NodeConfig;
+use mesh_common::config::{NodeConfig, Workload};
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
@@ -41,15 +41,27 @@ impl PodContext {
         self.net.qualified_name()
     }
 
-    pub fn service_account(&self, config: &NodeConfig) -> Option<String> {
-        config.workload(&self.net.namespace, &self.net.name).map(|w| w.service_account.clone())
+    /// The pod's entry in the config, once the control plane confirms the pod the CNI plugin described: the
+    /// same namespace and name, the same UID when both know one, and an address in common (the agent checked at
+    /// enrollment that the claimed addresses really are the netns's). A CNI request is only a claim: before,
+    /// any network namespace announced as `default/client` was given client's identity.
+    pub fn workload<'c>(&self, config: &'c NodeConfig) -> Option<&'c Workload> {
+        let w = config.workload(&self.net.namespace, &self.net.name)?;
+        let uid_agrees = match (&w.uid, &self.net.uid) {
+            (Some(known), Some(claimed)) => known == claimed,
+            _ => true,
+        };
+        let address_agrees = w.ips.iter().any(|ip| self.net.ips.iter().any(|own| own.to_canonical() == *ip));
+        (uid_agrees && address_agrees).then_some(w)
     }
 
-    /// The pod's SPIFFE identity, once config lists the pod (and so its service account).
+    pub fn service_account(&self, config: &NodeConfig) -> Option<String> {
+        self.workload(config).map(|w| w.service_account.clone())
+    }
+
+    /// The pod's SPIFFE identity, once config confirms the pod (see [`PodContext::workload`]).
     pub fn identity(&self, config: &NodeConfig) -> Option<Identity> {
-        config
-            .workload(&self.net.namespace, &self.net.name)
-            .map(|w| Identity::new(&config.trust_domain, &w.namespace, &w.service_account))
+        self.workload(config).map(|w| Identity::new(&config.trust_domain, &w.namespace, &w.service_account))
     }
 
     pub fn identity_string(&self, config: &NodeConfig) -> Option<String> {
@@ -285,6 +297,14 @@ struct Prepared {
 /// The blocking part of enrollment: namespace, routing, listeners (HBONE's only when mTLS is configured).
 fn prepare(net: PodNetwork, with_hbone: bool) -> std::io::Result<Prepared> {
     let netns = NetNs::open(&net.netns)?;
+    // The addresses are the CNI request's claim; the identity given to them must not rest on a lie.
+    let configured = netns.run(crate::node::local_addresses)??;
+    if let Some(missing) = net.ips.iter().find(|ip| !configured.contains(&ip.to_canonical())) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("pod address {missing} is not configured in its network namespace"),
+        ));
+    }
     let has_v4 = net.ips.iter().any(|ip| ip.is_ipv4());
     let has_v6 = net.ips.iter().any(|ip| ip.is_ipv6());
     netns.run_on_thread(move || routing::install(has_v4, has_v6))?;

@@ -196,6 +196,7 @@ fn pod(o: &Object) -> Result<Pod, String> {
     Ok(Pod {
         namespace: o.namespace().into(),
         name: o.metadata.name.clone(),
+        uid: o.metadata.uid.clone(),
         node: str_at(&o.spec, &["nodeName"]).unwrap_or_default().into(),
         service_account: str_at(&o.spec, &["serviceAccountName"]).unwrap_or("default").into(),
         labels: o.metadata.labels.clone(),

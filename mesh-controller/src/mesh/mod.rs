@@ -26,6 +26,9 @@ pub struct Metadata {
     pub name: String,
     #[serde(default)]
     pub namespace: Option<String>,
+    /// Pods' UIDs go to the agents, which give a pod its identity only when the UID its CNI call claimed agrees.
+    #[serde(default)]
+    pub uid: Option<String>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
@@ -127,6 +130,7 @@ impl Verdict {
 pub struct Pod {
     pub namespace: String,
     pub name: String,
+    pub uid: Option<String>,
     pub node: String,
     pub service_account: String,
     pub labels: BTreeMap<String, String>,
@@ -206,7 +210,7 @@ impl Mesh {
                 .map(|p| Workload {
                     namespace: p.namespace.clone(),
                     name: p.name.clone(),
-                    uid: None,
+                    uid: p.uid.clone(),
                     service_account: p.service_account.clone(),
                     labels: p.labels.clone(),
                     ips: p.ips.clone(),

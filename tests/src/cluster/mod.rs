@@ -439,10 +439,10 @@ impl Cluster {
         pods.iter()
             .map(|(p, sa)| {
                 format!(
-                    "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {}, labels: {{app: {}}}}}\n\
+                    "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {}, uid: uid-{}, labels: {{app: {}}}}}\n\
                      spec: {{nodeName: {}, serviceAccountName: {sa}}}\n\
                      status: {{phase: Running, podIPs: [{{ip: {}}}, {{ip: \"{}\"}}]}}\n",
-                    p.name, p.namespace, p.name, self.nodes[p.node].name, p.ipv4, p.ipv6
+                    p.name, p.namespace, p.name, p.name, self.nodes[p.node].name, p.ipv4, p.ipv6
                 )
             })
             .collect()

@@ -304,7 +304,11 @@ impl Store {
         if let Some(ns) = &ns {
             m["namespace"] = json!(ns);
         }
-        m["uid"] = json!(format!("00000000-0000-4000-8000-{:012x}", self.rv));
+        // A uid the client set is kept (a real API server assigns its own): tests line the CNI call's
+        // K8S_POD_UID up with it, as the kubelet does with the real one.
+        if m["uid"].as_str().is_none_or(str::is_empty) {
+            m["uid"] = json!(format!("00000000-0000-4000-8000-{:012x}", self.rv));
+        }
         m["resourceVersion"] = json!(self.rv.to_string());
         m["creationTimestamp"] = json!(now());
         m["generation"] = json!(1);
