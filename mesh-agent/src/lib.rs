@@ -8,6 +8,7 @@ pub mod cni_install;
 pub mod cni_plugin;
 pub mod cni_server;
 pub mod controller;
+pub mod copy;
 pub mod hbone;
 pub mod identity;
 pub mod inpod;

@@ -15,6 +15,16 @@ use mesh_common::config::NodeConfig;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 
+/// jemalloc instead of glibc's malloc: glibc kept every page that thousands of closed connections had used (RSS
+/// never came back down); jemalloc's background thread returns pages a second after they were freed.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// Read by jemalloc at start-up (the crate prefixes its symbols with `_rjem_`).
+#[allow(non_upper_case_globals)]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:1000\0";
+
 #[derive(Parser)]
 #[command(name = "mesh-agent", version, about = "nodemesh node agent")]
 struct Cli {

@@ -137,7 +137,9 @@ impl Pool {
         for attempt in 0..2 {
             let conn = match self.checkout(&key, &src.cert.svid.serial) {
                 Some(c) if attempt == 0 => c,
-                _ => self.checkout_or_dial(&key, src).await?,
+                // Boxed: the dial (TCP, TLS, HTTP/2 handshakes) is rare and large, and every tunnelled connection
+                // would otherwise carry room for it in its state for as long as it lives.
+                _ => Box::pin(self.checkout_or_dial(&key, src)).await?,
             };
             let slot = StreamSlot(conn.clone());
             let sender = match conn.sender.clone().ready().await {

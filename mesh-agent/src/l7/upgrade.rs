@@ -65,7 +65,7 @@ pub async fn relay(mut req: Request<Body>, io: Box<dyn Io>, guard: Guard) -> Res
             match tokio::try_join!(downstream, upstream) {
                 Ok((down, up)) => {
                     let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
-                    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    let _ = crate::copy::bidirectional(&mut down, &mut up).await;
                 }
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
             }

@@ -66,7 +66,9 @@ pub async fn handle(conn: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, sta
     // A Service address: L7 when the connection speaks HTTP, an endpoint picked by the balancer otherwise.
     if let Some((service, port)) = config.service_by_address(target.ip(), target.port()) {
         let (service, port) = (service.clone(), port.clone());
-        return crate::l7::outbound::serve(conn, peer, pod, state, &service, &port).instrument(span).await;
+        // Boxed, so L4 connections do not carry room for the L7 pipeline's state.
+        let l7 = Box::pin(crate::l7::outbound::serve(conn, peer, pod, state, &service, &port));
+        return l7.instrument(span).await;
     }
     to_endpoint(Rewind::new(Default::default(), conn), target, pod, state).instrument(span).await
 }

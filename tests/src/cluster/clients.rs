@@ -120,6 +120,15 @@ impl Cluster {
         Ok(PendingClient { child, log })
     }
 
+    /// Starts `mesh-testbin ARGS...` in a pod without waiting; [`PendingClient::wait`] collects its report.
+    pub fn testbin_start(&self, pod: &Pod, args: &[&str]) -> Result<PendingClient> {
+        let mut cmd = Command::new(&self.testbin);
+        cmd.args(args);
+        let log = self.tmp.join(format!("testbin-{}.log", SEQUENCE.fetch_add(1, Ordering::Relaxed)));
+        let child = sys::spawn_in(&Placement { netns: &pod.netns, cgroup: &pod.cgroup }, &mut cmd, &log)?;
+        Ok(PendingClient { child, log })
+    }
+
     /// Runs `mesh-testbin ARGS...` in a pod; returns its JSON report.
     pub fn testbin(&self, pod: &Pod, args: &[&str]) -> Result<Value> {
         self.run_in(pod, &self.testbin, args)
