@@ -33,12 +33,21 @@ impl CniError {
     }
 }
 
-/// Runs one plugin invocation. `env` looks up `CNI_*` variables; `stdin` is the network configuration.
-/// Returns what to print on success (nothing for DEL and CHECK).
-pub fn run(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Option<Value>, CniError> {
+/// One plugin invocation, decoded and checked: everything `run` needs before it talks to the agent. Kept apart
+/// so the decoding of what a runtime (or anyone who can run the binary) passes can be tested and fuzzed alone.
+#[derive(Debug, PartialEq)]
+pub enum Invocation {
+    Version,
+    Add { socket: String, pod: PodNetwork, version: String, prev_result: Value },
+    Del { socket: String, container_id: String, netns: Option<String> },
+    Check { socket: String, container_id: String },
+}
+
+/// Decodes an invocation from the `CNI_*` variables (`env`) and the network configuration (`stdin`).
+pub fn parse(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Invocation, CniError> {
     let command = env("CNI_COMMAND").ok_or_else(|| CniError::new(4, "CNI_COMMAND is not set", ""))?;
     if command == "VERSION" {
-        return Ok(Some(json!({ "cniVersion": "1.0.0", "supportedVersions": SUPPORTED_VERSIONS })));
+        return Ok(Invocation::Version);
     }
     let config: Value =
         serde_json::from_slice(stdin).map_err(|e| CniError::new(6, "cannot decode the network configuration", e))?;
@@ -58,39 +67,54 @@ pub fn run(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Option<
         "ADD" => {
             let pod = pod_network(&env, &config, require("CNI_CONTAINERID")?, require("CNI_NETNS")?)?;
             require("CNI_IFNAME")?;
-            let response = ask_agent(&socket, &AgentRequest::Add(pod))
-                .map_err(|e| CniError::new(11, "nodemesh agent is not reachable; try again later", e))?;
-            if let Some(e) = response.error {
-                return Err(CniError::new(e.code, e.msg, e.details));
-            }
-            let mut result = config.get("prevResult").cloned().unwrap_or_else(|| json!({}));
-            result["cniVersion"] = json!(version);
-            Ok(Some(result))
+            let prev_result = config.get("prevResult").cloned().unwrap_or_else(|| json!({}));
+            Ok(Invocation::Add { socket, pod, version: version.to_string(), prev_result })
         }
         "DEL" => {
             let container_id = require("CNI_CONTAINERID")?;
             require("CNI_IFNAME")?;
-            let request = AgentRequest::Del { container_id, netns: env("CNI_NETNS") };
+            Ok(Invocation::Del { socket, container_id, netns: env("CNI_NETNS") })
+        }
+        "CHECK" => {
+            let container_id = require("CNI_CONTAINERID")?;
+            require("CNI_NETNS")?;
+            require("CNI_IFNAME")?;
+            Ok(Invocation::Check { socket, container_id })
+        }
+        other => Err(CniError::new(4, format!("unknown CNI_COMMAND {other:?}"), "expected ADD, DEL, CHECK or VERSION")),
+    }
+}
+
+/// Runs one plugin invocation. `env` looks up `CNI_*` variables; `stdin` is the network configuration.
+/// Returns what to print on success (nothing for DEL and CHECK).
+pub fn run(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Option<Value>, CniError> {
+    let unreachable = |e| CniError::new(11, "nodemesh agent is not reachable; try again later", e);
+    match parse(env, stdin)? {
+        Invocation::Version => Ok(Some(json!({ "cniVersion": "1.0.0", "supportedVersions": SUPPORTED_VERSIONS }))),
+        Invocation::Add { socket, pod, version, mut prev_result } => {
+            let response = ask_agent(&socket, &AgentRequest::Add(pod)).map_err(unreachable)?;
+            if let Some(e) = response.error {
+                return Err(CniError::new(e.code, e.msg, e.details));
+            }
+            prev_result["cniVersion"] = json!(version);
+            Ok(Some(prev_result))
+        }
+        Invocation::Del { socket, container_id, netns } => {
             // DEL must not block pod teardown: when the agent is down it cleans up on re-adoption instead.
-            if let Ok(response) = ask_agent(&socket, &request) {
+            if let Ok(response) = ask_agent(&socket, &AgentRequest::Del { container_id, netns }) {
                 if let Some(e) = response.error {
                     return Err(CniError::new(e.code, e.msg, e.details));
                 }
             }
             Ok(None)
         }
-        "CHECK" => {
-            let container_id = require("CNI_CONTAINERID")?;
-            require("CNI_NETNS")?;
-            require("CNI_IFNAME")?;
-            let response = ask_agent(&socket, &AgentRequest::Check { container_id })
-                .map_err(|e| CniError::new(11, "nodemesh agent is not reachable; try again later", e))?;
+        Invocation::Check { socket, container_id } => {
+            let response = ask_agent(&socket, &AgentRequest::Check { container_id }).map_err(unreachable)?;
             match response.error {
                 Some(e) => Err(CniError::new(e.code, e.msg, e.details)),
                 None => Ok(None),
             }
         }
-        other => Err(CniError::new(4, format!("unknown CNI_COMMAND {other:?}"), "expected ADD, DEL, CHECK or VERSION")),
     }
 }
 

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask demo | test | bench | setup | gen-manifests | build-ebpf`.
+//! Project tasks: `cargo xtask demo | test | bench | fuzz | setup | gen-manifests | build-ebpf`.
 //!
 //! `demo` builds everything and runs Bookinfo on a two-node mesh on this machine (`mesh-demo`). `test` is what CI
 //! runs (`.ci/run`): it installs what a fresh Debian machine lacks (when run as root), then runs formatting,
@@ -34,6 +34,7 @@ fn main() -> Result<()> {
         Some("test") => test(&args[1..]),
         Some("bench") if args.get(1).map(String::as_str) == Some("control-plane") => bench_control_plane(),
         Some("bench") => bench(),
+        Some("fuzz") => fuzz(&args[1..]),
         Some("gen-manifests") => step(
             "write manifests/crds from the CRD types",
             cargo(&[
@@ -57,6 +58,7 @@ fn main() -> Result<()> {
                  gen-manifests  write manifests/crds/*.yaml from the CRD types\n  \
                  bench        direct vs plaintext-via-agents vs mTLS-via-agents; JSON in target/bench/\n  \
                  bench control-plane  1000 simulated agents, 10000 pods: change propagation, bytes, CPU, memory\n  \
+                 fuzz [TARGET...] [--seconds N]  each fuzz target (default all) N seconds (600), growing fuzz/corpus\n  \
                  build-ebpf   build mesh-agent and the eBPF object it embeds"
             );
             std::process::exit(2);
@@ -197,6 +199,85 @@ fn bench_control_plane() -> Result<()> {
     let mut run = Command::new(workspace().join("target/release/mesh-cp-bench"));
     run.current_dir(workspace()).env("NODEMESH_BENCH_DIR", workspace().join("target/bench"));
     step("mesh-cp-bench", run)
+}
+
+/// The fuzz targets in fuzz/fuzz_targets/.
+const FUZZ_TARGETS: &[&str] =
+    &["hbone_connect", "detect_http1", "cni_request", "node_config", "mesh_objects", "trace_context"];
+
+/// Runs fuzz targets with cargo-fuzz (libFuzzer, AddressSanitizer) for `--seconds` each (default 600: ten CPU
+/// minutes), as many at once as there are CPUs, each growing its corpus in fuzz/corpus/. A crash stops with the
+/// reproducer under fuzz/artifacts/. Not part of `cargo xtask test`.
+fn fuzz(args: &[String]) -> Result<()> {
+    let mut seconds = 600u64;
+    let mut targets: Vec<String> = Vec::new();
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "--seconds" => seconds = rest.next().context("--seconds needs a number")?.parse()?,
+            t if FUZZ_TARGETS.contains(&t) => targets.push(t.to_string()),
+            other => bail!("unknown fuzz target {other:?}; targets: {}", FUZZ_TARGETS.join(", ")),
+        }
+    }
+    if targets.is_empty() {
+        targets = FUZZ_TARGETS.iter().map(|t| t.to_string()).collect();
+    }
+    if !Command::new("cargo").args(["fuzz", "--version"]).output().is_ok_and(|o| o.status.success()) {
+        step("cargo install cargo-fuzz", cargo(&["install", "--locked", "cargo-fuzz"]))?;
+    }
+    // The fuzz targets never load eBPF: an empty object stands in, so the build needs no eBPF toolchain and
+    // the sanitizer flags never reach the BPF build.
+    let placeholder = workspace().join("target/fuzz-ebpf-placeholder.o");
+    std::fs::create_dir_all(workspace().join("target"))?;
+    std::fs::write(&placeholder, b"")?;
+    // libFuzzer's instrumentation needs nightly flags: a rustup nightly if there is one, else the stable compiler
+    // told to accept them.
+    let nightly = Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let fuzz_cmd = |sub: &str, target: Option<&str>| {
+        // rustup's `cargo`, which understands `+nightly` (the `CARGO` this task was started with does not).
+        let mut cmd = Command::new("cargo");
+        cmd.current_dir(workspace());
+        for inherited in ["RUSTC", "RUSTDOC", "RUSTUP_TOOLCHAIN", "CARGO_MANIFEST_DIR", "CARGO_PKG_NAME"] {
+            cmd.env_remove(inherited);
+        }
+        if nightly {
+            cmd.arg("+nightly");
+        } else {
+            cmd.env("RUSTC_BOOTSTRAP", "1");
+        }
+        cmd.args(["fuzz", sub]).args(target).env("NODEMESH_EBPF_OBJECT", &placeholder);
+        cmd
+    };
+    step("cargo fuzz build", fuzz_cmd("build", None))?;
+    let parallel = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut running: Vec<(String, std::process::Child)> = Vec::new();
+    let mut failed = Vec::new();
+    let mut queue = targets.into_iter();
+    loop {
+        while running.len() < parallel {
+            let Some(target) = queue.next() else { break };
+            eprintln!("==> fuzzing {target} for {seconds} s");
+            let mut cmd = fuzz_cmd("run", Some(&target));
+            cmd.args(["--", &format!("-max_total_time={seconds}"), "-rss_limit_mb=4096", "-print_final_stats=1"]);
+            running.push((target, cmd.spawn().context("starting cargo fuzz run")?));
+        }
+        if running.is_empty() {
+            break;
+        }
+        let (target, mut child) = running.remove(0);
+        let status = child.wait()?;
+        eprintln!("    {target}: {}", if status.success() { "no crash" } else { "FAILED (see fuzz/artifacts/)" });
+        if !status.success() {
+            failed.push(target);
+        }
+    }
+    if !failed.is_empty() {
+        bail!("fuzz targets failed: {}", failed.join(", "));
+    }
+    Ok(())
 }
 
 fn test(extra: &[String]) -> Result<()> {

@@ -151,14 +151,16 @@ async fn stream(
     pod: Arc<PodContext>,
     state: AgentState,
 ) {
-    if request.method() != Method::CONNECT {
-        return status(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
-    }
-    let target: Option<SocketAddr> = request.uri().authority().and_then(|a| a.as_str().parse().ok());
-    let Some(target) = target.filter(|t| pod.net.ips.contains(&t.ip().to_canonical())) else {
-        tracing::info!(authority = ?request.uri().authority(), "CONNECT to an address this pod does not own");
-        state.metrics().denied(&pod, Direction::Inbound, "bad_destination");
-        return status(&mut respond, StatusCode::BAD_REQUEST);
+    let authority = request.uri().authority().map(|a| a.as_str());
+    let target = match connect_target(request.method(), authority, &pod.net.ips) {
+        Ok(target) => target,
+        Err(code) => {
+            if code == StatusCode::BAD_REQUEST {
+                tracing::info!(?authority, "CONNECT to an address this pod does not own");
+                state.metrics().denied(&pod, Direction::Inbound, "bad_destination");
+            }
+            return status(&mut respond, code);
+        }
     };
     let principal = peer_svid.identity.to_string();
     let config = state.config();
@@ -203,6 +205,22 @@ async fn stream(
     }
 }
 
+/// Where a tunnel request wants to go: it must be a `CONNECT` (405 otherwise) to `ip:port` of one of the pod's
+/// own addresses (400 otherwise) — the peer is authenticated, but the address is its claim.
+pub fn connect_target(
+    method: &Method,
+    authority: Option<&str>,
+    pod_ips: &[std::net::IpAddr],
+) -> Result<SocketAddr, StatusCode> {
+    if method != Method::CONNECT {
+        return Err(StatusCode::METHOD_NOT_ALLOWED);
+    }
+    authority
+        .and_then(|a| a.parse::<SocketAddr>().ok())
+        .filter(|t| pod_ips.contains(&t.ip().to_canonical()))
+        .ok_or(StatusCode::BAD_REQUEST)
+}
+
 /// Answers 200 to the CONNECT: from here on the stream is the tunnel.
 fn accept(mut respond: SendResponse<Bytes>, request: Request<h2::RecvStream>) -> Option<H2Stream> {
     match respond.send_response(Response::new(()), false) {
@@ -210,6 +228,23 @@ fn accept(mut respond: SendResponse<Bytes>, request: Request<h2::RecvStream>) ->
         Err(e) => {
             tracing::debug!(error = %e, "peer went away before the tunnel opened");
             None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_requests_name_one_of_the_pods_own_addresses() {
+        let ips = ["10.0.0.7".parse().unwrap(), "fd00::7".parse().unwrap()];
+        assert_eq!(connect_target(&Method::CONNECT, Some("10.0.0.7:8080"), &ips), Ok("10.0.0.7:8080".parse().unwrap()));
+        assert_eq!(connect_target(&Method::CONNECT, Some("[fd00::7]:80"), &ips), Ok("[fd00::7]:80".parse().unwrap()));
+        assert_eq!(connect_target(&Method::CONNECT, Some("[::ffff:10.0.0.7]:80"), &ips).map(|t| t.port()), Ok(80));
+        assert_eq!(connect_target(&Method::GET, Some("10.0.0.7:8080"), &ips), Err(StatusCode::METHOD_NOT_ALLOWED));
+        for bad in [None, Some("10.0.0.8:8080"), Some("10.0.0.7"), Some("example.com:80"), Some("")] {
+            assert_eq!(connect_target(&Method::CONNECT, bad, &ips), Err(StatusCode::BAD_REQUEST), "{bad:?}");
         }
     }
 }

@@ -72,8 +72,8 @@ pub fn hint(port: &ServicePort, header_timeout: Duration) -> Hint {
     }
 }
 
-/// `None`: not enough bytes to tell yet.
-fn classify(buf: &[u8]) -> Option<Protocol> {
+/// What the first bytes of a connection are; `None`: not enough bytes to tell yet.
+pub fn classify(buf: &[u8]) -> Option<Protocol> {
     let n = buf.len().min(H2_PREFACE.len());
     if buf[..n] == H2_PREFACE[..n] {
         return (n == H2_PREFACE.len()).then_some(Protocol::Http2);
