@@ -78,7 +78,9 @@ fn nonzero<const N: usize>(id: [u8; N]) -> Option<[u8; N]> {
 /// A W3C `traceparent`: `version-traceid-parentid-flags`, lowercase hex. Version `ff` is invalid; version 00
 /// has exactly these four fields; later versions may append fields after a `-`, which are ignored.
 pub fn parse_traceparent(value: &str) -> Option<(/*trace*/ [u8; 16], /*parent*/ [u8; 8], /*flags*/ u8)> {
-    if value.len() < 55 {
+    // The fields are sliced by byte offset: a non-ASCII value would put a cut inside a character (found by the
+    // `trace_context` fuzz target; header values reach here only as ASCII, but the function takes any string).
+    if value.len() < 55 || !value.is_ascii() {
         return None;
     }
     let version: [u8; 1] = decode(&value[..2])?;
@@ -304,6 +306,8 @@ mod tests {
             "00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0g",
+            // Non-ASCII where a field boundary falls: was a panic (slicing inside a character).
+            "0\u{e9}-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
         ] {
             assert_eq!(parse_traceparent(bad), None, "{bad:?}");
         }
