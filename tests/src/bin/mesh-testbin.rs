@@ -57,6 +57,10 @@ type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>
 /// `sink`: read and discard until EOF, then answer with the byte count (for one-way throughput).
 fn serve(port: u16, sink: bool) -> Result<()> {
     let socket = std::net::TcpListener::bind(("::", port)).or_else(|_| TcpListener::bind(("0.0.0.0", port)))?;
+    // std listens with a backlog of 128; a thousand simultaneous connections would overflow it and wait on SYN
+    // retransmits. Calling listen again raises it (as servers like nginx configure 511 and more).
+    // SAFETY: listen on a socket this process owns.
+    unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&socket), 4096) };
     println!("listening {}", socket.local_addr()?);
     for conn in socket.incoming() {
         let Ok(mut conn) = conn else { continue };
