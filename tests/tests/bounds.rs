@@ -129,8 +129,7 @@ fn idle_burst(c: &Cluster, client: &Pod, target: &str, pids: [u32; 2]) -> ([u64;
 
 /// What an idle proxied connection costs each agent, and that the memory comes back when connections close
 /// (glibc's allocator kept all of it: RSS after 10,000 connections closed stayed at its peak) and is reused by
-/// the next burst instead of growing. Debug builds (the tests') carry larger futures than release builds; the
-/// figures are printed for docs/ARCHITECTURE.md.
+/// the next burst instead of growing. The figures are printed for docs/ARCHITECTURE.md.
 #[test]
 fn idle_connections_are_cheap_and_their_memory_comes_back() {
     let mut c = cluster!(2);
@@ -154,7 +153,7 @@ fn idle_connections_are_cheap_and_their_memory_comes_back() {
             after[node],
             after_again[node]
         );
-        assert!(per_connection <= 24.0, "agent {}: {per_connection:.1} KiB per idle connection", node + 1);
+        assert!(per_connection <= 8.0, "agent {}: {per_connection:.1} KiB per idle connection", node + 1);
         assert!(
             after[node] * 2 <= before[node] * 3,
             "agent {}: {} KiB before, {} KiB after close",

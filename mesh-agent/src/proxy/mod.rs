@@ -25,9 +25,6 @@ use crate::metrics::{Direction, Flow};
 use crate::state::AgentState;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Per-direction copy buffer. 64 KiB keeps a single stream near line rate while 1000 concurrent connections
-/// cost ~128 MiB at most; `cargo xtask bench` measures it.
-const COPY_BUFFER: usize = 64 * 1024;
 
 /// Accepts connections on one of a pod's capture listeners until the pod is unenrolled (task aborted).
 pub async fn serve(listener: TcpListener, direction: Direction, pod: Arc<PodContext>, state: AgentState) {
@@ -99,11 +96,9 @@ pub async fn forward<D, U>(
     let open = state.metrics().traffic.open(flow, client, server);
     let bytes = open.bytes().clone();
     let (mut downstream, mut upstream) = (downstream, upstream);
-    let result = tokio::io::copy_bidirectional_with_sizes(
+    let result = crate::copy::bidirectional(
         &mut Counted::new(&mut downstream, &bytes.received),
         &mut Counted::new(&mut upstream, &bytes.sent),
-        COPY_BUFFER,
-        COPY_BUFFER,
     )
     .await;
     if result.is_err() {
