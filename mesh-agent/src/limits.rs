@@ -6,8 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-/// hyper's own default for HTTP/1, and what nginx and Go servers commonly use.
-pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Generous for any single workload (the agent itself was measured carrying 10,000 idle connections), small
 /// enough that one runaway pod cannot take all of the agent's descriptors.
 pub const DEFAULT_MAX_CONNECTIONS_PER_POD: usize = 20_000;
@@ -19,16 +17,11 @@ pub const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Limits {
     /// A request head (HTTP/1) must arrive whole within this, the first one after the connection opened and
     /// every later one after the previous response (so it is also the keep-alive idle timeout); a connection
-    /// to a port declared HTTP must send its first byte within it.
+    /// to a port declared HTTP must send its request line (or HTTP/2 preface) within it. Default 30 s (`--http-header-timeout`):
+    /// hyper's own, and what nginx and Go servers commonly use.
     pub header_timeout: Duration,
     /// Connections one pod may have open through its agent at once; beyond it new ones are reset.
     pub max_connections_per_pod: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits { header_timeout: DEFAULT_HEADER_TIMEOUT, max_connections_per_pod: DEFAULT_MAX_CONNECTIONS_PER_POD }
-    }
 }
 
 /// Counts a pod's open connections against [`Limits::max_connections_per_pod`].

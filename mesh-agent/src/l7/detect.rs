@@ -97,15 +97,21 @@ pub async fn detect<S: AsyncRead + Unpin>(mut io: S, hint: Hint) -> io::Result<(
         return Ok((Protocol::Opaque, Rewind::new(Bytes::new(), io)));
     }
     let mut buf = BytesMut::with_capacity(1024);
-    let deadline = tokio::time::Instant::now() + DETECT_TIMEOUT;
+    let start = tokio::time::Instant::now();
+    // One deadline for the whole head, not one per read: a byte every few seconds must not hold it for ever.
+    let deadline = start + DETECT_TIMEOUT;
+    let patience = match hint {
+        Hint::Http(patience) => Some(start + patience),
+        _ => None,
+    };
     let protocol = loop {
         let read = io.read_buf(&mut buf);
-        let n = match hint {
-            Hint::Http(patience) => match tokio::time::timeout(patience, read).await {
+        let n = match patience {
+            Some(until) => match tokio::time::timeout_at(until, read).await {
                 Ok(n) => n?,
                 Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "no request within the header timeout")),
             },
-            _ => match tokio::time::timeout_at(deadline, read).await {
+            None => match tokio::time::timeout_at(deadline, read).await {
                 Ok(n) => n?,
                 Err(_) => break Protocol::Opaque,
             },
@@ -217,6 +223,25 @@ mod tests {
         let error = detect(server, Hint::Http(WAIT)).await.err().unwrap();
         assert_eq!(error.kind(), io::ErrorKind::TimedOut);
         assert!(started.elapsed() < WAIT * 5);
+    }
+
+    /// The wait is for the whole head: a client trickling a byte at a time is cut at the same deadline.
+    #[tokio::test]
+    async fn trickling_clients_of_declared_http_ports_time_out_too() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let trickle = tokio::spawn(async move {
+            for byte in b"GET / HTTP/1.1" {
+                if tokio::io::AsyncWriteExt::write_all(&mut client, &[*byte]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(WAIT / 4).await;
+            }
+        });
+        let started = tokio::time::Instant::now();
+        let error = detect(server, Hint::Http(WAIT)).await.err().unwrap();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() < WAIT * 2, "{:?}", started.elapsed());
+        trickle.abort();
     }
 
     #[tokio::test]
