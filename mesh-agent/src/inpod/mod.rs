@@ -404,7 +404,7 @@ fn load_saved(path: &Path) -> Vec<SavedPod> {
     }
 }
 
-/// Writes the state file atomically (write + rename), so a crash never leaves half a file.
+/// Writes the state file (atomically and root-only, like everything under the state dir).
 fn persist(state: &AgentState) {
     let mut saved: Vec<SavedPod> = state
         .pods()
@@ -413,11 +413,9 @@ fn persist(state: &AgentState) {
         .collect();
     saved.extend(state.parked().values().map(|net| SavedPod { net: net.clone(), netns_cookie: 0, captured: false }));
     let path = state.state_file();
-    let tmp = path.with_extension("tmp");
     let result = serde_json::to_vec_pretty(&saved)
         .map_err(std::io::Error::other)
-        .and_then(|bytes| std::fs::write(&tmp, bytes))
-        .and_then(|()| std::fs::rename(&tmp, path));
+        .and_then(|bytes| crate::state_dir::write_private(path, &bytes));
     if let Err(e) = result {
         tracing::error!(file = %path.display(), error = %e, "cannot write state file; a restarted agent would not re-adopt pods");
     }

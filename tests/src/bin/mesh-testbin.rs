@@ -214,7 +214,8 @@ fn probe(addr: SocketAddr) -> Result<()> {
 
 /// Holds `conns` connections with only `prefix` sent, and reports how many the other side closed within `seconds`.
 fn stall(addr: SocketAddr, conns: usize, seconds: u64, prefix: &str) -> Result<()> {
-    raise_fd_limit();
+    // Thousands of held connections need more descriptors than the usual soft limit of 1024.
+    mesh_agent::node::raise_fd_limit();
     let prefix = prefix.replace("\\r\\n", "\r\n");
     let mut streams = Vec::with_capacity(conns);
     for _ in 0..conns {
@@ -248,18 +249,6 @@ fn stall(addr: SocketAddr, conns: usize, seconds: u64, prefix: &str) -> Result<(
         conns - closed
     );
     Ok(())
-}
-
-/// Thousands of held connections need more descriptors than the usual soft limit of 1024.
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: get/setrlimit on a valid struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
 }
 
 /// One-way bulk transfer to a `sink` server; prints {"bytes", "seconds", "gbitPerSecond"}.

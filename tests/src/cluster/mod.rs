@@ -293,6 +293,19 @@ impl Cluster {
     }
 
     pub fn start_agent_with(&mut self, node: usize, extra_args: &[&str]) -> Result<()> {
+        self.spawn_agent(node, extra_args, true)
+    }
+
+    /// Starts the node's agent fed by the controller, waiting only until its admin API answers (ready or not):
+    /// for agents that are meant to stay unready.
+    pub fn start_agent_unready(&mut self, node: usize) -> Result<()> {
+        let args = self.controller_args(&self.token_file()?, CONTROLLER_IP)?;
+        self.spawn_agent(node, &args.iter().map(String::as_str).collect::<Vec<_>>(), false)
+    }
+
+    /// Starts the node's agent (in the node netns and the node's cgroup subtree) and waits until its admin API
+    /// says it is ready (`ready`) or merely answers.
+    fn spawn_agent(&mut self, node: usize, extra_args: &[&str], ready: bool) -> Result<()> {
         let mut cmd = self.agent_command(node);
         cmd.args(extra_args);
         let (netns, cgroup) = (self.nodes[node].netns.clone(), self.nodes[node].cgroup.join("agent"));
@@ -300,23 +313,11 @@ impl Cluster {
         let idx = self.spawn(&label, &Placement { netns: &netns, cgroup: &cgroup }, &mut cmd)?;
         self.nodes[node].agent = Some(idx);
         let admin: SocketAddr = ADMIN.parse()?;
-        self.wait_started(idx, "agent not ready", || {
-            Ok(matches!(sys::http_get(&netns, admin, "/healthz/ready"), Ok((200, _))))
+        let what = if ready { "agent not ready" } else { "agent admin API not up" };
+        self.wait_started(idx, what, || {
+            let answer = sys::http_get(&netns, admin, "/healthz/ready");
+            Ok(if ready { matches!(answer, Ok((200, _))) } else { answer.is_ok() })
         })
-    }
-
-    /// Starts the node's agent fed by the controller, waiting only until its admin API answers (ready or not):
-    /// for agents that are meant to stay unready.
-    pub fn start_agent_unready(&mut self, node: usize) -> Result<()> {
-        let args = self.controller_args(&self.token_file()?, CONTROLLER_IP)?;
-        let mut cmd = self.agent_command(node);
-        cmd.args(&args);
-        let (netns, cgroup) = (self.nodes[node].netns.clone(), self.nodes[node].cgroup.join("agent"));
-        let label = format!("agent-n{}-{}", node + 1, self.processes.len());
-        let idx = self.spawn(&label, &Placement { netns: &netns, cgroup: &cgroup }, &mut cmd)?;
-        self.nodes[node].agent = Some(idx);
-        let admin: SocketAddr = ADMIN.parse()?;
-        self.wait_started(idx, "agent admin API not up", || Ok(sys::http_get(&netns, admin, "/healthz/ready").is_ok()))
     }
 
     /// Waits (at most 20 s) until `ready` holds for the process `idx` just spawned; an error naming `what` when
