@@ -3,6 +3,7 @@
 
 pub mod abort;
 pub mod admin;
+pub mod allocator;
 pub mod capture;
 pub mod cni_install;
 pub mod cni_plugin;

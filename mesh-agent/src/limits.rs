@@ -12,6 +12,10 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_POD: usize = 20_000;
 /// HTTP/2 keep-alive: a peer that stops answering pings is dropped.
 pub const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 pub const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// An HBONE connection to a peer agent without streams for this long is closed (`--hbone-idle-timeout`): long
+/// enough to carry the next request of a chatty pair, short enough that a burst's connection, whose HTTP/2
+/// stream tables stay at the burst's size while it lives, does not hold that memory for good.
+pub const DEFAULT_HBONE_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -22,6 +26,8 @@ pub struct Limits {
     pub header_timeout: Duration,
     /// Connections one pod may have open through its agent at once; beyond it new ones are reset.
     pub max_connections_per_pod: usize,
+    /// See [`DEFAULT_HBONE_IDLE_TIMEOUT`].
+    pub hbone_idle_timeout: Duration,
 }
 
 /// Counts a pod's open connections against [`Limits::max_connections_per_pod`].

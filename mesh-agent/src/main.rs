@@ -166,6 +166,9 @@ struct RunArgs {
     /// Connections one pod may have open through the agent at once; beyond it new ones are reset.
     #[arg(long, env = "NODEMESH_MAX_CONNECTIONS_PER_POD", default_value_t = mesh_agent::limits::DEFAULT_MAX_CONNECTIONS_PER_POD)]
     max_connections_per_pod: usize,
+    /// An HBONE connection to another agent without streams for this long is closed.
+    #[arg(long, env = "NODEMESH_HBONE_IDLE_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
+    hbone_idle_timeout: std::time::Duration,
     /// How long `/quitquitquit` waits for proxied connections to finish before exiting.
     #[arg(long, env = "NODEMESH_DRAIN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
     drain_timeout: std::time::Duration,
@@ -183,6 +186,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => {
             let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            runtime.on_thread_park(mesh_agent::allocator::flush_thread_cache_if_due);
             if let Some(n) = args.worker_threads.filter(|n| *n > 0) {
                 runtime.worker_threads(n);
             }
@@ -280,6 +284,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let limits = mesh_agent::limits::Limits {
         header_timeout: args.http_header_timeout,
         max_connections_per_pod: args.max_connections_per_pod,
+        hbone_idle_timeout: args.hbone_idle_timeout,
     };
     let state = AgentState::new(args.node.clone(), capture, config.clone(), state_file, secrets, istio_names, limits);
     state.set_config(config).context("applying capture exclusions")?;
@@ -301,6 +306,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tokio::spawn(admin::serve_http(admin, admin::admin_routes(state.clone())));
     tokio::spawn(admin::serve_http(metrics, admin::metrics_routes(state.clone())));
     tokio::spawn(mesh_agent::metrics::node::prune_departed(state.clone(), args.metrics_grace));
+    tokio::spawn(state.pool().clone().close_idle_connections());
 
     inpod::readopt(&state).await;
     let cni =

@@ -108,7 +108,7 @@ impl AgentState {
                 config_ready: AtomicBool::new(true),
                 has_config: AtomicBool::new(true),
                 secrets,
-                pool: Pool::default(),
+                pool: Pool::new(limits.hbone_idle_timeout),
                 tunnels: Tunnels::default(),
                 l7: Default::default(),
                 telemetry: Default::default(),

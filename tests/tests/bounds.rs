@@ -108,6 +108,20 @@ fn open_connections(c: &Cluster, node: usize) -> usize {
 }
 
 const IDLE_CONNS: usize = 3000;
+/// The agents close an HBONE connection this long after its last stream (`--hbone-idle-timeout`, 120 s by
+/// default); the tunnel the burst used holds HTTP/2 stream tables of the burst's size until then.
+const HBONE_IDLE: &str = "1s";
+
+/// The agent's allocator figures in KiB, for the report: what live objects use, what thread caches hold.
+fn allocator_kib(c: &Cluster, node: usize) -> String {
+    let kib = |kind| c.metric(node, "nodemesh_allocator_bytes", &[("kind", kind)]).unwrap_or(f64::NAN) / 1024.0;
+    format!(
+        "allocated {:.0}, thread caches {:.0}, resident {:.0}",
+        kib("allocated"),
+        kib("thread_caches"),
+        kib("resident")
+    )
+}
 
 /// Holds [`IDLE_CONNS`] idle connections from `client` to `target` through both agents; returns both agents' RSS
 /// while they are held and after they closed.
@@ -123,7 +137,11 @@ fn idle_burst(c: &Cluster, client: &Pod, target: &str, pids: [u32; 2]) -> ([u64;
     let during = pids.map(rss_kib);
     drop(held);
     wait_for("the connections to close", || open_connections(c, 0) == 0 && open_connections(c, 1) == 0);
-    std::thread::sleep(std::time::Duration::from_secs(3));
+    // jemalloc's decay, and the idle tunnel's close.
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    for node in 0..2 {
+        eprintln!("agent {} after close: {}", node + 1, allocator_kib(c, node));
+    }
     (during, pids.map(rss_kib))
 }
 
@@ -134,7 +152,7 @@ fn idle_burst(c: &Cluster, client: &Pod, target: &str, pids: [u32; 2]) -> ([u64;
 fn idle_connections_are_cheap_and_their_memory_comes_back() {
     let mut c = cluster!(2);
     c.agent_log = "info".into();
-    let client = app::mesh(&mut c, Path::new(HTTP), &SERVERS, "", 0, &[]);
+    let client = app::mesh(&mut c, Path::new(HTTP), &SERVERS, "", 0, &["--hbone-idle-timeout", HBONE_IDLE]);
     let raw = format!("{}:8080", ip_of(&c, "raw"));
     // Warm up: the agents' pools, certificates and first allocations.
     let warm = stall(&c, &client, &raw, 10, 1, "");
@@ -142,6 +160,9 @@ fn idle_connections_are_cheap_and_their_memory_comes_back() {
     wait_for("the warm-up connections to close", || open_connections(&c, 0) == 0 && open_connections(&c, 1) == 0);
     let pids = [c.agent_pid(0).unwrap(), c.agent_pid(1).unwrap()];
     let before = pids.map(rss_kib);
+    for node in 0..2 {
+        eprintln!("agent {} before: {}", node + 1, allocator_kib(&c, node));
+    }
     let (during, after) = idle_burst(&c, &client, &raw, pids);
     let (_, after_again) = idle_burst(&c, &client, &raw, pids);
     for node in 0..2 {
@@ -155,7 +176,7 @@ fn idle_connections_are_cheap_and_their_memory_comes_back() {
         );
         assert!(per_connection <= 8.0, "agent {}: {per_connection:.1} KiB per idle connection", node + 1);
         assert!(
-            after[node] * 2 <= before[node] * 3,
+            after[node] * 10 <= before[node] * 12,
             "agent {}: {} KiB before, {} KiB after close",
             node + 1,
             before[node],

@@ -27,8 +27,6 @@ use crate::netns::NetNs;
 use crate::tunnels::{TunnelGuard, TunnelView};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// A pooled connection without streams for this long is closed.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {
@@ -77,13 +75,13 @@ struct Conn {
 }
 
 impl Conn {
-    /// Still worth keeping: open, and either busy, recently used, or made with the current certificate.
-    fn keep(&self, now: Instant) -> bool {
+    /// Still worth keeping: open, and either busy or used within `idle_timeout`.
+    fn keep(&self, now: Instant, idle_timeout: Duration) -> bool {
         if self.closed.load(Ordering::Acquire) {
             return false;
         }
         self.streams.load(Ordering::Acquire) > 0
-            || now.duration_since(*self.idle_since.lock().unwrap_or_else(|p| p.into_inner())) < IDLE_TIMEOUT
+            || now.duration_since(*self.idle_since.lock().unwrap_or_else(|p| p.into_inner())) < idle_timeout
     }
 }
 
@@ -98,8 +96,9 @@ impl Drop for StreamSlot {
     }
 }
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Pool {
+    idle_timeout: Duration,
     conns: Arc<Mutex<HashMap<Key, Vec<Arc<Conn>>>>>,
     /// One dial at a time per key: a burst of new connections waits for the connection being set up and
     /// shares it, instead of each opening its own.
@@ -157,16 +156,42 @@ impl Pool {
         Err(HboneError::Setup("no usable connection".into()))
     }
 
-    /// A live connection made with the current certificate and room for one more stream (slot taken).
-    fn checkout(&self, key: &Key, serial: &str) -> Option<Arc<Conn>> {
-        let now = Instant::now();
-        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        // Dead and long-idle connections leave the pool (dropping the last handle closes them gracefully), here
-        // for every destination: the pool stays small, so this is cheap.
+    pub fn new(idle_timeout: Duration) -> Self {
+        Pool { idle_timeout, conns: Default::default(), dialing: Default::default() }
+    }
+
+    /// Dead and long-idle connections leave the pool (dropping the last handle closes them gracefully).
+    fn drop_unused(&self, conns: &mut HashMap<Key, Vec<Arc<Conn>>>, now: Instant) {
         conns.retain(|_, list| {
-            list.retain(|c| c.keep(now));
+            list.retain(|c| c.keep(now, self.idle_timeout));
             !list.is_empty()
         });
+        // A burst to many destinations must not leave its table behind either.
+        if conns.capacity() > 4 * conns.len().max(8) {
+            conns.shrink_to_fit();
+        }
+        // A dial lock nobody waits on, for a destination with no connection left, goes too.
+        let mut dialing = self.dialing.lock().unwrap_or_else(|p| p.into_inner());
+        dialing.retain(|key, lock| Arc::strong_count(lock) > 1 || conns.contains_key(key));
+    }
+
+    /// Closes idle connections even when no new tunnel comes to look at the pool: an HTTP/2 connection's
+    /// stream tables keep the size of the largest burst it carried (3,000 streams: about 1 MiB on each side)
+    /// for as long as it lives.
+    pub async fn close_idle_connections(self) {
+        let every = (self.idle_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
+        loop {
+            tokio::time::sleep(every).await;
+            let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+            self.drop_unused(&mut conns, Instant::now());
+        }
+    }
+
+    /// A live connection made with the current certificate and room for one more stream (slot taken).
+    fn checkout(&self, key: &Key, serial: &str) -> Option<Arc<Conn>> {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        // Here for every destination as well: the pool stays small, so this is cheap.
+        self.drop_unused(&mut conns, Instant::now());
         let list = conns.get_mut(key)?;
         // Idle connections made with a rotated certificate leave too.
         list.retain(|c| c.serial == serial || c.streams.load(Ordering::Acquire) > 0);

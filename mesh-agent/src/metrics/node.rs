@@ -48,6 +48,17 @@ fn resident_bytes() -> Option<f64> {
     Some(pages * page.max(1) as f64)
 }
 
+/// The allocator's figures (`crate::allocator::stats`): RSS well above `allocated` is freed memory not returned
+/// yet; `allocated` staying up is live objects.
+fn allocator() -> Option<MetricFamily> {
+    let kinds = crate::allocator::stats()?;
+    Some(gauges(
+        "nodemesh_allocator_bytes",
+        "Memory as the agent's allocator (jemalloc) counts it",
+        kinds.into_iter().map(|(kind, bytes)| (vec![("kind", kind.to_string())], bytes as f64)).collect(),
+    ))
+}
+
 fn count_dir(path: &str) -> Option<f64> {
     Some(std::fs::read_dir(path).ok()?.count() as f64)
 }
@@ -57,6 +68,7 @@ fn process() -> Vec<MetricFamily> {
     if let Some(rss) = resident_bytes() {
         out.push(gauge("process_resident_memory_bytes", "Resident memory of the agent", rss));
     }
+    out.extend(allocator());
     if let Some(fds) = count_dir("/proc/self/fd") {
         out.push(gauge("process_open_fds", "Open file descriptors of the agent", fds));
     }

@@ -189,6 +189,11 @@ impl Drop for OpenConnection {
             entry.series.received += live.bytes.received.load(Ordering::Relaxed);
             entry.touched = Instant::now();
         }
+        // After a burst the table would keep its peak size (3,000 connections: about 1 MiB) for good.
+        let live = &mut store.live;
+        if live.capacity() > 4 * live.len().max(64) {
+            live.shrink_to(2 * live.len());
+        }
     }
 }
 
