@@ -193,13 +193,30 @@ pub fn admin_routes(state: AgentState) -> Routes {
             "/tunnels" => json(&state.tunnels().list()),
             "/services" => json(&services(&state)),
             "/healthz/ready" => readiness(&state),
+            "/server_info" => json(&ServerInfo {
+                pid: std::process::id(),
+                version: env!("CARGO_PKG_VERSION"),
+                ready: state.ready(),
+                active_connections: state.active_connections(),
+            }),
             _ => reply(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "not found; try /workloads, /services, /config_dump, /certs, /connections, /tunnels, /stats, /logging, /healthz/ready\n",
+                "not found; try /workloads, /services, /config_dump, /certs, /connections, /tunnels, /stats, /server_info, /logging, /healthz/ready\n",
             ),
         }
     })
+}
+
+/// Which agent process answers: during an upgrade two run on the node, and the host ports move from one to the
+/// other (`crate::handover`).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ServerInfo {
+    pid: u32,
+    version: &'static str,
+    ready: bool,
+    active_connections: usize,
 }
 
 fn readiness(state: &AgentState) -> Reply {

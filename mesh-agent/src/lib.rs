@@ -10,6 +10,8 @@ pub mod cni_plugin;
 pub mod cni_server;
 pub mod controller;
 pub mod copy;
+pub mod drain;
+pub mod handover;
 pub mod hbone;
 pub mod identity;
 pub mod inpod;

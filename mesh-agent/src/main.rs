@@ -9,7 +9,7 @@ use mesh_agent::controller::last_good::LastGood;
 use mesh_agent::identity::store::CertStore;
 use mesh_agent::identity::{LocalCa, SecretManager};
 use mesh_agent::state::AgentState;
-use mesh_agent::{admin, cni_server, inpod, node};
+use mesh_agent::{admin, cni_server, handover, inpod, node};
 use mesh_common::cni::DEFAULT_AGENT_SOCKET;
 use mesh_common::config::NodeConfig;
 use tokio::net::TcpListener;
@@ -301,20 +301,45 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     state.capture().set_node_addresses(&node::local_addresses()?).context("recording node addresses")?;
 
-    let admin = TcpListener::bind(args.admin).await.with_context(|| format!("admin address {}", args.admin))?;
-    let metrics = TcpListener::bind(args.metrics).await.with_context(|| format!("metrics address {}", args.metrics))?;
-    tokio::spawn(admin::serve_http(admin, admin::admin_routes(state.clone())));
-    tokio::spawn(admin::serve_http(metrics, admin::metrics_routes(state.clone())));
+    // An agent still running on this node (an upgrade) hands its sockets over instead of this one opening them.
+    let (mut inherited, adoption) = take_over(&args.paths.state_dir, &state).await?;
+    let admin = host_listener(inherited.admin(args.admin), args.admin).context("admin address")?;
+    let metrics = host_listener(inherited.metrics(args.metrics), args.metrics).context("metrics address")?;
+    let admin_task =
+        tokio::spawn(admin::serve_http(TcpListener::from_std(admin.try_clone()?)?, admin::admin_routes(state.clone())));
+    let metrics_task = tokio::spawn(admin::serve_http(
+        TcpListener::from_std(metrics.try_clone()?)?,
+        admin::metrics_routes(state.clone()),
+    ));
     tokio::spawn(mesh_agent::metrics::node::prune_departed(state.clone(), args.metrics_grace));
     tokio::spawn(state.pool().clone().close_idle_connections());
 
-    inpod::readopt(&state).await;
-    let cni =
-        cni_server::bind(&args.cni_socket).with_context(|| format!("CNI socket {}", args.cni_socket.display()))?;
-    tokio::spawn(cni_server::serve(cni, state.clone()));
+    inpod::readopt(&state, &mut inherited).await;
+    let cni = match inherited.cni() {
+        Some(listener) => {
+            listener.set_nonblocking(true)?;
+            listener
+        }
+        None => cni_server::bind(&args.cni_socket)
+            .with_context(|| format!("CNI socket {}", args.cni_socket.display()))?
+            .into_std()?,
+    };
+    let cni_task =
+        tokio::spawn(cni_server::serve(tokio::net::UnixListener::from_std(cni.try_clone()?)?, state.clone()));
     state.set_capture_ready();
     // A config that arrived during re-adoption was not reconciled yet.
     tokio::spawn(inpod::reconcile(state.clone()));
+    if let Some(adoption) = adoption {
+        wait_until_ready(&state, std::time::Duration::from_secs(30)).await;
+        adoption.complete().context("telling the previous agent it can go")?;
+        tracing::info!("took over from the previous agent");
+    }
+    let host = handover::HostListeners {
+        admin: (admin, admin_task.abort_handle()),
+        metrics: (metrics, metrics_task.abort_handle()),
+        cni: (cni, cni_task.abort_handle()),
+    };
+    handover::serve(&args.paths.state_dir, state.clone(), host).context("handover socket")?;
     tracing::info!(admin = %args.admin, metrics = %args.metrics, cni = %args.cni_socket.display(), "agent ready");
 
     let mut hangup = signal(SignalKind::hangup())?;
@@ -395,9 +420,51 @@ fn remove_from_node(args: &RunArgs) {
     }
 }
 
-/// Lets proxied connections finish (not ready meanwhile, so no new traffic is steered here by orchestration),
-/// for at most `timeout`.
+/// Takes the listeners of the agent running on the node, if there is one, once this one has a config to serve
+/// them with. A predecessor that said hello and then failed the exchange is an error: it may still hold the
+/// sockets, and opening new ones beside it would fail or, worse, release its pods.
+async fn take_over(
+    state_dir: &Path,
+    state: &AgentState,
+) -> anyhow::Result<(handover::Inherited, Option<handover::Adoption>)> {
+    let Some(predecessor) = handover::Predecessor::find(state_dir).context("contacting the running agent")? else {
+        return Ok((handover::Inherited::default(), None));
+    };
+    tracing::info!("an agent is running on this node; taking over its sockets once the config is here");
+    while !state.has_config() {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (inherited, adoption) = predecessor.take().await.context("taking over from the running agent")?;
+    tracing::info!(pods = inherited.pod_count(), "received the running agent's listeners");
+    Ok((inherited, Some(adoption)))
+}
+
+/// A host listener: the one handed over, or a new one.
+fn host_listener(inherited: Option<std::net::TcpListener>, addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    let listener = match inherited {
+        Some(l) => l,
+        None => std::net::TcpListener::bind(addr).with_context(|| format!("{addr}"))?,
+    };
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Waits until the agent is ready (config, capture, certificates), for at most `timeout`.
+async fn wait_until_ready(state: &AgentState, timeout: std::time::Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !state.ready() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    if !state.ready() {
+        tracing::warn!(?timeout, "not ready yet; taking over anyway (the previous agent has handed everything over)");
+    }
+}
+
+/// Stops accepting, tells keep-alive clients to move (`drain`) and lets proxied connections finish, for at most
+/// `timeout` (not ready meanwhile, so no new traffic is steered here by orchestration).
 async fn drain(state: &AgentState, timeout: std::time::Duration) {
+    state.start_draining();
+    inpod::stop_accepting(state);
     tracing::info!(active = state.active_connections(), ?timeout, "draining");
     let deadline = tokio::time::Instant::now() + timeout;
     while state.active_connections() > 0 && tokio::time::Instant::now() < deadline {

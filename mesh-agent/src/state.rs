@@ -49,6 +49,11 @@ struct Inner {
     /// Notified when `/quitquitquit` asks the agent to drain and exit.
     quit: tokio::sync::Notify,
     quitting: AtomicBool,
+    drain_trigger: crate::drain::Trigger,
+    drain: crate::drain::Drain,
+    /// Set while a successor agent is preparing to take over (`handover`): this one is then not ready, so the
+    /// successor's readiness probe, answered on the same host port until the handover, does not pass early.
+    successor_pending: AtomicBool,
     limits: crate::limits::Limits,
 }
 
@@ -95,6 +100,7 @@ impl AgentState {
             let capture_counters =
                 move || weak.upgrade().map(|inner| lock(&inner.capture).counters()).unwrap_or_default();
             let metrics = Metrics::new(capture_counters, istio_metric_names);
+            let (drain_trigger, drain) = crate::drain::channel();
             Inner {
                 node,
                 capture,
@@ -115,6 +121,9 @@ impl AgentState {
                 active: Default::default(),
                 quit: tokio::sync::Notify::new(),
                 quitting: AtomicBool::new(false),
+                drain_trigger,
+                drain,
+                successor_pending: AtomicBool::new(false),
                 limits,
             }
         });
@@ -240,6 +249,22 @@ impl AgentState {
             && self.inner.config_ready.load(Ordering::Acquire)
             && self.inner.secrets.as_ref().is_none_or(SecretManager::all_issued)
             && !self.inner.quitting.load(Ordering::Acquire)
+            && !self.inner.successor_pending.load(Ordering::Acquire)
+    }
+
+    /// See `Inner::successor_pending`.
+    pub fn set_successor_pending(&self, pending: bool) {
+        self.inner.successor_pending.store(pending, Ordering::Release);
+    }
+
+    /// Whether the agent is draining, for the connections that must end when it is.
+    pub fn drain(&self) -> crate::drain::Drain {
+        self.inner.drain.clone()
+    }
+
+    /// Tells every connection to move elsewhere (`drain`).
+    pub fn start_draining(&self) {
+        self.inner.drain_trigger.start();
     }
 
     pub fn connection_started(&self) -> ActiveConnection {

@@ -6,6 +6,36 @@
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Set once this agent handed the node to its successor (`crate::handover`): the files are the successor's
+/// from then on, and a late write from the old agent (a config update, a certificate renewal) would overwrite or
+/// delete what the successor keeps.
+static RELINQUISHED: AtomicBool = AtomicBool::new(false);
+
+/// This process writes and removes nothing under the state dir any more.
+pub fn relinquish() {
+    RELINQUISHED.store(true, Ordering::Release);
+}
+
+fn relinquished(path: &Path) -> bool {
+    let gone = RELINQUISHED.load(Ordering::Acquire);
+    if gone {
+        tracing::debug!(file = %path.display(), "the state dir belongs to the successor; not written");
+    }
+    gone
+}
+
+/// Removes `path` (absent is fine), unless the state dir was relinquished.
+pub fn remove(path: &Path) -> io::Result<()> {
+    if relinquished(path) {
+        return Ok(());
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
 
 /// Creates `dir` (and its parents) readable by root only.
 pub fn create_private_dir(dir: &Path) -> io::Result<()> {
@@ -16,6 +46,9 @@ pub fn create_private_dir(dir: &Path) -> io::Result<()> {
 
 /// Replaces `path` with `bytes` atomically, mode 0600.
 pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    if relinquished(path) {
+        return Ok(());
+    }
     let tmp = path.with_extension("tmp");
     let result = (|| {
         let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;

@@ -151,7 +151,16 @@ impl Pool {
                     return Err(HboneError::H2(dst, e));
                 }
             };
-            return connect_stream(sender, dst, authority, l7).await.map(|stream| (stream, slot));
+            match connect_stream(sender, dst, authority, l7).await {
+                Ok(stream) => return Ok((stream, slot)),
+                // The peer agent is draining (GOAWAY) or refused the stream unprocessed: the connection takes no
+                // more tunnels, and nothing reached the destination, so a fresh connection may carry this one.
+                Err(HboneError::H2(_, e)) if attempt == 0 && not_processed(&e) => {
+                    conn.closed.store(true, Ordering::Release);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
         }
         Err(HboneError::Setup("no usable connection".into()))
     }
@@ -292,6 +301,11 @@ impl Pool {
         self.conns.lock().unwrap_or_else(|p| p.into_inner()).retain(|k, _| k.netns_cookie != netns_cookie);
         self.dialing.lock().unwrap_or_else(|p| p.into_inner()).retain(|k, _| k.netns_cookie != netns_cookie);
     }
+}
+
+/// The peer never processed the stream: it went away (GOAWAY) before it, or refused it.
+fn not_processed(e: &h2::Error) -> bool {
+    e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM)
 }
 
 async fn connect_stream(

@@ -124,16 +124,28 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, pod
         }
     };
     let peer_svid = Arc::new(peer_svid);
-    while let Some(next) = h2.accept().await {
+    let (mut drain, mut going_away) = (state.drain(), false);
+    loop {
+        let next = tokio::select! {
+            next = h2.accept() => next,
+            // The peer's pool opens its next tunnels on a new connection, which reaches the agent that took over
+            // the listener; the streams in flight here finish (`crate::drain`).
+            _ = drain.started(), if !going_away => {
+                going_away = true;
+                h2.graceful_shutdown();
+                continue;
+            }
+        };
         match next {
-            Ok((request, respond)) => {
+            Some(Ok((request, respond))) => {
                 let (pod, state, svid) = (pod.clone(), state.clone(), peer_svid.clone());
                 tokio::spawn(stream(request, respond, peer, svid, pod, state).in_current_span());
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 tracing::debug!(error = %e, "HBONE connection ended");
                 break;
             }
+            None => break,
         }
     }
 }

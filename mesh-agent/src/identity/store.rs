@@ -70,10 +70,8 @@ impl CertStore {
     }
 
     pub fn remove(&self, id: &Identity) {
-        match std::fs::remove_file(self.path(id)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!(identity = %id, error = %e, "cannot remove a stored certificate"),
+        if let Err(e) = state_dir::remove(&self.path(id)) {
+            tracing::warn!(identity = %id, error = %e, "cannot remove a stored certificate");
         }
     }
 }

@@ -86,9 +86,15 @@ impl PodContext {
 pub struct PodEntry {
     pub pod: Arc<PodContext>,
     tasks: Vec<AbortHandle>,
+    /// The pod's listening sockets (copies of what the accept loops own), for a successor to take over.
+    listeners: Vec<std::net::TcpListener>,
 }
 
 impl PodEntry {
+    pub fn listeners(&self) -> &[std::net::TcpListener] {
+        &self.listeners
+    }
+
     pub fn view(&self, config: &NodeConfig) -> WorkloadView {
         let p = &self.pod;
         WorkloadView {
@@ -129,13 +135,18 @@ fn err(code: u32, msg: impl Into<String>, details: impl ToString) -> AgentError 
 /// CNI ADD. Returns whether the pod is captured; returns only once capture is active.
 pub async fn enroll(state: &AgentState, net: PodNetwork) -> Result<bool, AgentError> {
     let _serial = state.enrollment_lock().await;
-    let outcome = enroll_locked(state, net).await;
+    let outcome = enroll_locked(state, net, Vec::new()).await;
     persist(state);
     outcome
 }
 
-/// Enrollment proper; the caller holds the enrollment lock and persists the state file afterwards.
-async fn enroll_locked(state: &AgentState, net: PodNetwork) -> Result<bool, AgentError> {
+/// Enrollment proper, with the listeners a predecessor handed over for this pod (`crate::handover`) used instead
+/// of new ones; the caller holds the enrollment lock and persists the state file afterwards.
+async fn enroll_locked(
+    state: &AgentState,
+    net: PodNetwork,
+    inherited: Vec<std::net::TcpListener>,
+) -> Result<bool, AgentError> {
     if state.pods().contains_key(&net.container_id) {
         return Ok(true);
     }
@@ -154,7 +165,7 @@ async fn enroll_locked(state: &AgentState, net: PodNetwork) -> Result<bool, Agen
     }
     let pod_name = net.qualified_name();
     let hbone = state.secrets().is_some();
-    let prepared = tokio::task::spawn_blocking(move || prepare(net, hbone))
+    let prepared = tokio::task::spawn_blocking(move || prepare(net, hbone, inherited))
         .await
         .map_err(|e| err(101, "enrollment task failed", e))?
         .map_err(|e| err(102, "cannot set up capture inside the pod", e))?;
@@ -204,7 +215,7 @@ pub async fn reconcile(state: AgentState) {
         changed = true;
         let name = net.qualified_name();
         let id = net.container_id.clone();
-        match enroll_locked(&state, net).await {
+        match enroll_locked(&state, net, Vec::new()).await {
             Ok(true) => tracing::info!(pod = %name, "joined the mesh; captured"),
             Ok(false) => {}
             Err(e) => {
@@ -245,13 +256,26 @@ async fn release(state: &AgentState, container_id: &str) -> Option<PodNetwork> {
     Some(entry.pod.net.clone())
 }
 
+/// Stops accepting in every pod (draining, or handed over to a successor): the accept loops end and this agent's
+/// copies of the listening sockets close. Connections already accepted carry on. Without a successor holding
+/// the sockets too, new connections of enrolled pods are then refused, as when the agent is stopped.
+pub fn stop_accepting(state: &AgentState) {
+    for entry in state.pods().values_mut() {
+        for task in entry.tasks.drain(..) {
+            task.abort();
+        }
+        entry.listeners.clear();
+    }
+}
+
 /// CNI CHECK.
 pub fn is_enrolled(state: &AgentState, container_id: &str) -> bool {
     state.pods().contains_key(container_id)
 }
 
-/// At start-up: takes over the pods an earlier agent enrolled, and forgets those that are gone.
-pub async fn readopt(state: &AgentState) {
+/// At start-up: takes over the pods an earlier agent enrolled (on the listeners it handed over, if it is still
+/// running), and forgets those that are gone.
+pub async fn readopt(state: &AgentState, inherited: &mut crate::handover::Inherited) {
     let _serial = state.enrollment_lock().await;
     let saved = load_saved(state.state_file());
     for s in saved.iter().filter(|s| !s.captured) {
@@ -262,7 +286,8 @@ pub async fn readopt(state: &AgentState) {
     for s in saved.iter().filter(|s| s.captured) {
         let pod = s.net.qualified_name();
         let same_netns = NetNs::open(&s.net.netns).map(|ns| ns.cookie() == s.netns_cookie).unwrap_or(false);
-        let outcome = if same_netns { enroll_locked(state, s.net.clone()).await } else { Ok(false) };
+        let listeners = inherited.pod(&s.net.container_id);
+        let outcome = if same_netns { enroll_locked(state, s.net.clone(), listeners).await } else { Ok(false) };
         match outcome {
             Ok(true) => tracing::info!(%pod, "re-adopted enrolled pod"),
             Ok(false) => {
@@ -294,9 +319,24 @@ struct Prepared {
     hbone: Vec<std::net::TcpListener>,
 }
 
-/// The blocking part of enrollment: namespace, routing, listeners (HBONE's only when mTLS is configured).
-fn prepare(net: PodNetwork, with_hbone: bool) -> std::io::Result<Prepared> {
+/// The blocking part of enrollment: namespace, routing, listeners (HBONE's only when mTLS is configured; an
+/// inherited one where it has the address and lives in the pod's netns).
+fn prepare(net: PodNetwork, with_hbone: bool, inherited: Vec<std::net::TcpListener>) -> std::io::Result<Prepared> {
     let netns = NetNs::open(&net.netns)?;
+    let cookie = netns.cookie();
+    let mut inherited: Vec<std::net::TcpListener> = inherited
+        .into_iter()
+        .filter(|l| crate::netns::netns_cookie(std::os::fd::AsRawFd::as_raw_fd(l)).is_ok_and(|c| c == cookie))
+        .collect();
+    let mut take_or_listen =
+        move |addr: SocketAddr| match inherited.iter().position(|l| l.local_addr().is_ok_and(|a| a == addr)) {
+            Some(i) => {
+                let listener = inherited.swap_remove(i);
+                listener.set_nonblocking(true)?;
+                Ok(listener)
+            }
+            None => listen(addr),
+        };
     // The addresses are the CNI request's claim; the identity given to them must not rest on a lie.
     let configured = netns.run(crate::node::local_addresses)??;
     if let Some(missing) = net.ips.iter().find(|ip| !configured.contains(&ip.to_canonical())) {
@@ -310,16 +350,16 @@ fn prepare(net: PodNetwork, with_hbone: bool) -> std::io::Result<Prepared> {
     netns.run_on_thread(move || routing::install(has_v4, has_v6))?;
     let (outbound, inbound, hbone) = netns.run(|| -> std::io::Result<_> {
         // IPv4 outbound always: v6 sockets dialling v4-mapped addresses land on it too.
-        let mut outbound = vec![listen(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT))?];
+        let mut outbound = vec![take_or_listen(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT))?];
         let mut inbound = Vec::new();
         if has_v6 {
-            outbound.push(listen(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), OUTBOUND_PORT))?);
+            outbound.push(take_or_listen(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), OUTBOUND_PORT))?);
         }
         for (enabled, loopback) in [(has_v4, IpAddr::from(Ipv4Addr::LOCALHOST)), (has_v6, Ipv6Addr::LOCALHOST.into())] {
             if !enabled {
                 continue;
             }
-            let listener = listen(SocketAddr::new(loopback, INBOUND_PORT))?;
+            let listener = take_or_listen(SocketAddr::new(loopback, INBOUND_PORT))?;
             for ip in net.ips.iter().filter(|ip| ip.is_ipv4() == loopback.is_ipv4()) {
                 inbound.push((*ip, listener.try_clone()?));
             }
@@ -327,7 +367,7 @@ fn prepare(net: PodNetwork, with_hbone: bool) -> std::io::Result<Prepared> {
         let mut hbone = Vec::new();
         for (enabled, any) in [(has_v4, IpAddr::from(Ipv4Addr::UNSPECIFIED)), (has_v6, Ipv6Addr::UNSPECIFIED.into())] {
             if enabled && with_hbone {
-                hbone.push(listen(SocketAddr::new(any, HBONE_PORT))?);
+                hbone.push(take_or_listen(SocketAddr::new(any, HBONE_PORT))?);
             }
         }
         Ok((outbound, inbound, hbone))
@@ -354,13 +394,15 @@ fn activate(state: &AgentState, p: Prepared) -> anyhow::Result<Arc<PodContext>> 
     let enrolled_at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let pod =
         Arc::new(PodContext { net: p.net, netns: p.netns, enrolled_at, outbound_connections: Default::default() });
-    let mut tasks = Vec::new();
+    let (mut tasks, mut listeners) = (Vec::new(), Vec::new());
     for listener in p.outbound {
+        listeners.push(listener.try_clone()?);
         let listener = TcpListener::from_std(listener)?;
         tasks
             .push(tokio::spawn(proxy::serve(listener, Direction::Outbound, pod.clone(), state.clone())).abort_handle());
     }
     for listener in p.hbone {
+        listeners.push(listener.try_clone()?);
         let listener = TcpListener::from_std(listener)?;
         tasks.push(tokio::spawn(crate::hbone::server::serve(listener, pod.clone(), state.clone())).abort_handle());
     }
@@ -370,6 +412,7 @@ fn activate(state: &AgentState, p: Prepared) -> anyhow::Result<Arc<PodContext>> 
         let local = listener.local_addr()?;
         if !served.contains(&local) {
             served.push(local);
+            listeners.push(listener.try_clone()?);
             let listener = TcpListener::from_std(listener.try_clone()?)?;
             tasks.push(
                 tokio::spawn(proxy::serve(listener, Direction::Inbound, pod.clone(), state.clone())).abort_handle(),
@@ -385,7 +428,7 @@ fn activate(state: &AgentState, p: Prepared) -> anyhow::Result<Arc<PodContext>> 
         return Err(e.into());
     }
     let mut pods = state.pods();
-    pods.insert(pod.net.container_id.clone(), PodEntry { pod: pod.clone(), tasks });
+    pods.insert(pod.net.container_id.clone(), PodEntry { pod: pod.clone(), tasks, listeners });
     state.metrics().enrolled_pods.set(pods.len() as i64);
     Ok(pod)
 }

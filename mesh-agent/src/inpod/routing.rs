@@ -34,11 +34,35 @@ pub fn install(ipv4: bool, ipv6: bool) -> io::Result<()> {
         if !enabled {
             continue;
         }
-        remove_rules(family);
-        ip(&[family, "rule", "add", "fwmark", &mark(), "lookup", &table(), "priority", RULE_PRIORITY])?;
+        // Route first, then exactly one rule — never removing a rule that is in place: re-installing in a pod
+        // whose connections are being served (an agent taking over from the one before it) must not leave a
+        // moment without them, or the application's replies leave the pod and its connections are reset.
         ip(&[family, "route", "replace", "local", default, "dev", "lo", "table", &table()])?;
+        let rules = rule_count(family)?;
+        if rules == 0 {
+            ip(&[family, "rule", "add", "fwmark", &mark(), "lookup", &table(), "priority", RULE_PRIORITY])?;
+        }
+        // Duplicates a crash left behind.
+        for _ in 1..rules.min(8) {
+            ip(&[family, "rule", "del", "fwmark", &mark(), "lookup", &table()])?;
+        }
     }
     Ok(())
+}
+
+/// How many of our rules the family has.
+fn rule_count(family: &str) -> io::Result<usize> {
+    let out = Command::new("ip")
+        .args([family, "rule", "show", "fwmark", &mark(), "lookup", &table()])
+        .output()
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot run `ip` (iproute2 is required): {e}")))?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "`ip rule show` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.trim().is_empty()).count())
 }
 
 /// Removes what [`install`] added; missing pieces are fine.

@@ -41,8 +41,25 @@ pub enum UpstreamError {
     /// The circuit breaker allows no more connections.
     #[error("connection limit reached")]
     Overflow,
+    /// The upstream never processed the request: its HTTP/2 connection went away (GOAWAY: the agent or server
+    /// behind it drains) or it refused the stream. Safe to send again on another connection.
+    #[error("not processed: {0}")]
+    Unprocessed(hyper::Error),
     #[error("HTTP: {0}")]
     Http(#[from] hyper::Error),
+}
+
+impl UpstreamError {
+    pub fn unprocessed(&self) -> bool {
+        matches!(self, UpstreamError::Unprocessed(_))
+    }
+}
+
+/// An HTTP/2 failure that proves the peer never processed the stream.
+fn never_processed(e: &hyper::Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<h2::Error>())
+        .is_some_and(|h2| h2.is_go_away() || h2.reason() == Some(h2::Reason::REFUSED_STREAM))
 }
 
 enum Sender {
@@ -243,7 +260,10 @@ impl<K: Hash + Eq + Clone + Send + Unpin + 'static> HttpPool<K> {
 fn retryable(mut e: hyper::client::conn::TrySendError<Request<Body>>) -> Retryable {
     match e.take_message() {
         Some(req) => Retryable::Yes(Box::new(req)),
-        None => Retryable::No(e.into_error().into()),
+        None => {
+            let e = e.into_error();
+            Retryable::No(if never_processed(&e) { UpstreamError::Unprocessed(e) } else { UpstreamError::Http(e) })
+        }
     }
 }
 

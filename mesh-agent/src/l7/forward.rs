@@ -123,6 +123,10 @@ pub async fn forward(
     let key = hash_key(call, &dest, &parts);
     let policy = a.retry.map(RetryPolicy::new);
     let keep_copy = policy.is_some() || !a.mirrors.is_empty();
+    // A request without a body can always be sent again: once, on another connection, when the upstream never
+    // processed it (its connection went away: an agent or server draining), whatever the route's retries say.
+    let bodiless = http_body::Body::is_end_stream(&body);
+    let mut resent_unprocessed = false;
     let (mut next_body, replay) = if keep_copy {
         let (recording, replay) = body::record(body);
         (Some(body::boxed(recording)), Some(replay))
@@ -163,6 +167,18 @@ pub async fn forward(
             None => send.await.map_err(Failure::Upstream),
         };
         drop(in_flight);
+        // Not the endpoint's failure (nothing reached it): no outcome recorded, no retry budget spent.
+        if let Err(Failure::Upstream(e)) = &result {
+            if e.unprocessed() && !resent_unprocessed {
+                let again = if bodiless { Some(body::empty()) } else { replay.as_ref().and_then(Replay::body) };
+                if let Some(again) = again {
+                    resent_unprocessed = true;
+                    tracing::debug!(%target, error = %e, "upstream did not process the request; sending it again");
+                    next_body = Some(again);
+                    continue;
+                }
+            }
+        }
         let outcome = match &result {
             Ok(r) => Outcome::of_status(r.status().as_u16()),
             Err(_) => Outcome::GatewayError,

@@ -63,10 +63,10 @@ pub async fn serve_if_http<I: Io>(io: I, session: impl FnOnce(Protocol) -> Sessi
 
 /// Serves `downstream` HTTP on `io` until the caller closes it.
 pub async fn serve(io: impl Io, downstream: Protocol, session: Session) {
-    let limits = *session.state.limits();
+    let (limits, drain) = (*session.state.limits(), session.state.drain());
     let (metrics, pod) = (session.state.metrics().clone(), session.pod.clone());
     let session = Arc::new(session);
-    let ended = server::serve(io, downstream, &limits, move |req| {
+    let ended = server::serve(io, downstream, &limits, drain, move |req| {
         let session = session.clone();
         async move { handle(&session, req).await }
     })

@@ -72,10 +72,10 @@ pub async fn serve(
     let source = pod.identity_string(&config).unwrap_or_else(|| pod.name());
     tracing::debug!(protocol = protocol.as_str(), service = %format!("{}/{}", service.namespace, service.name), "L7");
     let client = pod.caller(peer);
-    let limits = *state.limits();
+    let (limits, drain) = (*state.limits(), state.drain());
     let (metrics, counted) = (state.metrics().clone(), pod.clone());
     let call = Arc::new(Call { state, pod, source_ip: client.ip(), client, service: service_ref, protocol, source });
-    let ended = server::serve(io, protocol, &limits, move |req| handle(call.clone(), req)).await;
+    let ended = server::serve(io, protocol, &limits, drain, move |req| handle(call.clone(), req)).await;
     if ended == server::Ended::HeaderTimeout {
         metrics.cut(&counted, Direction::Outbound, "header_timeout");
     }

@@ -16,6 +16,7 @@ use tracing::Instrument;
 use super::body::Body;
 use super::client::Io;
 use super::detect::Protocol;
+use crate::drain::Drain;
 use crate::limits::{H2_KEEPALIVE_INTERVAL, H2_KEEPALIVE_TIMEOUT, Limits};
 
 /// How a served connection ended, as far as the caller counts it.
@@ -27,38 +28,65 @@ pub enum Ended {
     HeaderTimeout,
 }
 
+/// Drives a hyper server connection until it ends; once the agent drains (after `grace`), asks it to shut down
+/// gracefully (HTTP/2: GOAWAY; HTTP/1: close when idle, after the response in flight otherwise) and lets it finish.
+macro_rules! serve_until_drained {
+    ($conn:expr, $drain:expr, $grace:expr) => {{
+        let conn = $conn;
+        tokio::pin!(conn);
+        let mut drain = $drain;
+        tokio::select! {
+            result = conn.as_mut() => result,
+            _ = async { drain.started().await; tokio::time::sleep($grace).await } => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
+    }};
+}
+
 /// Serves HTTP (`protocol`: HTTP/1 with upgrades, or HTTP/2 with prior knowledge) on `io`, each request
-/// answered by `handle`, until the connection ends.
-pub async fn serve<F, Fut>(io: impl Io, protocol: Protocol, limits: &Limits, handle: F) -> Ended
+/// answered by `handle`, until the connection ends or, once `drain` begins, has been moved off (`crate::drain`).
+pub async fn serve<F, Fut>(io: impl Io, protocol: Protocol, limits: &Limits, drain: Drain, handle: F) -> Ended
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
     let span = tracing::Span::current();
+    // HTTP/1 clients learn from the response that they must reconnect; HTTP/2 has GOAWAY for it (and forbids
+    // the header).
+    let close_when_draining = (protocol != Protocol::Http2).then(|| drain.clone());
     let svc = service_fn(move |req: Request<Incoming>| {
-        let handle = handle.clone();
-        async move { Ok::<_, Infallible>(handle(req).await) }.instrument(span.clone())
+        let (handle, close) = (handle.clone(), close_when_draining.clone());
+        async move {
+            let mut response = handle(req).await;
+            if close.is_some_and(|d| d.is_draining()) {
+                response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(response)
+        }
+        .instrument(span.clone())
     });
     let io = TokioIo::new(io);
     let result = match protocol {
         Protocol::Http2 => {
-            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
                 .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
                 .initial_stream_window_size(crate::hbone::STREAM_WINDOW)
                 .initial_connection_window_size(crate::hbone::CONNECTION_WINDOW)
                 .max_frame_size(crate::hbone::MAX_FRAME)
-                .serve_connection(io, svc)
-                .await
+                .serve_connection(io, svc);
+            serve_until_drained!(conn, drain, std::time::Duration::ZERO)
         }
         _ => {
-            hyper::server::conn::http1::Builder::new()
+            let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_timeout)
                 .serve_connection(io, svc)
-                .with_upgrades()
-                .await
+                .with_upgrades();
+            serve_until_drained!(conn, drain, crate::drain::IDLE_GRACE)
         }
     };
     match result {

@@ -56,10 +56,11 @@ pub async fn serve(listener: TcpListener, direction: Direction, pod: Arc<PodCont
                     %peer,
                 );
                 let (pod, state) = (pod.clone(), state.clone());
+                // Counted from the accept, so a drain that stops accepting never sees it as gone before it began.
+                let active = state.connection_started();
                 tokio::spawn(
                     async move {
-                        let _slot = slot;
-                        let _active = state.connection_started();
+                        let (_slot, _active) = (slot, active);
                         match direction {
                             Direction::Outbound => outbound::handle(conn, peer, pod, state).await,
                             Direction::Inbound => inbound::handle(conn, peer, pod, state).await,

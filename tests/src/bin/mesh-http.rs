@@ -562,11 +562,10 @@ async fn load(args: &[String]) -> Result<Value, Error> {
     for worker in 0..o.connections {
         let (o, h2) = (o.clone(), h2.clone());
         tasks.push(tokio::spawn(async move {
-            let mut sender = match h2 {
-                Some(s) => Sender::H2(s),
-                None => connect(&o).await?,
-            };
-            let (mut latencies, mut errors) = (Vec::new(), 0u64);
+            // As real clients do: a connection the server closed (`connection: close`, or broken) is replaced by
+            // a new one for the next request; a request that fails is counted, never retried.
+            let mut sender = h2.map(Sender::H2);
+            let (mut latencies, mut errors, mut samples, mut connections) = (Vec::new(), 0u64, Vec::new(), 0u64);
             // Workers start staggered so a fixed rate is spread evenly.
             let mut next = start + interval.map_or(Duration::ZERO, |i| i.mul_f64(worker as f64 / o.connections as f64));
             while next < end {
@@ -578,31 +577,66 @@ async fn load(args: &[String]) -> Result<Value, Error> {
                     tokio::time::sleep_until(next).await;
                 }
                 let scheduled = if interval.is_some() && behind { next } else { tokio::time::Instant::now() };
-                match one_request(&mut sender, &o).await {
-                    Ok((parts, _)) if parts.status.is_success() => {
-                        latencies.push(scheduled.elapsed().as_micros() as u64)
+                if sender.is_none() {
+                    match connect(&o).await {
+                        Ok(s) => {
+                            sender = Some(s);
+                            connections += 1;
+                        }
+                        Err(e) => {
+                            errors += 1;
+                            if samples.len() < 5 {
+                                samples.push(format!("connect: {e}"));
+                            }
+                        }
                     }
-                    _ => errors += 1,
+                }
+                if let Some(s) = sender.as_mut() {
+                    match one_request(s, &o).await {
+                        Ok((parts, _)) if parts.status.is_success() => {
+                            latencies.push(scheduled.elapsed().as_micros() as u64);
+                            let close = parts.headers.get(http::header::CONNECTION).is_some_and(|v| v == "close");
+                            if close {
+                                sender = None;
+                            }
+                        }
+                        Ok((parts, _)) => {
+                            errors += 1;
+                            if samples.len() < 5 {
+                                samples.push(format!("status {}", parts.status));
+                            }
+                        }
+                        Err(e) => {
+                            errors += 1;
+                            if samples.len() < 5 {
+                                samples.push(e.to_string());
+                            }
+                            sender = None;
+                        }
+                    }
                 }
                 next = match interval {
                     Some(i) => next + i,
                     None => tokio::time::Instant::now(),
                 };
             }
-            Ok::<_, Error>((latencies, errors))
+            Ok::<_, Error>((latencies, errors, samples, connections))
         }));
     }
-    let (mut latencies, mut errors) = (Vec::new(), 0);
+    let (mut latencies, mut errors, mut samples, mut connections) = (Vec::new(), 0, Vec::new(), 0);
     for t in tasks {
-        let (l, e) = t.await??;
+        let (l, e, s, c) = t.await??;
         latencies.extend(l);
         errors += e;
+        samples.extend(s);
+        connections += c;
     }
     let elapsed = start.elapsed().as_secs_f64();
     latencies.sort_unstable();
     let pick = |q: f64| latencies.get(((latencies.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(0);
     Ok(json!({
-        "requests": latencies.len(), "errors": errors, "rps": latencies.len() as f64 / elapsed,
+        "requests": latencies.len(), "errors": errors, "errorSamples": samples, "connections": connections,
+        "rps": latencies.len() as f64 / elapsed,
         "p50Us": pick(0.5), "p99Us": pick(0.99),
     }))
 }

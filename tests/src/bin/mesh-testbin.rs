@@ -39,12 +39,17 @@ fn main() {
             args[4].parse().expect("seconds"),
             args.get(5).map(String::as_str).unwrap_or(""),
         ),
+        Some("streams") => long_lived_streams(
+            args[2].parse().expect("address"),
+            args[3].parse().expect("connections"),
+            args[4].parse().expect("seconds"),
+        ),
         Some("client") => client(
             args[2].parse().expect("address"),
             args[3].parse().expect("bytes"),
             args.get(4).map(|c| c.parse().expect("connections")).unwrap_or(1),
         ),
-        _ => Err("usage: mesh-testbin serve PORT [sink] | client ADDR BYTES [CONNS] | throughput ADDR BYTES | rr ADDR COUNT | cps ADDR SECONDS [MAX] | probe ADDR | stall ADDR CONNS SECONDS [PREFIX]".into()),
+        _ => Err("usage: mesh-testbin serve PORT [sink] | client ADDR BYTES [CONNS] | throughput ADDR BYTES | rr ADDR COUNT | cps ADDR SECONDS [MAX] | probe ADDR | stall ADDR CONNS SECONDS [PREFIX] | streams ADDR CONNS SECONDS".into()),
     };
     if let Err(e) = result {
         eprintln!("mesh-testbin: {e}");
@@ -247,6 +252,55 @@ fn stall(addr: SocketAddr, conns: usize, seconds: u64, prefix: &str) -> Result<(
     println!(
         "{{\"connections\":{conns},\"closedByPeer\":{closed},\"stillOpen\":{},\"lastClosedMs\":{last_closed_ms}}}",
         conns - closed
+    );
+    Ok(())
+}
+
+/// `conns` long-lived connections to an echo server, each sending 1 KiB every 20 ms for `seconds` and checking
+/// every echo byte for byte: a connection broken or corrupted in between (an agent restart cutting it) fails.
+/// Prints {"connections", "ok", "roundTrips", "failures"}.
+fn long_lived_streams(addr: SocketAddr, conns: usize, seconds: u64) -> Result<()> {
+    let workers: Vec<_> = (0..conns)
+        .map(|i| {
+            std::thread::Builder::new().stack_size(256 * 1024).spawn(move || -> Result<u64> {
+                let (mut stream, mut reader) = connect_to(addr)?;
+                let mut pattern = Pattern((i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+                let (mut sent, mut echoed) = (vec![0u8; 1024], vec![0u8; 1024]);
+                let start = std::time::Instant::now();
+                let mut round_trips = 0;
+                while start.elapsed() < Duration::from_secs(seconds) {
+                    pattern.fill(&mut sent);
+                    stream.write_all(&sent)?;
+                    reader.read_exact(&mut echoed)?;
+                    if sent != echoed {
+                        return Err(format!("echo differs after {round_trips} round trips").into());
+                    }
+                    round_trips += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                stream.shutdown(Shutdown::Write)?;
+                let mut rest = Vec::new();
+                reader.read_to_end(&mut rest)?;
+                if !rest.is_empty() {
+                    return Err(format!("{} unexpected bytes at the end", rest.len()).into());
+                }
+                Ok(round_trips)
+            })
+        })
+        .collect::<std::io::Result<_>>()?;
+    let (mut ok, mut round_trips, mut failures) = (0, 0, Vec::new());
+    for w in workers {
+        match w.join().map_err(|_| "worker panicked".into()).and_then(|r| r) {
+            Ok(n) => {
+                ok += 1;
+                round_trips += n;
+            }
+            Err(e) => failures.push(e.to_string()),
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({"connections": conns, "ok": ok, "roundTrips": round_trips, "failures": failures})
     );
     Ok(())
 }

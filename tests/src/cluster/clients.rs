@@ -122,7 +122,12 @@ impl Cluster {
 
     /// Starts `mesh-testbin ARGS...` in a pod without waiting; [`PendingClient::wait`] collects its report.
     pub fn testbin_start(&self, pod: &Pod, args: &[&str]) -> Result<PendingClient> {
-        let mut cmd = Command::new(&self.testbin);
+        self.start_in(pod, &self.testbin, args)
+    }
+
+    /// Starts a client program in a pod without waiting; [`PendingClient::wait`] collects its report.
+    pub fn start_in(&self, pod: &Pod, exe: &Path, args: &[&str]) -> Result<PendingClient> {
+        let mut cmd = Command::new(exe);
         cmd.args(args);
         let log = self.tmp.join(format!("testbin-{}.log", SEQUENCE.fetch_add(1, Ordering::Relaxed)));
         let child = sys::spawn_in(&Placement { netns: &pod.netns, cgroup: &pod.cgroup }, &mut cmd, &log)?;

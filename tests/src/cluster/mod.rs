@@ -24,6 +24,9 @@ use crate::sys::{self, Placement, ip, pid_alive};
 
 mod clients;
 mod cni;
+mod upgrade;
+
+pub use upgrade::{Rollout, Upgraded};
 
 pub use clients::{ClientReport, PendingClient};
 pub use cni::CniOutcome;
@@ -50,6 +53,8 @@ pub struct Node {
     /// Address the node's pods see node-originated traffic come from (kubelet probes).
     pub pod_gateway: Ipv4Addr,
     agent: Option<usize>,
+    /// The extra arguments the node's agent was last started with (an upgrade starts the next one alike).
+    agent_args: Vec<String>,
     pods: u8,
 }
 
@@ -216,6 +221,7 @@ impl Cluster {
                 ipv4: Ipv4Addr::new(10, 200, 0, i),
                 pod_gateway: Ipv4Addr::new(10, 244, i, 1),
                 agent: None,
+                agent_args: Vec::new(),
                 pods: 0,
             });
         }
@@ -308,6 +314,7 @@ impl Cluster {
     fn spawn_agent(&mut self, node: usize, extra_args: &[&str], ready: bool) -> Result<()> {
         let mut cmd = self.agent_command(node);
         cmd.args(extra_args);
+        self.nodes[node].agent_args = extra_args.iter().map(|a| a.to_string()).collect();
         let (netns, cgroup) = (self.nodes[node].netns.clone(), self.nodes[node].cgroup.join("agent"));
         let label = format!("agent-n{}-{}", node + 1, self.processes.len());
         let idx = self.spawn(&label, &Placement { netns: &netns, cgroup: &cgroup }, &mut cmd)?;

@@ -1,0 +1,99 @@
+//! Hitless agent upgrade, end to end: both nodes' agents replaced the way a DaemonSet rolling update replaces
+//! them, under keep-alive HTTP load through a Service and long-lived checksummed TCP streams from inside a pod.
+//! Before the handover every connection through a restarted agent was cut, and a new agent could not even start
+//! beside the old one (`Address already in use` on the pod listeners).
+
+use std::path::Path;
+use std::time::Duration;
+
+use mesh_tests::app::{self, Server, service};
+use mesh_tests::cluster::Rollout;
+use mesh_tests::{Cluster, cluster};
+use serde_json::Value;
+
+const HTTP: &str = env!("CARGO_BIN_EXE_mesh-http");
+const WEB: &str = "http://10.96.9.1/";
+/// Keep-alive HTTP: 500 requests a second over 8 connections, for as long as both upgrades take.
+const RATE: &str = "500";
+const LOAD_SECONDS: u64 = 20;
+const STREAMS: usize = 10;
+
+const SERVERS: [Server<'static>; 2] = [
+    Server { node: 1, name: "web", labels: "{app: web}", args: &[], owner: None },
+    Server { node: 1, name: "raw", labels: "{app: raw}", args: &["tcp"], owner: None },
+];
+
+/// Client on node 1, `web` and `raw` on node 2, both agents fed by the controller with a drain timeout longer
+/// than the streams live.
+fn meshed(c: &mut Cluster) -> (mesh_tests::Pod, String) {
+    let objects = service("web", "10.96.9.1", "{app: web}", "");
+    let client = app::mesh(c, Path::new(HTTP), &SERVERS, &objects, 0, &["--drain-timeout", "60s"]);
+    let workloads = c.admin(1, "/workloads").unwrap();
+    let raw = workloads.as_array().unwrap().iter().find(|w| w["name"] == "raw").unwrap()["ips"][0].clone();
+    let ok = app::get(c, Path::new(HTTP), &client, &[WEB, "-n", "3"]);
+    assert_eq!(ok["statuses"]["200"], 3, "{ok}");
+    (client, format!("{}:8080", raw.as_str().unwrap()))
+}
+
+fn failed_requests(load: &Value) -> (u64, u64) {
+    let errors = load["errors"].as_u64().unwrap_or(u64::MAX);
+    (errors, load["requests"].as_u64().unwrap_or(0) + errors)
+}
+
+/// Each agent in turn gets a successor started beside it, and SIGTERM once the successor answers ready on the
+/// node's admin port (`maxSurge: 1, maxUnavailable: 0`): not one request fails and not one stream breaks, on
+/// the calling side's agent or on the receiving side's.
+#[test]
+fn surge_upgrade_of_both_agents_loses_no_request_and_no_connection() {
+    let mut c = cluster!(2);
+    let (client, raw) = meshed(&mut c);
+    let seconds = LOAD_SECONDS.to_string();
+    let load = c.start_in(&client, Path::new(HTTP), &["load", WEB, RATE, &seconds, "-c", "8"]).unwrap();
+    let streams = c.testbin_start(&client, &["streams", &raw, &STREAMS.to_string(), &seconds]).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let client_side = c.upgrade_agent(0, Rollout::Surge).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let server_side = c.upgrade_agent(1, Rollout::Surge).unwrap();
+    let load = load.wait().unwrap();
+    let streams = streams.wait().unwrap();
+    let (failed, total) = failed_requests(&load.json);
+    let broken = STREAMS as u64 - streams.ok_connections();
+    eprintln!("failed requests {failed} / {total}, broken connections {broken} / {STREAMS}");
+    assert!(load.success, "{}", load.stderr);
+    assert_eq!(failed, 0, "{}", load.json);
+    assert!(total >= 500 * (LOAD_SECONDS - 2), "the load ran: {}", load.json);
+    assert_eq!(broken, 0, "{}", streams.json);
+    assert!(streams.json["roundTrips"].as_u64().unwrap() > 1000, "{}", streams.json);
+    // The old agents stayed for their streams, then left on their own, well before the drain timeout.
+    for (node, upgraded) in [(1, client_side), (2, server_side)] {
+        let after = c.wait_exited(&upgraded).unwrap();
+        eprintln!("old agent {node} exited {after:?} after SIGTERM");
+    }
+    // The new agents carry new traffic on their own.
+    let ok = app::get(&c, Path::new(HTTP), &client, &[WEB, "-n", "5"]);
+    assert_eq!(ok["statuses"]["200"], 5, "{ok}");
+    let report = c.testbin(&client, &["streams", &raw, "2", "1"]).unwrap();
+    assert_eq!(report["ok"], 2, "{report}");
+}
+
+/// A plain SIGTERM (no successor yet, as with `maxUnavailable: 1`) drains in seconds, not the whole drain
+/// timeout: keep-alive clients are told `connection: close` and the agent exits once they have gone. What the
+/// gap until the new agent is up costs is counted (connections refused meanwhile, never hung or leaked).
+#[test]
+fn sigterm_without_a_successor_drains_keep_alive_clients_in_seconds() {
+    let mut c = cluster!(2);
+    let (client, _) = meshed(&mut c);
+    let load = c.start_in(&client, Path::new(HTTP), &["load", WEB, RATE, "12", "-c", "8"]).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let upgraded = c.upgrade_agent(0, Rollout::Replace).unwrap();
+    let exited_after = c.wait_exited(&upgraded).unwrap();
+    let load = load.wait().unwrap();
+    let (failed, total) = failed_requests(&load.json);
+    eprintln!("old agent exited {exited_after:?} after SIGTERM; failed requests {failed} / {total} in the gap");
+    assert!(exited_after < Duration::from_secs(5), "drained in {exited_after:?} (drain timeout 60 s)");
+    assert!(load.success, "{}", load.stderr);
+    // Requests went on after the new agent came up.
+    assert!(total > failed + 500 * 6, "{}", load.json);
+    let ok = app::get(&c, Path::new(HTTP), &client, &[WEB, "-n", "5"]);
+    assert_eq!(ok["statuses"]["200"], 5, "{ok}");
+}
