@@ -10,6 +10,7 @@ use k8s_openapi::api::core::v1::{Namespace, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use mesh_tests::fakeapi::FakeApi;
 use serde_json::Value;
 
@@ -86,7 +87,19 @@ fn every_manifest_parses_into_its_type_and_carries_the_install_settings() {
     assert!(kinds.iter().any(|k| k == "PodDisruptionBudget"));
 
     let agent: DaemonSet = typed(objects.iter().find(|o| o["kind"] == "DaemonSet").unwrap());
-    let pod = agent.spec.unwrap().template.spec.unwrap();
+    let spec = agent.spec.unwrap();
+    // Upgrades start the new agent beside the old one, which hands its sockets over (tests/tests/upgrade.rs).
+    let rolling = spec.update_strategy.and_then(|s| s.rolling_update).unwrap();
+    let int = |v: Option<IntOrString>| match v {
+        Some(IntOrString::Int(n)) => n,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!((int(rolling.max_surge), int(rolling.max_unavailable)), (1, 0));
+    let pod = spec.template.spec.unwrap();
+    // The kubelet's grace outlasts the agent's own drain timeout, so the agent ends its drain itself.
+    let drain = pod.containers[0].env.iter().flatten().find(|e| e.name == "NODEMESH_DRAIN_TIMEOUT").unwrap();
+    let drain = humantime::parse_duration(drain.value.as_deref().unwrap()).unwrap().as_secs() as i64;
+    assert!(pod.termination_grace_period_seconds.unwrap() > drain, "grace {:?}", pod.termination_grace_period_seconds);
     assert_eq!(pod.priority_class_name.as_deref(), Some("system-node-critical"));
     assert_eq!(pod.host_network, Some(true));
     let container = &pod.containers[0];
