@@ -6,16 +6,17 @@
 use std::path::Path;
 use std::time::Duration;
 
+use mesh_agent::handover::fds::Channel;
 use mesh_tests::app::{self, Server, service};
-use mesh_tests::cluster::Rollout;
-use mesh_tests::{Cluster, cluster};
+use mesh_tests::cluster::{ADMIN, Rollout};
+use mesh_tests::{Cluster, cluster, wait_for};
 use serde_json::Value;
 
 const HTTP: &str = env!("CARGO_BIN_EXE_mesh-http");
 const WEB: &str = "http://10.96.9.1/";
 /// Keep-alive HTTP: 500 requests a second over 8 connections, for as long as both upgrades take.
 const RATE: &str = "500";
-const LOAD_SECONDS: u64 = 20;
+const LOAD_SECONDS: u64 = 10;
 const STREAMS: usize = 10;
 
 const SERVERS: [Server<'static>; 2] = [
@@ -40,6 +41,28 @@ fn failed_requests(load: &Value) -> (u64, u64) {
     (errors, load["requests"].as_u64().unwrap_or(0) + errors)
 }
 
+/// Upgrades `node`'s agent with surge under keep-alive HTTP load and long-lived streams from `client`; returns
+/// (failed requests, requests, broken streams) and checks the old agent left on its own once its streams ended.
+fn surge_under_load(c: &mut Cluster, client: &mesh_tests::Pod, raw: &str, node: usize) -> (u64, u64, u64) {
+    let seconds = LOAD_SECONDS.to_string();
+    let load = c.start_in(client, Path::new(HTTP), &["load", WEB, RATE, &seconds, "-c", "8"]).unwrap();
+    let streams = c.testbin_start(client, &["streams", raw, &STREAMS.to_string(), &seconds]).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let upgraded = c.upgrade_agent(node, Rollout::Surge).unwrap();
+    let load = load.wait().unwrap();
+    let streams = streams.wait().unwrap();
+    assert!(load.success, "{}", load.stderr);
+    let (failed, total) = failed_requests(&load.json);
+    assert!(total >= 500 * (LOAD_SECONDS - 2), "the load ran: {}", load.json);
+    assert!(streams.json["roundTrips"].as_u64().unwrap() > 200, "{}", streams.json);
+    let left_after = c.wait_exited(&upgraded).unwrap();
+    eprintln!("old agent {} exited {left_after:?} after SIGTERM", node + 1);
+    if failed > 0 || streams.ok_connections() != STREAMS as u64 {
+        eprintln!("load: {}\nstreams: {}", load.json, streams.json);
+    }
+    (failed, total, STREAMS as u64 - streams.ok_connections())
+}
+
 /// Each agent in turn gets a successor started beside it, and SIGTERM once the successor answers ready on the
 /// node's admin port (`maxSurge: 1, maxUnavailable: 0`): not one request fails and not one stream breaks, on
 /// the calling side's agent or on the receiving side's.
@@ -47,28 +70,13 @@ fn failed_requests(load: &Value) -> (u64, u64) {
 fn surge_upgrade_of_both_agents_loses_no_request_and_no_connection() {
     let mut c = cluster!(2);
     let (client, raw) = meshed(&mut c);
-    let seconds = LOAD_SECONDS.to_string();
-    let load = c.start_in(&client, Path::new(HTTP), &["load", WEB, RATE, &seconds, "-c", "8"]).unwrap();
-    let streams = c.testbin_start(&client, &["streams", &raw, &STREAMS.to_string(), &seconds]).unwrap();
-    std::thread::sleep(Duration::from_secs(3));
-    let client_side = c.upgrade_agent(0, Rollout::Surge).unwrap();
-    std::thread::sleep(Duration::from_secs(3));
-    let server_side = c.upgrade_agent(1, Rollout::Surge).unwrap();
-    let load = load.wait().unwrap();
-    let streams = streams.wait().unwrap();
-    let (failed, total) = failed_requests(&load.json);
-    let broken = STREAMS as u64 - streams.ok_connections();
-    eprintln!("failed requests {failed} / {total}, broken connections {broken} / {STREAMS}");
-    assert!(load.success, "{}", load.stderr);
-    assert_eq!(failed, 0, "{}", load.json);
-    assert!(total >= 500 * (LOAD_SECONDS - 2), "the load ran: {}", load.json);
-    assert_eq!(broken, 0, "{}", streams.json);
-    assert!(streams.json["roundTrips"].as_u64().unwrap() > 1000, "{}", streams.json);
-    // The old agents stayed for their streams, then left on their own, well before the drain timeout.
-    for (node, upgraded) in [(1, client_side), (2, server_side)] {
-        let after = c.wait_exited(&upgraded).unwrap();
-        eprintln!("old agent {node} exited {after:?} after SIGTERM");
+    let mut lost = 0;
+    for (node, side) in [(0, "client-side"), (1, "server-side")] {
+        let (failed, total, broken) = surge_under_load(&mut c, &client, &raw, node);
+        eprintln!("{side} agent upgraded: failed requests {failed} / {total}, broken connections {broken} / {STREAMS}");
+        lost += failed + broken;
     }
+    assert_eq!(lost, 0, "requests failed or connections broke during the upgrades (above)");
     // The new agents carry new traffic on their own.
     let ok = app::get(&c, Path::new(HTTP), &client, &[WEB, "-n", "5"]);
     assert_eq!(ok["statuses"]["200"], 5, "{ok}");
@@ -94,6 +102,43 @@ fn sigterm_without_a_successor_drains_keep_alive_clients_in_seconds() {
     assert!(load.success, "{}", load.stderr);
     // Requests went on after the new agent came up.
     assert!(total > failed + 500 * 6, "{}", load.json);
+    let ok = app::get(&c, Path::new(HTTP), &client, &[WEB, "-n", "5"]);
+    assert_eq!(ok["statuses"]["200"], 5, "{ok}");
+}
+
+fn ready_status(c: &Cluster, node: usize) -> u16 {
+    mesh_tests::sys::http_get(&c.nodes[node].netns, ADMIN.parse().unwrap(), "/healthz/ready").map_or(0, |r| r.0)
+}
+
+/// A successor that says hello, takes the sockets and dies before it serves them leaves the running agent as it
+/// was: not ready only while the successor was there, then ready, carrying traffic and enrolling pods again.
+#[test]
+fn a_successor_that_dies_during_the_handover_leaves_the_running_agent_serving() {
+    let mut c = cluster!(2);
+    let (client, raw) = meshed(&mut c);
+    let socket = c.nodes[0].state_dir.join("handover.sock");
+    let successor = Channel::connect(&socket).unwrap().expect("the agent waits for a successor");
+    successor.send(br#"{"type":"hello","pid":1,"version":"test"}"#, &[]).unwrap();
+    wait_for("the agent to report not ready while a successor prepares", || ready_status(&c, 0) == 503);
+    successor.send(br#"{"type":"take"}"#, &[]).unwrap();
+    let (body, listeners) = successor.recv().unwrap();
+    let message: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(message["type"], "listeners", "{message}");
+    assert_eq!(message["entries"].as_array().unwrap().len(), listeners.len());
+    assert!(listeners.len() >= 4, "admin, metrics, CNI and the client pod's: {message}");
+    drop(listeners);
+    drop(successor);
+    wait_for("the agent to be ready again", || ready_status(&c, 0) == 200);
+    let ok = app::get(&c, Path::new(HTTP), &client, &[WEB, "-n", "5"]);
+    assert_eq!(ok["statuses"]["200"], 5, "{ok}");
+    let report = c.testbin(&client, &["streams", &raw, "2", "1"]).unwrap();
+    assert_eq!(report["ok"], 2, "{report}");
+    // The CNI socket is served again (it was stopped for the exchange).
+    let late = c.add_pod(0, "late").unwrap();
+    c.enroll(&late).unwrap();
+    // And the next successor can still take over.
+    let upgraded = c.upgrade_agent(0, Rollout::Surge).unwrap();
+    c.wait_exited(&upgraded).unwrap();
     let ok = app::get(&c, Path::new(HTTP), &client, &[WEB, "-n", "5"]);
     assert_eq!(ok["statuses"]["200"], 5, "{ok}");
 }

@@ -98,3 +98,97 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    use super::*;
+    use crate::drain::Trigger;
+
+    /// A connection served over real loopback sockets; the client end, the drain trigger and the serving task.
+    /// Each request is answered `ok` after `delay`.
+    async fn served(protocol: Protocol, delay: Duration) -> (TcpStream, Trigger, tokio::task::JoinHandle<Ended>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let (trigger, drain) = crate::drain::channel();
+        let limits = Limits {
+            header_timeout: Duration::from_secs(5),
+            max_connections_per_pod: 1,
+            hbone_idle_timeout: Duration::from_secs(1),
+        };
+        let task = tokio::spawn(async move {
+            serve(server, protocol, &limits, drain, move |_req| async move {
+                tokio::time::sleep(delay).await;
+                Response::new(super::super::body::full("ok"))
+            })
+            .await
+        });
+        (client, trigger, task)
+    }
+
+    /// Reads one HTTP/1.1 response (head and a 2-byte body) and returns its head.
+    async fn response(client: &mut TcpStream) -> String {
+        let mut bytes = Vec::new();
+        let mut byte = [0u8; 1];
+        while !bytes.ends_with(b"\r\n\r\nok") {
+            assert_eq!(client.read(&mut byte).await.unwrap(), 1, "closed mid-response: {bytes:?}");
+            bytes.push(byte[0]);
+        }
+        String::from_utf8(bytes).unwrap().to_ascii_lowercase()
+    }
+
+    const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nhost: web\r\n\r\n";
+
+    #[tokio::test]
+    async fn a_draining_http1_connection_answers_with_connection_close_then_closes() {
+        let (mut client, trigger, task) = served(Protocol::Http1, Duration::ZERO).await;
+        client.write_all(REQUEST).await.unwrap();
+        assert!(!response(&mut client).await.contains("connection: close"), "kept alive before the drain");
+        trigger.start();
+        client.write_all(REQUEST).await.unwrap();
+        assert!(response(&mut client).await.contains("connection: close"));
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await;
+        assert!(matches!(read, Ok(Ok(0))), "the agent closed after the response: {read:?}");
+        assert_eq!(tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap(), Ended::Normally);
+    }
+
+    #[tokio::test]
+    async fn an_idle_http1_connection_is_closed_a_moment_after_the_drain_began() {
+        let (mut client, trigger, task) = served(Protocol::Http1, Duration::ZERO).await;
+        client.write_all(REQUEST).await.unwrap();
+        response(&mut client).await;
+        let began = std::time::Instant::now();
+        trigger.start();
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await;
+        assert!(matches!(read, Ok(Ok(0))), "{read:?}");
+        // Not at once (a request may be on its way) and not after the keep-alive timeout (5 s here).
+        let waited = began.elapsed();
+        assert!(waited >= crate::drain::IDLE_GRACE && waited < Duration::from_secs(3), "{waited:?}");
+        tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_draining_http2_connection_sends_goaway_and_finishes_the_request_in_flight() {
+        let (client, trigger, task) = served(Protocol::Http2, Duration::from_millis(300)).await;
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(client)).await.unwrap();
+        let conn = tokio::spawn(conn);
+        let request = Request::get("http://web/").body(http_body_util::Empty::<bytes::Bytes>::new()).unwrap();
+        let in_flight = tokio::spawn(sender.send_request(request));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        trigger.start();
+        assert_eq!(in_flight.await.unwrap().unwrap().status(), 200, "the request in flight was answered");
+        // The server's GOAWAY ends the connection once nothing is in flight; the client sees it close cleanly.
+        let ended = tokio::time::timeout(Duration::from_secs(5), conn).await.expect("GOAWAY closed the connection");
+        assert!(ended.unwrap().is_ok(), "a graceful end, not an error");
+        assert!(sender.is_closed());
+        assert_eq!(tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap(), Ended::Normally);
+    }
+}
