@@ -23,6 +23,7 @@ pub mod netns;
 pub mod node;
 pub mod policy;
 pub mod proxy;
+pub mod snapshot;
 pub mod state;
 pub mod state_dir;
 pub mod telemetry;

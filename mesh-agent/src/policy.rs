@@ -2,11 +2,11 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use mesh_common::config::NodeConfig;
 use mesh_common::policy::{self as model, Connection, Decision, MtlsMode};
 
 use crate::inpod::PodContext;
 use crate::metrics::Direction;
+use crate::snapshot::Snapshot;
 use crate::state::AgentState;
 
 /// Why a connection was refused, for logs, metrics and the HBONE status code.
@@ -31,19 +31,19 @@ impl Refusal {
     }
 }
 
-fn labels<'a>(config: &'a NodeConfig, pod: &PodContext) -> Option<&'a std::collections::BTreeMap<String, String>> {
+fn labels<'a>(config: &'a Snapshot, pod: &PodContext) -> Option<&'a std::collections::BTreeMap<String, String>> {
     pod.workload(config).map(|w| &w.labels)
 }
 
 /// Whether the pod's inbound HTTP must be authorized per request (its policies have L7 conditions).
-pub fn needs_request(config: &NodeConfig, pod: &PodContext) -> bool {
+pub fn needs_request(config: &Snapshot, pod: &PodContext) -> bool {
     let empty = Default::default();
     model::needs_request(&config.authorization_policies, &pod.net.namespace, labels(config, pod).unwrap_or(&empty))
 }
 
 /// Authorizes one HTTP request on a connection already admitted by mTLS mode.
 pub fn check_request(
-    config: &NodeConfig,
+    config: &Snapshot,
     pod: &PodContext,
     principal: Option<&str>,
     source_ip: IpAddr,
@@ -58,7 +58,7 @@ pub fn check_request(
 }
 
 /// The mTLS-mode check alone: STRICT refuses plaintext.
-pub fn check_mtls_mode(config: &NodeConfig, pod: &PodContext, principal: Option<&str>) -> Result<(), Refusal> {
+pub fn check_mtls_mode(config: &Snapshot, pod: &PodContext, principal: Option<&str>) -> Result<(), Refusal> {
     let empty = Default::default();
     let labels = labels(config, pod).unwrap_or(&empty);
     if principal.is_none()
@@ -76,7 +76,7 @@ pub fn check_mtls_mode(config: &NodeConfig, pod: &PodContext, principal: Option<
 
 /// `principal` is the verified peer SPIFFE ID for mTLS, `None` for plaintext.
 pub fn check_inbound(
-    config: &NodeConfig,
+    config: &Snapshot,
     pod: &PodContext,
     principal: Option<&str>,
     source_ip: IpAddr,
@@ -90,7 +90,7 @@ pub fn check_inbound(
     )
 }
 
-fn authorize(config: &NodeConfig, pod: &PodContext, conn: Connection<'_>) -> Result<(), Refusal> {
+fn authorize(config: &Snapshot, pod: &PodContext, conn: Connection<'_>) -> Result<(), Refusal> {
     let empty = Default::default();
     let labels = labels(config, pod).unwrap_or(&empty);
     match model::authorize(&config.authorization_policies, &pod.net.namespace, labels, &conn) {

@@ -13,6 +13,7 @@ use crate::hbone::client::Pool;
 use crate::identity::{Identity, SecretManager};
 use crate::inpod::PodEntry;
 use crate::metrics::Metrics;
+use crate::snapshot::Snapshot;
 use crate::tunnels::Tunnels;
 
 #[derive(Clone)]
@@ -23,7 +24,7 @@ pub struct AgentState {
 struct Inner {
     node: String,
     capture: Mutex<Capture>,
-    config: RwLock<Arc<NodeConfig>>,
+    config: RwLock<Arc<Snapshot>>,
     pods: Mutex<BTreeMap<String, PodEntry>>,
     /// Pods the CNI plugin reported that are not captured (namespace not in the mesh, or opted out): kept so a
     /// config change can capture them later.
@@ -104,7 +105,7 @@ impl AgentState {
             Inner {
                 node,
                 capture,
-                config: RwLock::new(Arc::new(config)),
+                config: RwLock::new(Arc::new(Snapshot::new(config))),
                 pods: Mutex::new(BTreeMap::new()),
                 parked: Mutex::new(BTreeMap::new()),
                 enrollment: tokio::sync::Mutex::new(()),
@@ -142,7 +143,8 @@ impl AgentState {
         lock(&self.inner.capture)
     }
 
-    pub fn config(&self) -> Arc<NodeConfig> {
+    /// The config in force, compiled (`crate::snapshot`): take it once and use it to the end of the work at hand.
+    pub fn config(&self) -> Arc<Snapshot> {
         self.inner.config.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
@@ -150,7 +152,7 @@ impl AgentState {
     /// changed are captured or released right after.
     pub fn set_config(&self, config: NodeConfig) -> Result<(), crate::capture::CaptureError> {
         self.capture().set_exclusions(&config.capture)?;
-        *self.inner.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+        *self.inner.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Snapshot::new(config));
         self.sync_identities();
         if tokio::runtime::Handle::try_current().is_ok() {
             tokio::spawn(crate::inpod::reconcile(self.clone()));

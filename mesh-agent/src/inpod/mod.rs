@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use mesh_common::bpf::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use mesh_common::cni::{AgentError, PodNetwork};
-use mesh_common::config::{NodeConfig, Workload};
+use mesh_common::config::Workload;
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
@@ -20,6 +20,7 @@ use crate::identity::Identity;
 use crate::metrics::Direction;
 use crate::netns::NetNs;
 use crate::proxy;
+use crate::snapshot::Snapshot;
 use crate::state::{AgentState, WorkloadView};
 
 /// Accept backlog of the in-pod listeners: a pod may open many connections at once.
@@ -45,7 +46,7 @@ impl PodContext {
     /// same namespace and name, the same UID when both know one, and an address in common (the agent checked at
     /// enrollment that the claimed addresses really are the netns's). A CNI request is only a claim: before,
     /// any network namespace announced as `default/client` was given client's identity.
-    pub fn workload<'c>(&self, config: &'c NodeConfig) -> Option<&'c Workload> {
+    pub fn workload<'c>(&self, config: &'c Snapshot) -> Option<&'c Workload> {
         let w = config.workload(&self.net.namespace, &self.net.name)?;
         let uid_agrees = match (&w.uid, &self.net.uid) {
             (Some(known), Some(claimed)) => known == claimed,
@@ -55,16 +56,16 @@ impl PodContext {
         (uid_agrees && address_agrees).then_some(w)
     }
 
-    pub fn service_account(&self, config: &NodeConfig) -> Option<String> {
+    pub fn service_account(&self, config: &Snapshot) -> Option<String> {
         self.workload(config).map(|w| w.service_account.clone())
     }
 
     /// The pod's SPIFFE identity, once config confirms the pod (see [`PodContext::workload`]).
-    pub fn identity(&self, config: &NodeConfig) -> Option<Identity> {
+    pub fn identity(&self, config: &Snapshot) -> Option<Identity> {
         self.workload(config).map(|w| Identity::new(&config.trust_domain, &w.namespace, &w.service_account))
     }
 
-    pub fn identity_string(&self, config: &NodeConfig) -> Option<String> {
+    pub fn identity_string(&self, config: &Snapshot) -> Option<String> {
         self.identity(config).map(|id| id.to_string())
     }
 
@@ -95,7 +96,7 @@ impl PodEntry {
         &self.listeners
     }
 
-    pub fn view(&self, config: &NodeConfig) -> WorkloadView {
+    pub fn view(&self, config: &Snapshot) -> WorkloadView {
         let p = &self.pod;
         WorkloadView {
             namespace: p.net.namespace.clone(),

@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mesh_common::config::{Locality, NodeConfig, Service};
+use crate::snapshot::Snapshot;
+use mesh_common::config::{Locality, Service};
 use mesh_common::traffic::{Algorithm, TrafficSettings};
 
 use super::balance::{Balancer, Ewma};
@@ -240,7 +241,7 @@ pub struct Destinations {
 #[derive(Default)]
 struct Registry {
     /// The config the generation belongs to (held, so its address cannot be reused by another config).
-    config: Option<Arc<NodeConfig>>,
+    config: Option<Arc<Snapshot>>,
     generation: u64,
     map: HashMap<(String, String), Arc<Destination>>,
 }
@@ -251,7 +252,7 @@ impl Destinations {
         self.inner.lock().unwrap_or_else(|p| p.into_inner()).map.values().cloned().collect()
     }
 
-    pub fn get(&self, config: &Arc<NodeConfig>, namespace: &str, name: &str) -> Option<Arc<Destination>> {
+    pub fn get(&self, config: &Arc<Snapshot>, namespace: &str, name: &str) -> Option<Arc<Destination>> {
         let mut r = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if !r.config.as_ref().is_some_and(|c| Arc::ptr_eq(c, config)) {
             r.config = Some(config.clone());

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use http::request::Parts;
 use http::{HeaderValue, Request, Response, StatusCode};
-use mesh_common::config::NodeConfig;
 use mesh_common::route::{Mirror, Retry, ServiceRef};
 
 use super::body::{self, Body, Replay};
@@ -19,7 +18,9 @@ use super::outbound::Call;
 use super::outlier::Outcome;
 use super::retry::RetryPolicy;
 use super::{fault, upstream};
+use crate::snapshot::Snapshot;
 use crate::telemetry::request::Upstream;
+use std::sync::Arc;
 
 /// Why a try produced no response.
 enum Failure {
@@ -29,6 +30,8 @@ enum Failure {
 
 pub struct Attempt<'a> {
     pub call: &'a Call,
+    /// The config the request was routed on: it picks the endpoints too, whatever arrives meanwhile.
+    pub config: &'a Arc<Snapshot>,
     pub grpc: bool,
     pub retry: Option<&'a Retry>,
     pub per_try: Option<Duration>,
@@ -65,7 +68,7 @@ fn hash_key(call: &Call, dest: &Destination, parts: &Parts) -> Option<u64> {
 }
 
 /// The port endpoints of `backend` listen on for a request that arrived on `called_port`.
-pub(super) fn endpoint_port(config: &NodeConfig, backend: &ServiceRef, called_port: u16) -> Option<u16> {
+pub(super) fn endpoint_port(config: &Snapshot, backend: &ServiceRef, called_port: u16) -> Option<u16> {
     let service = config.service(&backend.namespace, &backend.name)?;
     let port = backend.port.unwrap_or(called_port);
     service.ports.iter().find(|p| p.port == port).map(|p| p.endpoint_port())
@@ -78,11 +81,10 @@ pub async fn forward(
     parts: Parts,
     body: Body,
 ) -> Response<Body> {
-    let call = a.call;
-    let config = call.state.config();
+    let (call, config) = (a.call, a.config);
     let (Some(dest), Some(port)) = (
-        call.state.l7().destinations.get(&config, &backend.namespace, &backend.name),
-        endpoint_port(&config, backend, called_port),
+        call.state.l7().destinations.get(config, &backend.namespace, &backend.name),
+        endpoint_port(config, backend, called_port),
     ) else {
         return reply(
             a.grpc,
@@ -157,8 +159,16 @@ pub async fn forward(
         let started = Instant::now();
         let breaker_dest = dest.clone();
         let guard = move || breaker_dest.breaker().connection().map(|p| Box::new(p) as Guard);
-        let send =
-            upstream::send(&call.state, &call.state.l7().upstreams, &call.pod, target, call.protocol, guard, req);
+        let route = upstream::route_to(config, call.state.secrets().is_some(), &call.pod, target);
+        let send = upstream::send(
+            &call.state,
+            &call.state.l7().upstreams,
+            &call.pod,
+            (target, route),
+            call.protocol,
+            guard,
+            req,
+        );
         let result = match a.per_try {
             Some(limit) => match tokio::time::timeout(limit, send).await {
                 Ok(r) => r.map_err(Failure::Upstream),
@@ -186,7 +196,7 @@ pub async fn forward(
         dest.record(&endpoint, outcome, started.elapsed());
         if retries == 0 {
             for m in a.mirrors {
-                super::mirror::send(call, m, &parts, replay.as_ref(), called_port);
+                super::mirror::send(call, config, m, &parts, replay.as_ref(), called_port);
             }
         }
         let retryable = match (&policy, &result) {

@@ -13,21 +13,30 @@ use super::client::Guard;
 use super::destination::Here;
 use super::outbound::Call;
 use super::{forward, upstream};
+use crate::snapshot::Snapshot;
+use std::sync::Arc;
 
 /// A mirrored request gets this long before it is abandoned.
 const MIRROR_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub fn send(call: &Call, mirror: &Mirror, parts: &Parts, replay: Option<&Replay>, called_port: u16) {
+pub fn send(
+    call: &Call,
+    config: &Arc<Snapshot>,
+    mirror: &Mirror,
+    parts: &Parts,
+    replay: Option<&Replay>,
+    called_port: u16,
+) {
     if !super::roll(mirror.percent) {
         return;
     }
     let Some(replay) = replay.cloned() else { return };
-    let config = call.state.config();
     let target = &mirror.service;
-    let Some(endpoint_port) = forward::endpoint_port(&config, target, called_port) else {
+    let Some(endpoint_port) = forward::endpoint_port(config, target, called_port) else {
         return tracing::debug!(mirror = %target.name, "mirror Service or port not found");
     };
-    let Some(dest) = call.state.l7().destinations.get(&config, &target.namespace, &target.name) else { return };
+    let Some(dest) = call.state.l7().destinations.get(config, &target.namespace, &target.name) else { return };
+    let config = config.clone();
     let head = forward::head(parts);
     let (state, pod, protocol, here) = (call.state.clone(), call.pod.clone(), call.protocol, Here::of(&call.state));
     tokio::spawn(async move {
@@ -37,8 +46,9 @@ pub fn send(call: &Call, mirror: &Mirror, parts: &Parts, replay: Option<&Replay>
             let req = head.body(body).ok()?;
             let target = std::net::SocketAddr::new(endpoint.ip, endpoint_port);
             let no_limit = || Some(Box::new(()) as Guard);
-            let response =
-                upstream::send(&state, &state.l7().upstreams, &pod, target, protocol, no_limit, req).await.ok()?;
+            let route = upstream::route_to(&config, state.secrets().is_some(), &pod, target);
+            let pool = &state.l7().upstreams;
+            let response = upstream::send(&state, pool, &pod, (target, route), protocol, no_limit, req).await.ok()?;
             let _ = response.into_body().collect().await;
             Some(())
         };

@@ -29,6 +29,7 @@ use super::router::RequestView;
 use super::server;
 use crate::inpod::PodContext;
 use crate::metrics::{DestinationService, Direction, Flow, Peer, Reporter, Security};
+use crate::snapshot::Snapshot;
 use crate::state::AgentState;
 use crate::telemetry::request::{self, Upstream};
 
@@ -151,26 +152,28 @@ pub(super) fn weighted(rule: &RouteRule) -> Option<&mesh_common::route::Backend>
 async fn handle(call: Arc<Call>, req: Request<Incoming>) -> Response<Body> {
     let upgrade = super::upgrade::is_upgrade(&req);
     let (observation, req) = request::start(&call.state, &call.pod, (Some(call.client), None), req.map(body::boxed));
-    let response = if upgrade { super::upgrade::outbound(&call, req).await } else { route_and_send(&call, req).await };
-    let flow = flow(&call, &response);
+    // One config for the whole request: routing, endpoints, upstream route and labels.
+    let config = call.state.config();
+    let response =
+        if upgrade { super::upgrade::outbound(&call, req).await } else { route_and_send(&call, &config, req).await };
+    let flow = flow(&call, &config, &response);
     observation.finish(response, flow)
 }
 
 /// The labels of a request's metrics: to the endpoint and backend Service that served it, or to the called
 /// Service when the agent answered itself.
-fn flow(call: &Call, response: &Response<Body>) -> Flow {
-    let config = call.state.config();
+fn flow(call: &Call, config: &Snapshot, response: &Response<Body>) -> Flow {
     match response.extensions().get::<Upstream>() {
         Some(u) => {
             let ip = u.endpoint.ip();
             let principal = u.meshed.then(|| config.workload_by_ip(ip).map(|w| w.spiffe_id(&config.trust_domain)));
             let security = if u.meshed { Security::MutualTls } else { Security::None };
             let service = DestinationService::of(&u.backend.namespace, &u.backend.name);
-            Flow::outbound(&config, &call.pod, ip, principal.flatten().as_deref(), service, security)
+            Flow::outbound(config, &call.pod, ip, principal.flatten().as_deref(), service, security)
         }
         None => Flow {
             reporter: Reporter::Source,
-            source: Peer::local(&config, &call.pod),
+            source: Peer::local(config, &call.pod),
             destination: Peer::unknown(),
             service: DestinationService::of(&call.service.namespace, &call.service.name),
             security: Security::None,
@@ -179,22 +182,26 @@ fn flow(call: &Call, response: &Response<Body>) -> Flow {
 }
 
 /// Routes and sends the request; the response carries the matched route's name for telemetry.
-async fn route_and_send(call: &Arc<Call>, req: Request<Body>) -> Response<Body> {
+async fn route_and_send(call: &Arc<Call>, config: &Arc<Snapshot>, req: Request<Body>) -> Response<Body> {
     let mut route = None;
-    let mut response = send_routed(call, req, &mut route).await;
+    let mut response = send_routed(call, config, req, &mut route).await;
     if let Some(route) = route {
         response.extensions_mut().insert(request::RouteName(route));
     }
     response
 }
 
-async fn send_routed(call: &Arc<Call>, req: Request<Body>, route: &mut Option<String>) -> Response<Body> {
+async fn send_routed(
+    call: &Arc<Call>,
+    config: &Arc<Snapshot>,
+    req: Request<Body>,
+    route: &mut Option<String>,
+) -> Response<Body> {
     let grpc = is_grpc(req.headers());
-    let config = call.state.config();
     let l7 = call.state.l7();
     let svc = &call.service;
     let port = svc.port.unwrap_or_default();
-    let table = l7.routes.get(&config, &svc.namespace, &svc.name, port, &call.pod.net.namespace);
+    let table = l7.routes.get(config, &svc.namespace, &svc.name, port, &call.pod.net.namespace);
     let (mut parts, body) = req.into_parts();
     let selected = table.select(&RequestView::new(&parts.method, &parts.uri, &parts.headers));
     *route = selected.as_ref().map(|s| format!("{}/{}", s.route.namespace, s.route.name));
@@ -224,7 +231,8 @@ async fn send_routed(call: &Arc<Call>, req: Request<Body>, route: &mut Option<St
         None => (svc.clone(), Default::default(), None),
     };
     let ms = |ms: Option<u64>| ms.filter(|ms| *ms > 0).map(Duration::from_millis);
-    let attempt = Attempt { call, grpc, retry, per_try: ms(timeouts.backend_request_ms), mirrors: &effects.mirrors };
+    let attempt =
+        Attempt { call, config, grpc, retry, per_try: ms(timeouts.backend_request_ms), mirrors: &effects.mirrors };
     let work = forward::forward(attempt, &backend, port, parts, body);
     let mut response = match ms(timeouts.request_ms) {
         Some(limit) => tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {

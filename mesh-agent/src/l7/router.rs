@@ -12,8 +12,8 @@ use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use crate::snapshot::Snapshot;
 use http::{HeaderMap, Method};
-use mesh_common::config::NodeConfig;
 use mesh_common::route::{PathMatch, Route, RouteMatch, RouteRule, ValueMatch};
 use regex_lite::Regex;
 
@@ -166,13 +166,7 @@ pub struct RouteTable {
 
 impl RouteTable {
     /// The routes of `config` for callers in `caller_namespace` of `service_namespace/service` on `port`.
-    pub fn build(
-        config: &NodeConfig,
-        service_namespace: &str,
-        service: &str,
-        port: u16,
-        caller_namespace: &str,
-    ) -> Self {
+    pub fn build(config: &Snapshot, service_namespace: &str, service: &str, port: u16, caller_namespace: &str) -> Self {
         let attached = |r: &&Route| {
             r.parents
                 .iter()
@@ -220,7 +214,7 @@ impl RouteTable {
 type TableKey = (String, String, u16, String);
 
 /// The tables of one config.
-type Tables = (Option<Arc<NodeConfig>>, HashMap<TableKey, Arc<RouteTable>>);
+type Tables = (Option<Arc<Snapshot>>, HashMap<TableKey, Arc<RouteTable>>);
 
 /// Route tables by (Service namespace, Service, port, caller namespace), built on first use after each config.
 #[derive(Default)]
@@ -231,7 +225,7 @@ pub struct RouteTables {
 impl RouteTables {
     pub fn get(
         &self,
-        config: &Arc<NodeConfig>,
+        config: &Arc<Snapshot>,
         service_namespace: &str,
         service: &str,
         port: u16,
@@ -254,8 +248,8 @@ impl RouteTables {
 mod tests {
     use super::*;
 
-    fn config(yaml: &str) -> NodeConfig {
-        NodeConfig::from_yaml(yaml).unwrap()
+    fn config(yaml: &str) -> Snapshot {
+        Snapshot::new(mesh_common::config::NodeConfig::from_yaml(yaml).unwrap())
     }
 
     const ROUTES: &str = r#"

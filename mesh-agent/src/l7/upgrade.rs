@@ -108,7 +108,7 @@ pub async fn outbound(call: &Call, req: Request<Body>) -> Response<Body> {
             "no healthy endpoint",
         );
     };
-    let route = upstream::route_to(&call.state, &call.pod, target);
+    let route = upstream::route_to(&config, call.state.secrets().is_some(), &call.pod, target);
     let meshed = matches!(route, upstream::Route::Mesh { .. });
     let mut response = match upstream::connect(&call.state, &call.pod, &route, target, None).await {
         Ok((io, guard)) => relay(req, io, guard).await,

@@ -16,6 +16,7 @@ use super::detect::Protocol;
 use crate::hbone::client::Source;
 use crate::identity::Identity;
 use crate::inpod::PodContext;
+use crate::snapshot::Snapshot;
 use crate::state::AgentState;
 
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
@@ -37,10 +38,10 @@ pub enum Route {
     Plain,
 }
 
-pub fn route_to(state: &AgentState, pod: &PodContext, target: SocketAddr) -> Route {
-    let config = state.config();
-    match (config.workload_by_ip(target.ip()), pod.identity(&config), state.secrets()) {
-        (Some(w), Some(src), Some(_)) => {
+/// Decided on the request's config snapshot, with `mtls` when the agent has a CA to tunnel with.
+pub fn route_to(config: &Snapshot, mtls: bool, pod: &PodContext, target: SocketAddr) -> Route {
+    match (config.workload_by_ip(target.ip()), pod.identity(config), mtls) {
+        (Some(w), Some(src), true) => {
             Route::Mesh { src, dst: Identity::new(&config.trust_domain, &w.namespace, &w.service_account) }
         }
         _ => Route::Plain,
@@ -86,12 +87,11 @@ pub async fn send(
     state: &AgentState,
     pool: &HttpPool<UpstreamKey>,
     pod: &Arc<PodContext>,
-    target: SocketAddr,
+    (target, route): (SocketAddr, Route),
     app: Protocol,
     connection_guard: impl FnOnce() -> Option<Guard>,
     req: Request<Body>,
 ) -> Result<Response<Body>, UpstreamError> {
-    let route = route_to(state, pod, target);
     let mesh = matches!(route, Route::Mesh { .. });
     let wire = if mesh { Protocol::Http2 } else { app };
     let key = UpstreamKey { netns_cookie: pod.netns.cookie(), target, mesh, protocol: app };

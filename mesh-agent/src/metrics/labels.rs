@@ -5,10 +5,11 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use mesh_common::config::{NodeConfig, Service, Workload};
+use mesh_common::config::{Service, Workload};
 use serde::Serialize;
 
 use crate::inpod::PodContext;
+use crate::snapshot::Snapshot;
 
 /// Istio's value for a label the reporter cannot know.
 pub const UNKNOWN: &str = "unknown";
@@ -90,7 +91,7 @@ impl Peer {
     }
 
     /// A local pod: from config when it lists the pod, else from what enrollment knows (namespace and name).
-    pub fn local(config: &NodeConfig, pod: &PodContext) -> Peer {
+    pub fn local(config: &Snapshot, pod: &PodContext) -> Peer {
         match config.workload(&pod.net.namespace, &pod.net.name) {
             Some(w) => Peer::of(w, &config.trust_domain),
             None => Peer {
@@ -104,7 +105,7 @@ impl Peer {
     }
 
     /// A remote end known by address (and, for mTLS, by its verified SPIFFE ID, which wins over config).
-    pub fn remote(config: &NodeConfig, ip: IpAddr, principal: Option<&str>) -> Peer {
+    pub fn remote(config: &Snapshot, ip: IpAddr, principal: Option<&str>) -> Peer {
         let mut peer =
             config.workload_by_ip(ip).map(|w| Peer::of(w, &config.trust_domain)).unwrap_or_else(Peer::unknown);
         match principal {
@@ -148,7 +149,7 @@ impl DestinationService {
 
     /// The Service a connection to a local pod's `port` arrived for, as the destination side sees it: one
     /// whose endpoints include the pod and whose ports lead to `port`.
-    pub fn serving(config: &NodeConfig, pod_ips: &[IpAddr], port: u16) -> Self {
+    pub fn serving(config: &Snapshot, pod_ips: &[IpAddr], port: u16) -> Self {
         let serves = |s: &&Service| {
             s.endpoints.iter().any(|e| pod_ips.contains(&e.ip)) && s.ports.iter().any(|p| p.endpoint_port() == port)
         };
@@ -156,7 +157,7 @@ impl DestinationService {
     }
 
     /// Which Service a destination address belongs to, as the caller's side sees it.
-    pub fn for_address(config: &NodeConfig, ip: IpAddr, port: u16) -> Self {
+    pub fn for_address(config: &Snapshot, ip: IpAddr, port: u16) -> Self {
         match config.service_by_address(ip, port) {
             Some((s, _)) => Self::of(&s.namespace, &s.name),
             None => Self::serving(config, &[ip.to_canonical()], port),
@@ -178,7 +179,7 @@ pub struct Flow {
 impl Flow {
     /// What a local pod opens to `target` (`principal`: the verified peer of an mTLS connection).
     pub fn outbound(
-        config: &NodeConfig,
+        config: &Snapshot,
         pod: &PodContext,
         target: IpAddr,
         principal: Option<&str>,
@@ -197,7 +198,7 @@ impl Flow {
 
     /// What arrives for a local pod's `port` from `peer` (`principal`: its verified SPIFFE ID under mTLS).
     pub fn inbound(
-        config: &NodeConfig,
+        config: &Snapshot,
         pod: &PodContext,
         peer: IpAddr,
         principal: Option<&str>,

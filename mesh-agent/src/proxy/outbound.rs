@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use mesh_common::bpf::HBONE_PORT;
-use mesh_common::config::{NodeConfig, OutboundTrafficPolicy};
+use mesh_common::config::OutboundTrafficPolicy;
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
@@ -17,6 +17,7 @@ use crate::identity::Identity;
 use crate::inpod::PodContext;
 use crate::l7::detect::Rewind;
 use crate::metrics::{DestinationService, Direction, Flow, Security};
+use crate::snapshot::Snapshot;
 use crate::state::AgentState;
 
 #[derive(Debug, PartialEq)]
@@ -30,7 +31,7 @@ enum Route {
     Refuse(&'static str),
 }
 
-fn route(config: &NodeConfig, state: &AgentState, pod: &PodContext, target: SocketAddr) -> Route {
+fn route(config: &Snapshot, state: &AgentState, pod: &PodContext, target: SocketAddr) -> Route {
     let Some(dst) = config.workload_by_ip(target.ip()) else {
         return match config.outbound_traffic_policy {
             OutboundTrafficPolicy::RegistryOnly if !config.knows_destination(target.ip()) => {

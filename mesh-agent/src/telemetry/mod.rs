@@ -9,10 +9,10 @@ pub mod request;
 
 use std::collections::BTreeMap;
 
-use mesh_common::config::NodeConfig;
 use mesh_common::telemetry::Effective;
 
 use crate::inpod::PodContext;
+use crate::snapshot::Snapshot;
 
 /// The agent's telemetry state: span exporters by collector.
 #[derive(Clone, Default)]
@@ -21,7 +21,7 @@ pub struct Telemetry {
 }
 
 /// Access logging and tracing in force for a local pod.
-pub fn settings(config: &NodeConfig, pod: &PodContext) -> Effective {
+pub fn settings(config: &Snapshot, pod: &PodContext) -> Effective {
     if config.telemetry.is_empty() {
         return Effective::default();
     }

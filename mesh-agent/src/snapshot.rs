@@ -1,0 +1,146 @@
+//! The config as the data path reads it: compiled once, when it arrives, into an immutable snapshot that is
+//! swapped whole. Every connection and request asks "whose address is this?" — which workload owns a peer IP,
+//! which Service a client dialled — and the config answers from lists: a linear scan per lookup, several per
+//! request, growing with the cluster. The snapshot answers from indexes built with it; everything else in the
+//! config reads through `Deref` unchanged.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::ops::Deref;
+
+use mesh_common::config::{NodeConfig, Service, ServicePort, Workload};
+
+/// A config with its lookups indexed. Each index keeps the first entry in config order, as the list scans did.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    config: NodeConfig,
+    workload_by_ip: HashMap<IpAddr, usize>,
+    workload_by_name: HashMap<(String, String), usize>,
+    /// (cluster IP, port) → (Service, port) indexes.
+    service_by_address: HashMap<(IpAddr, u16), (usize, usize)>,
+    service_by_name: HashMap<(String, String), usize>,
+    /// Every Service address and endpoint address: destinations the mesh knows besides workloads.
+    service_ips: HashSet<IpAddr>,
+}
+
+impl Snapshot {
+    pub fn new(config: NodeConfig) -> Self {
+        let mut s = Snapshot { config, ..Default::default() };
+        for (i, w) in s.config.workloads.iter().enumerate() {
+            for ip in &w.ips {
+                s.workload_by_ip.entry(*ip).or_insert(i);
+            }
+            s.workload_by_name.entry((w.namespace.clone(), w.name.clone())).or_insert(i);
+        }
+        for (i, svc) in s.config.services.iter().enumerate() {
+            for ip in &svc.ips {
+                for (j, port) in svc.ports.iter().enumerate() {
+                    s.service_by_address.entry((*ip, port.port)).or_insert((i, j));
+                }
+            }
+            s.service_by_name.entry((svc.namespace.clone(), svc.name.clone())).or_insert(i);
+            s.service_ips.extend(svc.ips.iter().copied().chain(svc.endpoints.iter().map(|e| e.ip)));
+        }
+        s
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    /// The workload that owns `ip`, if the mesh knows one.
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
+        self.workload_by_ip.get(&ip.to_canonical()).map(|&i| &self.config.workloads[i])
+    }
+
+    pub fn workload(&self, namespace: &str, name: &str) -> Option<&Workload> {
+        let key = (namespace.to_string(), name.to_string());
+        self.workload_by_name.get(&key).map(|&i| &self.config.workloads[i])
+    }
+
+    /// The Service whose cluster IP and port a client dialled.
+    pub fn service_by_address(&self, ip: IpAddr, port: u16) -> Option<(&Service, &ServicePort)> {
+        let &(i, j) = self.service_by_address.get(&(ip.to_canonical(), port))?;
+        let service = &self.config.services[i];
+        Some((service, &service.ports[j]))
+    }
+
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&Service> {
+        let key = (namespace.to_string(), name.to_string());
+        self.service_by_name.get(&key).map(|&i| &self.config.services[i])
+    }
+
+    /// Whether `ip` belongs to a workload or a Service (address or endpoint) the config knows.
+    pub fn knows_destination(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.workload_by_ip.contains_key(&ip) || self.service_ips.contains(&ip)
+    }
+}
+
+impl Deref for Snapshot {
+    type Target = NodeConfig;
+
+    fn deref(&self) -> &NodeConfig {
+        &self.config
+    }
+}
+
+impl From<NodeConfig> for Snapshot {
+    fn from(config: NodeConfig) -> Self {
+        Snapshot::new(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Overlapping entries on purpose: an address two workloads claim, a Service port listed twice, a cluster IP
+    /// two Services share — the first in config order must win, as with the scans. (Names are unique: the
+    /// config refuses duplicates.)
+    const CONFIG: &str = r#"
+workloads:
+  - {namespace: shop, name: cart-1, serviceAccount: cart, ips: [10.0.0.1, "fd00::1"]}
+  - {namespace: shop, name: cart-2, serviceAccount: cart, ips: [10.0.0.2, 10.0.0.1]}
+  - {namespace: shop, name: cart-9, serviceAccount: other, ips: [10.0.0.9]}
+services:
+  - namespace: shop
+    name: cart
+    ips: [10.96.0.1]
+    ports: [{port: 80, targetPort: 8080}, {port: 80, targetPort: 9090}, {port: 443}]
+    endpoints: [{ip: 10.0.0.7}]
+  - namespace: shop
+    name: cart-shadow
+    ips: [10.96.0.1]
+    ports: [{port: 80}, {port: 81}]
+"#;
+
+    /// The answers the config's own list scans give, for every address and port the test asks about.
+    fn scans_agree(s: &Snapshot, ip: IpAddr, port: u16) {
+        let c = s.config();
+        assert_eq!(s.workload_by_ip(ip).map(|w| &w.name), c.workload_by_ip(ip).map(|w| &w.name), "{ip}");
+        let by_index = s.service_by_address(ip, port).map(|(svc, p)| (&svc.name, p.target_port));
+        let by_scan = c.service_by_address(ip, port).map(|(svc, p)| (&svc.name, p.target_port));
+        assert_eq!(by_index, by_scan, "{ip}:{port}");
+        assert_eq!(s.knows_destination(ip), c.knows_destination(ip), "{ip}");
+    }
+
+    #[test]
+    fn indexed_lookups_answer_as_the_scans_do() {
+        let snapshot = Snapshot::new(NodeConfig::from_yaml(CONFIG).unwrap());
+        let ips =
+            ["10.0.0.1", "10.0.0.2", "10.0.0.7", "10.0.0.9", "10.96.0.1", "fd00::1", "::ffff:10.0.0.1", "1.2.3.4"];
+        for ip in ips {
+            for port in [80, 81, 443, 8080] {
+                scans_agree(&snapshot, ip.parse().unwrap(), port);
+            }
+        }
+        assert_eq!(snapshot.workload("shop", "cart-1").unwrap().service_account, "cart");
+        assert!(snapshot.workload("shop", "cart-3").is_none());
+        assert_eq!(snapshot.service("shop", "cart-shadow").unwrap().ports.len(), 2);
+        // v4-mapped callers find the IPv4 workload, as the scan does.
+        assert_eq!(snapshot.workload_by_ip("::ffff:10.0.0.1".parse().unwrap()).unwrap().name, "cart-1");
+        // The rest of the config reads through.
+        assert_eq!(snapshot.trust_domain, "cluster.local");
+    }
+}
