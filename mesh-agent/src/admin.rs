@@ -65,7 +65,7 @@ fn json(value: &impl Serialize) -> Reply {
 struct ConfigDump<'a> {
     node: &'a str,
     config: &'a mesh_common::config::NodeConfig,
-    workloads: Vec<crate::state::WorkloadView>,
+    workloads: Vec<crate::pod::WorkloadView>,
 }
 
 #[derive(Serialize)]

@@ -21,6 +21,7 @@ pub mod logging;
 pub mod metrics;
 pub mod netns;
 pub mod node;
+pub mod pod;
 pub mod policy;
 pub mod proxy;
 pub mod snapshot;

@@ -426,9 +426,9 @@ fn remove_from_node(args: &RunArgs) {
 async fn take_over(
     state_dir: &Path,
     state: &AgentState,
-) -> anyhow::Result<(handover::Inherited, Option<handover::Adoption>)> {
+) -> anyhow::Result<(handover::inherited::Inherited, Option<handover::Adoption>)> {
     let Some(predecessor) = handover::Predecessor::find(state_dir).context("contacting the running agent")? else {
-        return Ok((handover::Inherited::default(), None));
+        return Ok((handover::inherited::Inherited::default(), None));
     };
     tracing::info!("an agent is running on this node; taking over its sockets once the config is here");
     while !state.has_config() {

@@ -4,8 +4,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use mesh_common::policy::{self as model, Connection, Decision, MtlsMode};
 
-use crate::inpod::PodContext;
 use crate::metrics::Direction;
+use crate::pod::PodContext;
 use crate::snapshot::Snapshot;
 use crate::state::AgentState;
 

@@ -6,13 +6,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use mesh_common::config::NodeConfig;
-use serde::Serialize;
 
 use crate::capture::Capture;
 use crate::hbone::client::Pool;
 use crate::identity::{Identity, SecretManager};
-use crate::inpod::PodEntry;
 use crate::metrics::Metrics;
+use crate::pod::{PodEntry, WorkloadView};
 use crate::snapshot::Snapshot;
 use crate::tunnels::Tunnels;
 
@@ -65,24 +64,6 @@ impl Drop for ActiveConnection {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
-}
-
-/// What `/workloads` reports for each enrolled pod.
-#[derive(Serialize, Clone, Debug)]
-#[serde(rename_all = "camelCase")]
-pub struct WorkloadView {
-    pub namespace: String,
-    pub name: String,
-    pub uid: Option<String>,
-    pub container_id: String,
-    pub netns: String,
-    pub netns_cookie: u64,
-    pub ips: Vec<std::net::IpAddr>,
-    pub service_account: Option<String>,
-    /// SPIFFE ID, once config names the pod's service account.
-    pub identity: Option<String>,
-    /// Unix seconds.
-    pub enrolled_at: u64,
 }
 
 impl AgentState {

@@ -10,10 +10,10 @@
 //! If the successor fails before that, the predecessor carries on as before.
 
 pub mod fds;
+pub mod inherited;
 
-use std::collections::HashMap;
 use std::io;
-use std::net::{SocketAddr, TcpListener};
+use std::net::TcpListener;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
@@ -24,6 +24,7 @@ use tokio::task::AbortHandle;
 
 use crate::state::AgentState;
 use fds::{Channel, Listener};
+use inherited::Inherited;
 
 /// The socket file under the state dir.
 pub const SOCKET: &str = "handover.sock";
@@ -77,45 +78,12 @@ fn recv(channel: &Channel) -> Result<(Message, Vec<OwnedFd>), HandoverError> {
     Ok((message, fds))
 }
 
-/// The listeners a successor received, taken out one by one as it sets itself up.
-#[derive(Default)]
-pub struct Inherited {
-    pods: HashMap<String, Vec<TcpListener>>,
-    admin: Option<TcpListener>,
-    metrics: Option<TcpListener>,
-    cni: Option<UnixListener>,
-}
-
-impl Inherited {
-    /// The listeners of one pod (empty when it had none handed over).
-    pub fn pod(&mut self, container_id: &str) -> Vec<TcpListener> {
-        self.pods.remove(container_id).unwrap_or_default()
-    }
-
-    /// The admin listener, if it listens on `addr` (a changed `--admin` binds anew).
-    pub fn admin(&mut self, addr: SocketAddr) -> Option<TcpListener> {
-        self.admin.take().filter(|l| l.local_addr().is_ok_and(|a| a == addr))
-    }
-
-    pub fn metrics(&mut self, addr: SocketAddr) -> Option<TcpListener> {
-        self.metrics.take().filter(|l| l.local_addr().is_ok_and(|a| a == addr))
-    }
-
-    pub fn cni(&mut self) -> Option<UnixListener> {
-        self.cni.take()
-    }
-
-    fn add(&mut self, owner: Owner, fd: OwnedFd) {
-        match owner {
-            Owner::Pod { container_id } => self.pods.entry(container_id).or_default().push(TcpListener::from(fd)),
-            Owner::Admin => self.admin = Some(TcpListener::from(fd)),
-            Owner::Metrics => self.metrics = Some(TcpListener::from(fd)),
-            Owner::Cni => self.cni = Some(UnixListener::from(fd)),
-        }
-    }
-
-    pub fn pod_count(&self) -> usize {
-        self.pods.len()
+fn add(inherited: &mut Inherited, owner: Owner, fd: OwnedFd) {
+    match owner {
+        Owner::Pod { container_id } => inherited.pods.entry(container_id).or_default().push(TcpListener::from(fd)),
+        Owner::Admin => inherited.admin = Some(TcpListener::from(fd)),
+        Owner::Metrics => inherited.metrics = Some(TcpListener::from(fd)),
+        Owner::Cni => inherited.cni = Some(UnixListener::from(fd)),
     }
 }
 
@@ -158,7 +126,7 @@ impl Predecessor {
                     )));
                 }
                 for (owner, fd) in entries.into_iter().zip(fds) {
-                    inherited.add(owner, fd);
+                    add(&mut inherited, owner, fd);
                 }
                 if last {
                     return Ok((inherited, Adoption { channel }));

@@ -10,108 +10,18 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use mesh_common::bpf::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use mesh_common::cni::{AgentError, PodNetwork};
-use mesh_common::config::Workload;
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
-use tokio::task::AbortHandle;
 
-use crate::identity::Identity;
 use crate::metrics::Direction;
 use crate::netns::NetNs;
+use crate::pod::{PodContext, PodEntry};
 use crate::proxy;
-use crate::snapshot::Snapshot;
-use crate::state::{AgentState, WorkloadView};
+use crate::state::AgentState;
 
 /// Accept backlog of the in-pod listeners: a pod may open many connections at once.
 const LISTEN_BACKLOG: i32 = 4096;
-
-/// One enrolled pod as the proxy sees it.
-#[derive(Debug)]
-pub struct PodContext {
-    pub net: PodNetwork,
-    pub netns: NetNs,
-    pub enrolled_at: u64,
-    /// The pod's open outbound connections, against `Limits::max_connections_per_pod`.
-    pub outbound_connections: crate::limits::ConnectionCount,
-}
-
-impl PodContext {
-    /// `namespace/name`
-    pub fn name(&self) -> String {
-        self.net.qualified_name()
-    }
-
-    /// The pod's entry in the config, once the control plane confirms the pod the CNI plugin described: the
-    /// same namespace and name, the same UID when both know one, and an address in common (the agent checked at
-    /// enrollment that the claimed addresses really are the netns's). A CNI request is only a claim: before,
-    /// any network namespace announced as `default/client` was given client's identity.
-    pub fn workload<'c>(&self, config: &'c Snapshot) -> Option<&'c Workload> {
-        let w = config.workload(&self.net.namespace, &self.net.name)?;
-        let uid_agrees = match (&w.uid, &self.net.uid) {
-            (Some(known), Some(claimed)) => known == claimed,
-            _ => true,
-        };
-        let address_agrees = w.ips.iter().any(|ip| self.net.ips.iter().any(|own| own.to_canonical() == *ip));
-        (uid_agrees && address_agrees).then_some(w)
-    }
-
-    pub fn service_account(&self, config: &Snapshot) -> Option<String> {
-        self.workload(config).map(|w| w.service_account.clone())
-    }
-
-    /// The pod's SPIFFE identity, once config confirms the pod (see [`PodContext::workload`]).
-    pub fn identity(&self, config: &Snapshot) -> Option<Identity> {
-        self.workload(config).map(|w| Identity::new(&config.trust_domain, &w.namespace, &w.service_account))
-    }
-
-    pub fn identity_string(&self, config: &Snapshot) -> Option<String> {
-        self.identity(config).map(|id| id.to_string())
-    }
-
-    /// The pod's own address behind `peer`, a connection the pod opened to one of the agent's capture
-    /// listeners: that peer is the pod's loopback (the connect hook's redirect), so the pod's IP in the
-    /// family it dialled stands in for it, with the same port.
-    pub fn caller(&self, peer: SocketAddr) -> SocketAddr {
-        let ips = &self.net.ips;
-        let ip = ips
-            .iter()
-            .find(|ip| ip.is_ipv4() == peer.ip().to_canonical().is_ipv4())
-            .or(ips.first())
-            .copied()
-            .unwrap_or(peer.ip());
-        SocketAddr::new(ip, peer.port())
-    }
-}
-
-pub struct PodEntry {
-    pub pod: Arc<PodContext>,
-    tasks: Vec<AbortHandle>,
-    /// The pod's listening sockets (copies of what the accept loops own), for a successor to take over.
-    listeners: Vec<std::net::TcpListener>,
-}
-
-impl PodEntry {
-    pub fn listeners(&self) -> &[std::net::TcpListener] {
-        &self.listeners
-    }
-
-    pub fn view(&self, config: &Snapshot) -> WorkloadView {
-        let p = &self.pod;
-        WorkloadView {
-            namespace: p.net.namespace.clone(),
-            name: p.net.name.clone(),
-            uid: p.net.uid.clone(),
-            container_id: p.net.container_id.clone(),
-            netns: p.net.netns.clone(),
-            netns_cookie: p.netns.cookie(),
-            ips: p.net.ips.clone(),
-            service_account: p.service_account(config),
-            identity: p.identity_string(config),
-            enrolled_at: p.enrolled_at,
-        }
-    }
-}
 
 /// What the state file keeps per pod.
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -276,7 +186,7 @@ pub fn is_enrolled(state: &AgentState, container_id: &str) -> bool {
 
 /// At start-up: takes over the pods an earlier agent enrolled (on the listeners it handed over, if it is still
 /// running), and forgets those that are gone.
-pub async fn readopt(state: &AgentState, inherited: &mut crate::handover::Inherited) {
+pub async fn readopt(state: &AgentState, inherited: &mut crate::handover::inherited::Inherited) {
     let _serial = state.enrollment_lock().await;
     let saved = load_saved(state.state_file());
     for s in saved.iter().filter(|s| !s.captured) {

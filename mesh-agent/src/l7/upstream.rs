@@ -15,7 +15,7 @@ use super::client::{Guard, HttpPool, Io, UpstreamError, io_error};
 use super::detect::Protocol;
 use crate::hbone::client::Source;
 use crate::identity::Identity;
-use crate::inpod::PodContext;
+use crate::pod::PodContext;
 use crate::snapshot::Snapshot;
 use crate::state::AgentState;
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use mesh_common::config::{Service, Workload};
 use serde::Serialize;
 
-use crate::inpod::PodContext;
+use crate::pod::PodContext;
 use crate::snapshot::Snapshot;
 
 /// Istio's value for a label the reporter cannot know.

@@ -115,19 +115,19 @@ impl Metrics {
         }
     }
 
-    pub fn denied(&self, pod: &crate::inpod::PodContext, direction: Direction, reason: &str) {
+    pub fn denied(&self, pod: &crate::pod::PodContext, direction: Direction, reason: &str) {
         self.connections_denied
             .with_label_values(&[&pod.net.namespace, &pod.net.name, direction.as_str(), reason])
             .inc();
     }
 
-    pub fn failed(&self, pod: &crate::inpod::PodContext, direction: Direction, reason: &str) {
+    pub fn failed(&self, pod: &crate::pod::PodContext, direction: Direction, reason: &str) {
         self.connection_failures
             .with_label_values(&[&pod.net.namespace, &pod.net.name, direction.as_str(), reason])
             .inc();
     }
 
-    pub fn cut(&self, pod: &crate::inpod::PodContext, direction: Direction, reason: &str) {
+    pub fn cut(&self, pod: &crate::pod::PodContext, direction: Direction, reason: &str) {
         self.connections_cut.with_label_values(&[&pod.net.namespace, &pod.net.name, direction.as_str(), reason]).inc();
     }
 

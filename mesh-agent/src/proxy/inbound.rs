@@ -9,9 +9,9 @@ use mesh_common::bpf::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use tokio::net::TcpStream;
 
 use super::{forward, reset};
-use crate::inpod::PodContext;
 use crate::l7::{self, detect::Rewind, inbound::Session};
 use crate::metrics::{Flow, Security};
+use crate::pod::PodContext;
 use crate::policy;
 use crate::state::AgentState;
 

@@ -20,8 +20,8 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::Instrument;
 
 use crate::abort::Abort;
-use crate::inpod::PodContext;
 use crate::metrics::{Direction, Flow};
+use crate::pod::PodContext;
 use crate::state::AgentState;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

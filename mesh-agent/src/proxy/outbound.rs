@@ -14,9 +14,9 @@ use tracing::Instrument;
 use super::{forward, reset};
 use crate::hbone::client::Source;
 use crate::identity::Identity;
-use crate::inpod::PodContext;
 use crate::l7::detect::Rewind;
 use crate::metrics::{DestinationService, Direction, Flow, Security};
+use crate::pod::PodContext;
 use crate::snapshot::Snapshot;
 use crate::state::AgentState;
 

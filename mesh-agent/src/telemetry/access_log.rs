@@ -8,9 +8,9 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::inpod::PodContext;
 use crate::metrics::labels::{Flow, Peer};
 use crate::metrics::traffic::ConnectionInfo;
+use crate::pod::PodContext;
 use crate::state::AgentState;
 
 fn now() -> String {

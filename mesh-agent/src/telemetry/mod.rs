@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use mesh_common::telemetry::Effective;
 
-use crate::inpod::PodContext;
+use crate::pod::PodContext;
 use crate::snapshot::Snapshot;
 
 /// The agent's telemetry state: span exporters by collector.

@@ -17,11 +17,11 @@ use opentelemetry_proto::tonic::trace::v1::{Span as OtlpSpan, Status, span::Span
 
 use super::context::{self, Span};
 use super::otlp::{Finished, int_attribute, string_attribute};
-use crate::inpod::PodContext;
 use crate::l7::body::{self, Body, BoxError};
 use crate::l7::local_reply::FLAGS_HEADER;
 use crate::metrics::labels::{Flow, Reporter};
 use crate::metrics::traffic::RequestKey;
+use crate::pod::PodContext;
 use crate::state::AgentState;
 
 /// Where the calling agent sent a request, left in the response's extensions for telemetry.
