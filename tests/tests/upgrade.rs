@@ -142,3 +142,26 @@ fn a_successor_that_dies_during_the_handover_leaves_the_running_agent_serving() 
     let ok = app::get(&c, Path::new(HTTP), &client, &[WEB, "-n", "5"]);
     assert_eq!(ok["statuses"]["200"], 5, "{ok}");
 }
+
+fn mutual_tls_opened(c: &Cluster, node: usize) -> f64 {
+    let labels = [("reporter", "source"), ("connection_security_policy", "mutual_tls")];
+    c.metric(node, "nodemesh_tcp_connections_opened_total", &labels).unwrap()
+}
+
+/// An agent started beside one that offers no handover (its socket gone: an older version, or a broken one)
+/// finds the pods' listeners taken and exits with an error, touching nothing: it used to release the pods'
+/// capture as "cannot re-adopt", and their traffic bypassed the mesh.
+#[test]
+fn an_agent_that_cannot_take_over_leaves_the_running_agents_pods_captured() {
+    let mut c = cluster!(2);
+    let (client, raw) = meshed(&mut c);
+    std::fs::remove_file(c.nodes[0].state_dir.join("handover.sock")).unwrap();
+    let (status, log) = c.run_rival_agent(0).unwrap();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("another agent holds the pod's listeners"), "{log}");
+    // The client pod is still captured and served by the running agent, in mTLS.
+    let before = mutual_tls_opened(&c, 0);
+    let report = c.testbin(&client, &["streams", &raw, "2", "1"]).unwrap();
+    assert_eq!(report["ok"], 2, "{report}");
+    assert!(mutual_tls_opened(&c, 0) >= before + 2.0, "the streams went through the running agent in mTLS");
+}

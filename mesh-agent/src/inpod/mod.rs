@@ -39,6 +39,10 @@ fn yes() -> bool {
     true
 }
 
+/// The pod's capture listeners are held by another process: another agent on this node, which did not hand
+/// them over (`crate::handover`).
+pub const LISTENERS_IN_USE: u32 = 104;
+
 fn err(code: u32, msg: impl Into<String>, details: impl ToString) -> AgentError {
     AgentError { code, msg: msg.into(), details: details.to_string() }
 }
@@ -79,7 +83,10 @@ async fn enroll_locked(
     let prepared = tokio::task::spawn_blocking(move || prepare(net, hbone, inherited))
         .await
         .map_err(|e| err(101, "enrollment task failed", e))?
-        .map_err(|e| err(102, "cannot set up capture inside the pod", e))?;
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AddrInUse => err(LISTENERS_IN_USE, "another agent holds the pod's listeners", e),
+            _ => err(102, "cannot set up capture inside the pod", e),
+        })?;
     let activated = activate(state, prepared).map_err(|e| err(103, "cannot activate capture", e))?;
     tracing::info!(pod = %pod_name, netns_cookie = activated.netns.cookie(), "pod enrolled");
     state.sync_identities();
@@ -185,8 +192,13 @@ pub fn is_enrolled(state: &AgentState, container_id: &str) -> bool {
 }
 
 /// At start-up: takes over the pods an earlier agent enrolled (on the listeners it handed over, if it is still
-/// running), and forgets those that are gone.
-pub async fn readopt(state: &AgentState, inherited: &mut crate::handover::inherited::Inherited) {
+/// running), and forgets those that are gone. An error when another agent still serves them without handing
+/// them over: releasing its pods' capture then (as for a pod that cannot be re-adopted) would let their
+/// traffic bypass the mesh, so nothing is touched and the caller must not start.
+pub async fn readopt(
+    state: &AgentState,
+    inherited: &mut crate::handover::inherited::Inherited,
+) -> Result<(), AgentError> {
     let _serial = state.enrollment_lock().await;
     let saved = load_saved(state.state_file());
     for s in saved.iter().filter(|s| !s.captured) {
@@ -205,6 +217,7 @@ pub async fn readopt(state: &AgentState, inherited: &mut crate::handover::inheri
                 tracing::info!(%pod, "previously enrolled pod is gone or left the mesh; releasing its capture");
                 state.capture().unenroll(s.netns_cookie, &s.net.ips);
             }
+            Err(e) if e.code == LISTENERS_IN_USE => return Err(e),
             Err(e) => {
                 tracing::error!(%pod, error = %e.msg, details = %e.details, "cannot re-adopt pod; releasing it");
                 state.capture().unenroll(s.netns_cookie, &s.net.ips);
@@ -220,6 +233,7 @@ pub async fn readopt(state: &AgentState, inherited: &mut crate::handover::inheri
         state.capture().unenroll(cookie, &[]);
     }
     persist(state);
+    Ok(())
 }
 
 struct Prepared {

@@ -277,10 +277,15 @@ impl Cluster {
     }
 
     pub fn agent_command(&self, node: usize) -> Command {
+        self.agent_command_on(node, ADMIN, METRICS)
+    }
+
+    /// The node's agent command with its admin and metrics API on other addresses.
+    pub fn agent_command_on(&self, node: usize, admin: &str, metrics: &str) -> Command {
         let n = &self.nodes[node];
         let mut cmd = Command::new(self.bin_dir.join("mesh-agent"));
         cmd.arg("run")
-            .args(["--node", &n.name, "--admin", ADMIN, "--metrics", METRICS])
+            .args(["--node", &n.name, "--admin", admin, "--metrics", metrics])
             .arg("--cgroup-root")
             .arg(&n.cgroup)
             .arg("--bpffs")

@@ -89,6 +89,29 @@ impl Cluster {
         Ok(start.elapsed())
     }
 
+    /// Runs a second agent for `node` beside the running one, on other host ports and without a handover, until
+    /// it exits (at most 30 s): its exit status and log.
+    pub fn run_rival_agent(&mut self, node: usize) -> Result<(std::process::ExitStatus, String)> {
+        let args = self.nodes[node].agent_args.clone();
+        let mut cmd = self.agent_command_on(node, "127.0.0.1:15100", "127.0.0.1:15120");
+        cmd.args(&args);
+        let (netns, cgroup) = (self.nodes[node].netns.clone(), self.nodes[node].cgroup.join("agent"));
+        let label = format!("rival-agent-n{}-{}", node + 1, self.processes.len());
+        let idx = self.spawn(&label, &Placement { netns: &netns, cgroup: &cgroup }, &mut cmd)?;
+        let p = self.processes[idx].as_mut().context("rival gone")?;
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = p.child.try_wait()? {
+                break status;
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!("the rival agent still runs after 30 s:\n{}", tail(&p.log, 30));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        Ok((status, std::fs::read_to_string(&p.log)?))
+    }
+
     fn old_log(&self, idx: usize) -> String {
         self.processes[idx].as_ref().map(|p| tail(&p.log, 30)).unwrap_or_default()
     }
