@@ -7,8 +7,8 @@ use std::sync::OnceLock;
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use mesh_agent::hbone::server::connect_target;
 use mesh_agent::l7::detect::Protocol;
+use mesh_agent::proxy::hbone_inbound::connect_target;
 use tokio::io::AsyncWriteExt;
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";

@@ -12,7 +12,8 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::TcpListener;
 
-use crate::metrics::{Naming, node};
+use crate::metrics::Naming;
+use crate::scrape;
 use crate::state::AgentState;
 
 type Reply = Response<Full<Bytes>>;
@@ -241,11 +242,11 @@ pub fn metrics_routes(state: AgentState) -> Routes {
     Arc::new(move |req| {
         let metrics = state.metrics();
         match req.uri().path() {
-            "/metrics" => reply(StatusCode::OK, EXPOSITION, metrics.encode(Naming::Native, node::families(&state))),
+            "/metrics" => reply(StatusCode::OK, EXPOSITION, metrics.encode(Naming::Native, scrape::families(&state))),
             // For the kubelet's probe: the admin API listens on the node's loopback only.
             "/healthz/ready" => readiness(&state),
             "/stats/prometheus" if metrics.istio_names => {
-                reply(StatusCode::OK, EXPOSITION, metrics.encode(Naming::Istio, node::families(&state)))
+                reply(StatusCode::OK, EXPOSITION, metrics.encode(Naming::Istio, scrape::families(&state)))
             }
             "/stats/prometheus" => reply(
                 StatusCode::NOT_FOUND,

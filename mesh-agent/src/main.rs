@@ -311,7 +311,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         TcpListener::from_std(metrics.try_clone()?)?,
         admin::metrics_routes(state.clone()),
     ));
-    tokio::spawn(mesh_agent::metrics::node::prune_departed(state.clone(), args.metrics_grace));
+    tokio::spawn(mesh_agent::scrape::prune_departed(state.clone(), args.metrics_grace));
     tokio::spawn(state.pool().clone().close_idle_connections());
 
     inpod::readopt(&state, &mut inherited).await.map_err(|e| {
@@ -333,8 +333,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let cni_task =
         tokio::spawn(cni_server::serve(tokio::net::UnixListener::from_std(cni.try_clone()?)?, state.clone()));
     state.set_capture_ready();
-    // A config that arrived during re-adoption was not reconciled yet.
-    tokio::spawn(inpod::reconcile(state.clone()));
+    // Every config applied so far (some arrived during re-adoption) and each later one, as it comes.
+    tokio::spawn(inpod::reconcile_on_config_change(state.clone()));
     if let Some(adoption) = adoption {
         wait_until_ready(&state, std::time::Duration::from_secs(30)).await;
         adoption.complete().context("telling the previous agent it can go")?;

@@ -4,10 +4,9 @@ use std::net::{IpAddr, SocketAddr};
 
 use mesh_common::policy::{self as model, Connection, Decision, MtlsMode};
 
-use crate::metrics::Direction;
+use crate::metrics::{Direction, Metrics};
 use crate::pod::PodContext;
 use crate::snapshot::Snapshot;
-use crate::state::AgentState;
 
 /// Why a connection was refused, for logs, metrics and the HBONE status code.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,13 +16,20 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    /// Logs the refusal with both identities and counts it.
-    pub fn record(&self, state: &AgentState, pod: &PodContext, principal: Option<&str>, peer: SocketAddr) {
-        state.metrics().denied(pod, Direction::Inbound, self.reason);
+    /// Logs the refusal with both identities (`config` names the pod's) and counts it.
+    pub fn record(
+        &self,
+        metrics: &Metrics,
+        config: &Snapshot,
+        pod: &PodContext,
+        principal: Option<&str>,
+        peer: SocketAddr,
+    ) {
+        metrics.denied(pod, Direction::Inbound, self.reason);
         tracing::info!(
             source = principal.unwrap_or("plaintext"),
             %peer,
-            destination = pod.identity_string(&state.config()).as_deref().unwrap_or("unknown"),
+            destination = pod.identity_string(config).as_deref().unwrap_or("unknown"),
             reason = self.reason,
             policy = self.policy.as_deref().unwrap_or("-"),
             "connection refused"

@@ -44,10 +44,12 @@ struct Inner {
     tunnels: Tunnels,
     l7: crate::l7::L7,
     telemetry: crate::telemetry::Telemetry,
+    sinks: crate::telemetry::Sinks,
     /// Connections being proxied right now (all listeners), for draining before exit.
     active: Arc<std::sync::atomic::AtomicUsize>,
     /// Notified when `/quitquitquit` asks the agent to drain and exit.
     quit: tokio::sync::Notify,
+    config_changed: tokio::sync::Notify,
     quitting: AtomicBool,
     drain_trigger: crate::drain::Trigger,
     drain: crate::drain::Drain,
@@ -83,6 +85,12 @@ impl AgentState {
                 move || weak.upgrade().map(|inner| lock(&inner.capture).counters()).unwrap_or_default();
             let metrics = Metrics::new(capture_counters, istio_metric_names);
             let (drain_trigger, drain) = crate::drain::channel();
+            let telemetry = crate::telemetry::Telemetry::default();
+            let sinks = crate::telemetry::Sinks {
+                traffic: metrics.traffic.clone(),
+                exporters: telemetry.exporters.clone(),
+                node: node.as_str().into(),
+            };
             Inner {
                 node,
                 capture,
@@ -99,9 +107,11 @@ impl AgentState {
                 pool: Pool::new(limits.hbone_idle_timeout),
                 tunnels: Tunnels::default(),
                 l7: Default::default(),
-                telemetry: Default::default(),
+                sinks,
+                telemetry,
                 active: Default::default(),
                 quit: tokio::sync::Notify::new(),
+                config_changed: tokio::sync::Notify::new(),
                 quitting: AtomicBool::new(false),
                 drain_trigger,
                 drain,
@@ -130,15 +140,20 @@ impl AgentState {
     }
 
     /// Swaps in a new config and applies what the kernel side needs of it; pods whose membership in the mesh
-    /// changed are captured or released right after.
+    /// changed are captured or released right after, by whoever waits on [`AgentState::config_changed`]
+    /// (`inpod::reconcile_on_config_change`).
     pub fn set_config(&self, config: NodeConfig) -> Result<(), crate::capture::CaptureError> {
         self.capture().set_exclusions(&config.capture)?;
         *self.inner.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Snapshot::new(config));
         self.sync_identities();
-        if tokio::runtime::Handle::try_current().is_ok() {
-            tokio::spawn(crate::inpod::reconcile(self.clone()));
-        }
+        self.inner.config_changed.notify_one();
         Ok(())
+    }
+
+    /// Resolves after the next config change (at once if one came since the last call); changes in between
+    /// coalesce into one.
+    pub async fn config_changed(&self) {
+        self.inner.config_changed.notified().await
     }
 
     pub fn parked(&self) -> MutexGuard<'_, BTreeMap<String, mesh_common::cni::PodNetwork>> {
@@ -163,6 +178,11 @@ impl AgentState {
 
     pub fn telemetry(&self) -> &crate::telemetry::Telemetry {
         &self.inner.telemetry
+    }
+
+    /// What observed requests report to (`telemetry::request`).
+    pub fn sinks(&self) -> &crate::telemetry::Sinks {
+        &self.inner.sinks
     }
 
     pub fn tunnels(&self) -> &Tunnels {

@@ -107,7 +107,9 @@ pub struct Pool {
 
 /// Everything needed to open a tunnel from one pod.
 pub struct Source<'a> {
-    pub state: &'a crate::state::AgentState,
+    /// Where a new connection is counted, and listed while it lives.
+    pub metrics: &'a crate::metrics::Metrics,
+    pub tunnels: &'a crate::tunnels::Tunnels,
     pub netns: &'a NetNs,
     pub cert: &'a WorkloadCert,
     pub secrets: &'a SecretManager,
@@ -267,9 +269,9 @@ impl Pool {
             .handshake::<_, Bytes>(tls)
             .await
             .map_err(|e| HboneError::H2(dst, e))?;
-        src.state.metrics().hbone_connections.with_label_values(&[crate::metrics::Direction::Outbound.as_str()]).inc();
+        src.metrics.hbone_connections.with_label_values(&[crate::metrics::Direction::Outbound.as_str()]).inc();
         let closed = Arc::new(AtomicBool::new(false));
-        let guard: TunnelGuard = src.state.tunnels().open(TunnelView::outbound(
+        let guard: TunnelGuard = src.tunnels.open(TunnelView::outbound(
             src.pod,
             &key.src_identity,
             &src.cert.svid.serial,

@@ -4,7 +4,6 @@
 //! reached).
 
 pub mod client;
-pub mod server;
 mod stream;
 
 pub use stream::H2Stream;

@@ -148,6 +148,14 @@ pub async fn reconcile(state: AgentState) {
     }
 }
 
+/// Reconciles after every config change, for as long as the agent runs.
+pub async fn reconcile_on_config_change(state: AgentState) {
+    loop {
+        state.config_changed().await;
+        reconcile(state.clone()).await;
+    }
+}
+
 /// Stops capturing one pod; returns what the CNI plugin told us about it. The caller holds the enrollment lock
 /// and persists the state file afterwards.
 async fn release(state: &AgentState, container_id: &str) -> Option<PodNetwork> {
@@ -329,7 +337,9 @@ fn activate(state: &AgentState, p: Prepared) -> anyhow::Result<Arc<PodContext>> 
     for listener in p.hbone {
         listeners.push(listener.try_clone()?);
         let listener = TcpListener::from_std(listener)?;
-        tasks.push(tokio::spawn(crate::hbone::server::serve(listener, pod.clone(), state.clone())).abort_handle());
+        tasks.push(
+            tokio::spawn(crate::proxy::hbone_inbound::serve(listener, pod.clone(), state.clone())).abort_handle(),
+        );
     }
     // Several pod IPs of one family share one listener; serve each listener once.
     let mut served = Vec::new();

@@ -20,8 +20,8 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::body::Body;
 use super::detect::Protocol;
+use crate::body::Body;
 use crate::hbone::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
 
 /// Idle HTTP/1 connections kept per key.
@@ -238,7 +238,7 @@ impl<K: Hash + Eq + Clone + Send + Unpin + 'static> HttpPool<K> {
                     return Err(Retryable::Yes(Box::new(req)));
                 }
                 let response = s.try_send_request(req).await.map_err(retryable)?;
-                Ok(response.map(super::body::boxed))
+                Ok(response.map(crate::body::boxed))
             }
             Sender::H1(mut s) => {
                 if s.ready().await.is_err() {
@@ -246,7 +246,7 @@ impl<K: Hash + Eq + Clone + Send + Unpin + 'static> HttpPool<K> {
                 }
                 let response = s.try_send_request(req).await.map_err(retryable)?;
                 let checkin = Some((self.clone(), key.clone(), s));
-                Ok(response.map(|body| super::body::boxed(CheckinOnEnd { body, checkin })))
+                Ok(response.map(|body| crate::body::boxed(CheckinOnEnd { body, checkin })))
             }
         }
     }

@@ -6,7 +6,7 @@ use http::uri::{Authority, PathAndQuery, Uri};
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use mesh_common::route::{HeaderModifier, PathModifier, Redirect, Rewrite};
 
-use super::body::{self, Body};
+use crate::body::{self, Body};
 
 /// RequestHeaderModifier / ResponseHeaderModifier: set replaces, add appends, remove deletes. Invalid names or
 /// values (the controller validates them) are skipped.

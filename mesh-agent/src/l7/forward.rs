@@ -9,7 +9,6 @@ use http::request::Parts;
 use http::{HeaderValue, Request, Response, StatusCode};
 use mesh_common::route::{Mirror, Retry, ServiceRef};
 
-use super::body::{self, Body, Replay};
 use super::breaker::{CountPermit, RequestPermit};
 use super::client::{Guard, UpstreamError};
 use super::destination::Destination;
@@ -19,6 +18,7 @@ use super::outbound::Call;
 use super::outlier::Outcome;
 use super::retry::RetryPolicy;
 use super::{fault, upstream};
+use crate::body::{self, Body, Replay};
 use crate::snapshot::Snapshot;
 use crate::telemetry::request::Upstream;
 use std::sync::Arc;

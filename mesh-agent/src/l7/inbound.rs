@@ -10,11 +10,12 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use mesh_common::policy::Request as PolicyRequest;
 
-use super::body::{self, Body};
 use super::client::{Guard, HttpPool, Io, io_error};
 use super::detect::{self, Hint, Protocol, Rewind};
-use super::local_reply::{Flag, is_grpc, reply};
+use super::local_reply::{Flag, reply};
 use super::{server, upgrade, upstream};
+use crate::body::{self, Body};
+use crate::http_message::is_grpc;
 use crate::metrics::{Flow, Security};
 use crate::pod::PodContext;
 use crate::policy;
@@ -85,14 +86,15 @@ fn authorize<B>(s: &Session, req: &Request<B>) -> Result<(), policy::Refusal> {
 }
 
 fn denied(s: &Session, refusal: policy::Refusal, grpc: bool) -> Response<Body> {
-    refusal.record(&s.state, &s.pod, s.principal.as_deref(), s.peer);
+    refusal.record(s.state.metrics(), &s.state.config(), &s.pod, s.principal.as_deref(), s.peer);
     reply(grpc, StatusCode::FORBIDDEN, None, Some(Flag::Denied), "RBAC: access denied")
 }
 
 async fn handle(s: &Session, req: Request<Incoming>) -> Response<Body> {
     let grpc = is_grpc(req.headers());
     let upgrade = upgrade::is_upgrade(&req);
-    let (observation, req) = request::start(&s.state, &s.pod, (Some(s.peer), Some(s.target)), req.map(body::boxed));
+    let ends = (Some(s.peer), Some(s.target));
+    let (observation, req) = request::start(s.state.sinks(), &s.state.config(), &s.pod, ends, req.map(body::boxed));
     let response = match authorize(s, &req) {
         Err(refusal) => denied(s, refusal, grpc),
         // Counted like any request: the switch (101, or 200 for CONNECT) or the refusal.

@@ -2,11 +2,11 @@
 //! carries a response flag in `x-nodemesh-response-flags`, with Envoy's codes so dashboards and habits carry
 //! over; gRPC callers get a trailers-only response with the matching `grpc-status` instead of a bare HTTP error.
 
-use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
+use http::{HeaderValue, Response, StatusCode, header};
 
-use super::body::{self, Body};
+use crate::http_message::FLAGS_HEADER;
 
-pub const FLAGS_HEADER: &str = "x-nodemesh-response-flags";
+use crate::body::{self, Body};
 
 /// Why the agent answered (Envoy's response flag names).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,10 +50,6 @@ pub mod grpc {
     pub const UNAVAILABLE: u8 = 14;
     pub const INTERNAL: u8 = 13;
     pub const UNIMPLEMENTED: u8 = 12;
-}
-
-pub fn is_grpc(headers: &HeaderMap) -> bool {
-    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|ct| ct.starts_with("application/grpc"))
 }
 
 /// The gRPC status that stands for an HTTP status (gRPC's mapping, with 429 and 504 made specific).

@@ -8,11 +8,11 @@ use http::request::Parts;
 use http_body_util::BodyExt;
 use mesh_common::route::Mirror;
 
-use super::body::Replay;
 use super::client::Guard;
 use super::destination::Here;
 use super::outbound::Call;
 use super::{forward, upstream};
+use crate::body::Replay;
 use crate::snapshot::Snapshot;
 use std::sync::Arc;
 

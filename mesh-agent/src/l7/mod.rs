@@ -9,7 +9,6 @@
 //! Each concern is its own module with its own tests; the pipeline in `outbound`/`forward` calls them in order.
 
 pub mod balance;
-pub mod body;
 pub mod breaker;
 pub mod client;
 pub mod destination;

@@ -19,14 +19,15 @@ use mesh_common::config::{Service, ServicePort};
 use mesh_common::route::{Filter, HeaderModifier, Mirror, RouteRule, ServiceRef};
 use tokio::net::TcpStream;
 
-use super::body::{self, Body};
 use super::destination::Here;
 use super::detect::{self, Protocol, Rewind};
 use super::filters;
 use super::forward::{self, Attempt};
-use super::local_reply::{Flag, is_grpc, reply};
+use super::local_reply::{Flag, reply};
 use super::router::RequestView;
 use super::server;
+use crate::body::{self, Body};
+use crate::http_message::is_grpc;
 use crate::metrics::{DestinationService, Direction, Flow, Peer, Reporter, Security};
 use crate::pod::PodContext;
 use crate::snapshot::Snapshot;
@@ -151,9 +152,10 @@ pub(super) fn weighted(rule: &RouteRule) -> Option<&mesh_common::route::Backend>
 
 async fn handle(call: Arc<Call>, req: Request<Incoming>) -> Response<Body> {
     let upgrade = super::upgrade::is_upgrade(&req);
-    let (observation, req) = request::start(&call.state, &call.pod, (Some(call.client), None), req.map(body::boxed));
-    // One config for the whole request: routing, endpoints, upstream route and labels.
+    // One config for the whole request: telemetry settings, routing, endpoints, upstream route and labels.
     let config = call.state.config();
+    let client = (Some(call.client), None);
+    let (observation, req) = request::start(call.state.sinks(), &config, &call.pod, client, req.map(body::boxed));
     let response =
         if upgrade { super::upgrade::outbound(&call, req).await } else { route_and_send(&call, &config, req).await };
     let flow = flow(&call, &config, &response);

@@ -13,9 +13,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tracing::Instrument;
 
-use super::body::Body;
 use super::client::Io;
 use super::detect::Protocol;
+use crate::body::Body;
 use crate::drain::Drain;
 use crate::limits::{H2_KEEPALIVE_INTERVAL, H2_KEEPALIVE_TIMEOUT, Limits};
 
@@ -124,7 +124,7 @@ mod tests {
         let task = tokio::spawn(async move {
             serve(server, protocol, &limits, drain, move |_req| async move {
                 tokio::time::sleep(delay).await;
-                Response::new(super::super::body::full("ok"))
+                Response::new(crate::body::full("ok"))
             })
             .await
         });

@@ -9,13 +9,13 @@ use http::uri::Uri;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 
-use super::body::{self, Body};
 use super::client::{self, Guard, Io};
 use super::destination::Here;
 use super::detect::Protocol;
 use super::local_reply::{Flag, reply};
 use super::outbound::Call;
 use super::upstream;
+use crate::body::{self, Body};
 use crate::telemetry::request::Upstream;
 
 /// 503 `UF` for a caller about to switch protocols (never gRPC).

@@ -10,9 +10,9 @@ use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{HeaderMap, HeaderValue, Request, Response, Version};
 use mesh_common::bpf::HBONE_PORT;
 
-use super::body::Body;
 use super::client::{Guard, HttpPool, Io, UpstreamError, io_error};
 use super::detect::Protocol;
+use crate::body::Body;
 use crate::hbone::client::Source;
 use crate::identity::Identity;
 use crate::pod::PodContext;
@@ -61,7 +61,8 @@ pub async fn connect(
         Route::Mesh { src, dst } => {
             let secrets = state.secrets().ok_or_else(|| UpstreamError::Connect("no certificate authority".into()))?;
             let cert = secrets.fetch(src).await.map_err(|e| UpstreamError::Connect(e.to_string()))?;
-            let source = Source { state, netns: &pod.netns, cert: &cert, secrets, pod: &pod.name() };
+            let (metrics, tunnels) = (state.metrics(), state.tunnels());
+            let source = Source { metrics, tunnels, netns: &pod.netns, cert: &cert, secrets, pod: &pod.name() };
             let gateway = SocketAddr::new(target.ip(), HBONE_PORT);
             let (stream, slot) = state
                 .pool()

@@ -5,8 +5,7 @@
 //! never from traffic, so cardinality is bounded by the workloads of the mesh.
 
 pub mod labels;
-pub mod node;
-mod samples;
+pub mod samples;
 pub mod traffic;
 
 use prometheus::core::{Collector, Desc};

@@ -33,7 +33,7 @@ pub async fn handle(conn: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, sta
     }
     let config = state.config();
     if let Err(refusal) = policy::check_mtls_mode(&config, &pod, None) {
-        refusal.record(&state, &pod, None, peer);
+        refusal.record(state.metrics(), &config, &pod, None, peer);
         return reset(conn);
     }
     // Policies that look at requests: serve HTTP here and decide per request.
@@ -47,7 +47,7 @@ pub async fn handle(conn: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, sta
         Rewind::new(Default::default(), conn)
     };
     if let Err(refusal) = policy::check_inbound(&config, &pod, None, peer.ip(), target.port()) {
-        refusal.record(&state, &pod, None, peer);
+        refusal.record(state.metrics(), &config, &pod, None, peer);
         return reset(conn.into_inner());
     }
     match super::connect_to_app(&state, &pod, target, peer).await {

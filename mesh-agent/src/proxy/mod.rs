@@ -1,7 +1,8 @@
 //! Forwarding for enrolled pods. `outbound` handles what the pod dials (HBONE to meshed destinations, plaintext
-//! passthrough otherwise), `inbound` plaintext arriving at the pod, `crate::hbone::server` tunnelled arrivals.
+//! passthrough otherwise), `inbound` plaintext arriving at the pod, `hbone_inbound` tunnelled arrivals (the HBONE server on 15008).
 //! All of them end in [`forward`], one copy loop with one set of metrics.
 
+pub mod hbone_inbound;
 pub mod inbound;
 pub mod outbound;
 
@@ -109,7 +110,7 @@ pub async fn forward<D, U>(
     let (received, sent) = (bytes.received.load(Ordering::Relaxed), bytes.sent.load(Ordering::Relaxed));
     let error = result.as_ref().err().map(ToString::to_string);
     crate::telemetry::access_log::connection(
-        state,
+        &state.config(),
         pod,
         open.info(),
         started.elapsed(),

@@ -107,7 +107,8 @@ pub async fn to_endpoint(conn: Rewind<TcpStream>, target: SocketAddr, pod: Arc<P
                 }
             };
             let gateway = SocketAddr::new(target.ip(), HBONE_PORT);
-            let source = Source { state: &state, netns: &pod.netns, cert: &cert, secrets, pod: &pod.name() };
+            let (metrics, tunnels) = (state.metrics(), state.tunnels());
+            let source = Source { metrics, tunnels, netns: &pod.netns, cert: &cert, secrets, pod: &pod.name() };
             match state.pool().open(&source, gateway, &dst, target, None).await {
                 Ok((stream, _slot)) => {
                     let flow = flow(Some(dst.to_string()), Security::MutualTls);

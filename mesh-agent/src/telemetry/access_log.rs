@@ -11,7 +11,7 @@ use serde_json::json;
 use crate::metrics::labels::{Flow, Peer};
 use crate::metrics::traffic::ConnectionInfo;
 use crate::pod::PodContext;
-use crate::state::AgentState;
+use crate::snapshot::Snapshot;
 
 fn now() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
@@ -39,13 +39,13 @@ fn write(line: &impl Serialize) {
     let _ = std::io::stdout().lock().write_all(&text);
 }
 
-pub fn enabled(state: &AgentState, pod: &PodContext) -> bool {
-    crate::telemetry::settings(&state.config(), pod).access_logging
+pub fn enabled(config: &Snapshot, pod: &PodContext) -> bool {
+    crate::telemetry::settings(config, pod).access_logging
 }
 
 /// A TCP connection, when it ends.
 pub fn connection(
-    state: &AgentState,
+    config: &Snapshot,
     pod: &PodContext,
     info: &ConnectionInfo,
     duration: Duration,
@@ -53,7 +53,7 @@ pub fn connection(
     sent: u64,
     error: Option<&str>,
 ) {
-    if !enabled(state, pod) {
+    if !enabled(config, pod) {
         return;
     }
     let f = &info.flow;

@@ -11,6 +11,8 @@ use std::collections::BTreeMap;
 
 use mesh_common::telemetry::Effective;
 
+use std::sync::Arc;
+
 use crate::pod::PodContext;
 use crate::snapshot::Snapshot;
 
@@ -18,6 +20,15 @@ use crate::snapshot::Snapshot;
 #[derive(Clone, Default)]
 pub struct Telemetry {
     pub exporters: otlp::Exporters,
+}
+
+/// Where an observed request reports (the traffic store, the span exporters, this node's name): handles,
+/// cloned into each observation, so telemetry needs nothing else of the agent.
+#[derive(Clone)]
+pub struct Sinks {
+    pub traffic: crate::metrics::traffic::Traffic,
+    pub exporters: otlp::Exporters,
+    pub node: Arc<str>,
 }
 
 /// Access logging and tracing in force for a local pod.

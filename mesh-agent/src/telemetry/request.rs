@@ -17,12 +17,12 @@ use opentelemetry_proto::tonic::trace::v1::{Span as OtlpSpan, Status, span::Span
 
 use super::context::{self, Span};
 use super::otlp::{Finished, int_attribute, string_attribute};
-use crate::l7::body::{self, Body, BoxError};
-use crate::l7::local_reply::FLAGS_HEADER;
+use crate::body::{self, Body, BoxError};
+use crate::http_message::FLAGS_HEADER;
 use crate::metrics::labels::{Flow, Reporter};
 use crate::metrics::traffic::RequestKey;
 use crate::pod::PodContext;
-use crate::state::AgentState;
+use crate::snapshot::Snapshot;
 
 /// Where the calling agent sent a request, left in the response's extensions for telemetry.
 #[derive(Clone, Debug)]
@@ -38,7 +38,7 @@ pub struct Upstream {
 pub struct RouteName(pub String);
 
 pub struct Observation {
-    state: AgentState,
+    sinks: super::Sinks,
     pod: Arc<PodContext>,
     client: Option<SocketAddr>,
     server: Option<SocketAddr>,
@@ -65,12 +65,13 @@ fn grpc_status(headers: &HeaderMap) -> Option<u16> {
 
 /// Starts observing `req` (from `client`, to `server` when known before routing) for `pod`: rewrites its trace headers for the next hop and counts its body.
 pub fn start(
-    state: &AgentState,
+    sinks: &super::Sinks,
+    config: &Snapshot,
     pod: &Arc<PodContext>,
     (client, server): (Option<SocketAddr>, Option<SocketAddr>),
     req: Request<Body>,
 ) -> (Observation, Request<Body>) {
-    let settings = super::settings(&state.config(), pod);
+    let settings = super::settings(config, pod);
     let (mut parts, body) = req.into_parts();
     let sampling = settings.tracing.as_ref().map_or(0.0, |t| t.sampling_percentage);
     let span = Span::start(context::extract(&parts.headers), sampling);
@@ -85,7 +86,7 @@ pub fn start(
         .or_else(|| parts.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).map(String::from))
         .unwrap_or_default();
     let observation = Observation {
-        state: state.clone(),
+        sinks: sinks.clone(),
         pod: pod.clone(),
         client,
         server,
@@ -98,7 +99,7 @@ pub fn start(
         path: parts.uri.path().to_string(),
         authority,
         user_agent: parts.headers.get(http::header::USER_AGENT).and_then(|v| v.to_str().ok()).map(String::from),
-        grpc: crate::l7::local_reply::is_grpc(&parts.headers),
+        grpc: crate::http_message::is_grpc(&parts.headers),
         request_bytes,
     };
     (observation, Request::from_parts(parts, counted))
@@ -143,7 +144,7 @@ impl Observation {
             grpc_status,
             flags: outcome.flags.as_str().into(),
         };
-        self.state.metrics().traffic.request(key, duration, request_bytes, response_bytes);
+        self.sinks.traffic.request(key, duration, request_bytes, response_bytes);
         if self.settings.access_logging {
             let (trace_id, span_id) = (self.span.trace_id_hex(), self.span.span_id_hex());
             super::access_log::request(&super::access_log::RequestLine {
@@ -182,7 +183,7 @@ impl Observation {
                 string_attribute("nodemesh.destination_service", flow.service.host.to_string()),
                 string_attribute("nodemesh.response_flags", outcome.flags.clone()),
                 string_attribute("guid:x-request-id", self.request_id.clone()),
-                string_attribute("node_id", self.state.node().to_string()),
+                string_attribute("node_id", self.sinks.node.to_string()),
             ];
             if let Some(s) = grpc_status {
                 attributes.push(int_attribute("rpc.grpc.status_code", i64::from(s)));
@@ -212,7 +213,7 @@ impl Observation {
                 ..Default::default()
             };
             let service_name = format!("{}.{}", local.canonical_service, local.namespace);
-            self.state.telemetry().exporters.send(collector, Finished { service_name, span });
+            self.sinks.exporters.send(collector, Finished { service_name, span });
         }
         tracing::trace!(pod = %self.pod.name(), "request recorded");
     }

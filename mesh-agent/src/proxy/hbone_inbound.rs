@@ -15,7 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
-use super::{ALPN, CONNECTION_WINDOW, H2Stream, MAX_FRAME, STREAM_WINDOW};
+use crate::hbone::{ALPN, CONNECTION_WINDOW, H2Stream, MAX_FRAME, STREAM_WINDOW};
 use crate::identity::svid::{self, Svid};
 use crate::identity::verifier::SvidClientVerifier;
 use crate::l7::detect::Protocol;
@@ -178,11 +178,11 @@ async fn stream(
     let config = state.config();
     // Agent-to-agent HTTP/2 (the calling agent routed the requests), or policies that need each request: the
     // decision moves from the tunnel to the requests inside it.
-    let l7 = request.headers().get(super::L7_HEADER).and_then(|v| v.to_str().ok()).and_then(Protocol::parse);
+    let l7 = request.headers().get(crate::hbone::L7_HEADER).and_then(|v| v.to_str().ok()).and_then(Protocol::parse);
     let per_request = l7.is_some() || policy::needs_request(&config, &pod);
     if !per_request {
         if let Err(refusal) = policy::check_inbound(&config, &pod, Some(&principal), peer.ip(), target.port()) {
-            refusal.record(&state, &pod, Some(&principal), peer);
+            refusal.record(state.metrics(), &config, &pod, Some(&principal), peer);
             return status(&mut respond, StatusCode::UNAUTHORIZED);
         }
         // Connect first, so an unreachable application is a 503 on the CONNECT (as ztunnel answers).
@@ -205,7 +205,7 @@ async fn stream(
     let Some(io) = l7_inbound::serve_if_http(tunnel, session).await else { return };
     // Not HTTP: the connection-level decision, where request conditions fail closed.
     if let Err(refusal) = policy::check_inbound(&config, &pod, Some(&principal), peer.ip(), target.port()) {
-        refusal.record(&state, &pod, Some(&principal), peer);
+        refusal.record(state.metrics(), &config, &pod, Some(&principal), peer);
         return;
     }
     match proxy::connect_to_app(&state, &pod, target, peer).await {

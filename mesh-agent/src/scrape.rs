@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use prometheus::proto::{MetricFamily, MetricType};
 
-use super::labels::Peer;
-use super::samples;
+use crate::metrics::labels::Peer;
+use crate::metrics::samples;
 use crate::state::AgentState;
 
 /// Drops, every few seconds, the traffic series of local workloads that left the node `grace` ago.
