@@ -135,6 +135,10 @@ fn idle_burst(c: &Cluster, client: &Pod, target: &str, pids: [u32; 2]) -> ([u64;
     // What the burst of opens allocated in passing goes back within jemalloc's one-second decay.
     std::thread::sleep(std::time::Duration::from_secs(3));
     let during = pids.map(rss_kib);
+    for node in 0..2 {
+        let tunnels = c.admin(node, "/tunnels").map_or(0, |v| v.as_array().map_or(0, Vec::len));
+        eprintln!("agent {} with the connections open: {}, {tunnels} tunnels", node + 1, allocator_kib(c, node));
+    }
     drop(held);
     wait_for("the connections to close", || open_connections(c, 0) == 0 && open_connections(c, 1) == 0);
     // jemalloc's decay, and the idle tunnel's close.

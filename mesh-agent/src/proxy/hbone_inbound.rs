@@ -199,10 +199,11 @@ async fn stream(
     }
     let Some(tunnel) = accept(respond, request) else { return };
     let session = |app| Session::new(state.clone(), pod.clone(), Some(principal.clone()), peer, target, app);
+    // Boxed, so L4 streams do not carry room for the L7 pipeline's state (hyper's connection, the drain).
     if let Some(app) = l7 {
-        return l7_inbound::serve(tunnel, Protocol::Http2, session(app)).await;
+        return Box::pin(l7_inbound::serve(tunnel, Protocol::Http2, session(app))).await;
     }
-    let Some(io) = l7_inbound::serve_if_http(tunnel, session).await else { return };
+    let Some(io) = Box::pin(l7_inbound::serve_if_http(tunnel, session)).await else { return };
     // Not HTTP: the connection-level decision, where request conditions fail closed.
     if let Err(refusal) = policy::check_inbound(&config, &pod, Some(&principal), peer.ip(), target.port()) {
         refusal.record(state.metrics(), &config, &pod, Some(&principal), peer);

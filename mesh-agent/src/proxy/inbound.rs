@@ -39,7 +39,8 @@ pub async fn handle(conn: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, sta
     // Policies that look at requests: serve HTTP here and decide per request.
     let conn = if policy::needs_request(&config, &pod) {
         let session = |app| Session::new(state.clone(), pod.clone(), None, peer, target, app);
-        match l7::inbound::serve_if_http(conn, session).await {
+        // Boxed, so L4 connections do not carry room for the L7 pipeline's state.
+        match Box::pin(l7::inbound::serve_if_http(conn, session)).await {
             Some(opaque) => opaque,
             None => return,
         }
