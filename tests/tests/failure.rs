@@ -5,7 +5,6 @@
 use std::time::{Duration, Instant};
 
 use mesh_tests::app::pod_object;
-use mesh_tests::cluster::ADMIN;
 use mesh_tests::sniff::{Sniffer, contains};
 use mesh_tests::{Cluster, Pod, addr, cluster, wait_for};
 
@@ -35,15 +34,6 @@ fn meshed_by_controller(c: &mut Cluster) -> (Pod, Pod) {
     (client, server)
 }
 
-fn ready_status(c: &Cluster, node: usize) -> u16 {
-    mesh_tests::sys::http_get(&c.nodes[node].netns, ADMIN.parse().unwrap(), "/healthz/ready").map_or(0, |r| r.0)
-}
-
-fn mutual_tls_opened(c: &Cluster, node: usize) -> f64 {
-    let labels = [("reporter", "source"), ("connection_security_policy", "mutual_tls")];
-    c.metric(node, "nodemesh_tcp_connections_opened_total", &labels).unwrap()
-}
-
 /// Both agents restarted while the controller is down resume from the config and certificates they kept: ready
 /// at once, traffic in mTLS with the very certificate issued before, not a byte of plaintext between the nodes.
 /// (They used to come back with no workloads and forward everything as plaintext passthrough.)
@@ -71,7 +61,7 @@ fn agents_restarted_without_the_controller_resume_their_last_config_and_certific
     assert!(r.success && r.ok_connections() == 1, "{:?} {}", r.json, r.stderr);
     assert!(wire.len() > (256 * KIB) as usize, "the tunnel's bytes were captured ({} bytes)", wire.len());
     assert!(!contains(&wire, MARKER.as_bytes()), "plaintext between the nodes after a restart without the controller");
-    assert_eq!(mutual_tls_opened(&c, 0), 1.0, "the connection went through the mTLS tunnel");
+    assert_eq!(c.mutual_tls_opened(0), 1.0, "the connection went through the mTLS tunnel");
     assert_eq!(serial(&c), issued, "the kept certificate serves (the CA is down)");
 }
 
@@ -93,7 +83,7 @@ fn agent_without_any_config_fails_closed_until_the_controller_returns() {
     std::fs::remove_dir_all(state_dir.join("certs")).unwrap();
     c.start_agent_unready(0).unwrap();
     wait_for("re-adoption", || c.admin(0, "/workloads").is_ok_and(|w| w.as_array().is_some_and(|a| a.len() == 1)));
-    assert_eq!(ready_status(&c, 0), 503);
+    assert_eq!(c.ready_status(0), 503);
 
     let marker = [("MESH_TESTBIN_MARKER", MARKER)];
     let sniffer = Sniffer::start(&c.fabric).unwrap();
@@ -108,11 +98,11 @@ fn agent_without_any_config_fails_closed_until_the_controller_returns() {
     std::thread::sleep(Duration::from_secs(4));
     c.start_controller().unwrap();
     let back = Instant::now();
-    wait_for("the agent ready again", || ready_status(&c, 0) == 200);
+    wait_for("the agent ready again", || c.ready_status(0) == 200);
     assert!(back.elapsed() < Duration::from_secs(6), "config took {:?} after the controller returned", back.elapsed());
     let r = c.client(&client, target, 64 * KIB, 1).unwrap();
     assert!(r.success && r.ok_connections() == 1, "{:?} {}", r.json, r.stderr);
-    assert_eq!(mutual_tls_opened(&c, 0), 1.0);
+    assert_eq!(c.mutual_tls_opened(0), 1.0);
 }
 
 const HTTP: &str = env!("CARGO_BIN_EXE_mesh-http");

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use mesh_agent::handover::fds::Channel;
 use mesh_tests::app::{self, Server, service};
-use mesh_tests::cluster::{ADMIN, Rollout};
+use mesh_tests::cluster::Rollout;
 use mesh_tests::{Cluster, cluster, wait_for};
 use serde_json::Value;
 
@@ -34,6 +34,14 @@ fn meshed(c: &mut Cluster) -> (mesh_tests::Pod, String) {
     let ok = app::get(c, Path::new(HTTP), &client, &[WEB, "-n", "3"]);
     assert_eq!(ok["statuses"]["200"], 3, "{ok}");
     (client, format!("{}:8080", raw.as_str().unwrap()))
+}
+
+/// Requests through the Service and streams to `raw` from `client` all succeed.
+fn serves(c: &Cluster, client: &mesh_tests::Pod, raw: &str) {
+    let ok = app::get(c, Path::new(HTTP), client, &[WEB, "-n", "5"]);
+    assert_eq!(ok["statuses"]["200"], 5, "{ok}");
+    let report = c.testbin(client, &["streams", raw, "2", "1"]).unwrap();
+    assert_eq!(report["ok"], 2, "{report}");
 }
 
 fn failed_requests(load: &Value) -> (u64, u64) {
@@ -78,10 +86,7 @@ fn surge_upgrade_of_both_agents_loses_no_request_and_no_connection() {
     }
     assert_eq!(lost, 0, "requests failed or connections broke during the upgrades (above)");
     // The new agents carry new traffic on their own.
-    let ok = app::get(&c, Path::new(HTTP), &client, &[WEB, "-n", "5"]);
-    assert_eq!(ok["statuses"]["200"], 5, "{ok}");
-    let report = c.testbin(&client, &["streams", &raw, "2", "1"]).unwrap();
-    assert_eq!(report["ok"], 2, "{report}");
+    serves(&c, &client, &raw);
 }
 
 /// A plain SIGTERM (no successor yet, as with `maxUnavailable: 1`) drains in seconds, not the whole drain
@@ -90,7 +95,7 @@ fn surge_upgrade_of_both_agents_loses_no_request_and_no_connection() {
 #[test]
 fn sigterm_without_a_successor_drains_keep_alive_clients_in_seconds() {
     let mut c = cluster!(2);
-    let (client, _) = meshed(&mut c);
+    let (client, raw) = meshed(&mut c);
     let load = c.start_in(&client, Path::new(HTTP), &["load", WEB, RATE, "12", "-c", "8"]).unwrap();
     std::thread::sleep(Duration::from_secs(3));
     let upgraded = c.upgrade_agent(0, Rollout::Replace).unwrap();
@@ -102,12 +107,7 @@ fn sigterm_without_a_successor_drains_keep_alive_clients_in_seconds() {
     assert!(load.success, "{}", load.stderr);
     // Requests went on after the new agent came up.
     assert!(total > failed + 500 * 6, "{}", load.json);
-    let ok = app::get(&c, Path::new(HTTP), &client, &[WEB, "-n", "5"]);
-    assert_eq!(ok["statuses"]["200"], 5, "{ok}");
-}
-
-fn ready_status(c: &Cluster, node: usize) -> u16 {
-    mesh_tests::sys::http_get(&c.nodes[node].netns, ADMIN.parse().unwrap(), "/healthz/ready").map_or(0, |r| r.0)
+    serves(&c, &client, &raw);
 }
 
 /// A successor that says hello, takes the sockets and dies before it serves them leaves the running agent as it
@@ -119,7 +119,7 @@ fn a_successor_that_dies_during_the_handover_leaves_the_running_agent_serving() 
     let socket = c.nodes[0].state_dir.join("handover.sock");
     let successor = Channel::connect(&socket).unwrap().expect("the agent waits for a successor");
     successor.send(br#"{"type":"hello","pid":1,"version":"test"}"#, &[]).unwrap();
-    wait_for("the agent to report not ready while a successor prepares", || ready_status(&c, 0) == 503);
+    wait_for("the agent to report not ready while a successor prepares", || c.ready_status(0) == 503);
     successor.send(br#"{"type":"take"}"#, &[]).unwrap();
     let (body, listeners) = successor.recv().unwrap();
     let message: Value = serde_json::from_slice(&body).unwrap();
@@ -128,24 +128,15 @@ fn a_successor_that_dies_during_the_handover_leaves_the_running_agent_serving() 
     assert!(listeners.len() >= 4, "admin, metrics, CNI and the client pod's: {message}");
     drop(listeners);
     drop(successor);
-    wait_for("the agent to be ready again", || ready_status(&c, 0) == 200);
-    let ok = app::get(&c, Path::new(HTTP), &client, &[WEB, "-n", "5"]);
-    assert_eq!(ok["statuses"]["200"], 5, "{ok}");
-    let report = c.testbin(&client, &["streams", &raw, "2", "1"]).unwrap();
-    assert_eq!(report["ok"], 2, "{report}");
+    wait_for("the agent to be ready again", || c.ready_status(0) == 200);
+    serves(&c, &client, &raw);
     // The CNI socket is served again (it was stopped for the exchange).
     let late = c.add_pod(0, "late").unwrap();
     c.enroll(&late).unwrap();
     // And the next successor can still take over.
     let upgraded = c.upgrade_agent(0, Rollout::Surge).unwrap();
     c.wait_exited(&upgraded).unwrap();
-    let ok = app::get(&c, Path::new(HTTP), &client, &[WEB, "-n", "5"]);
-    assert_eq!(ok["statuses"]["200"], 5, "{ok}");
-}
-
-fn mutual_tls_opened(c: &Cluster, node: usize) -> f64 {
-    let labels = [("reporter", "source"), ("connection_security_policy", "mutual_tls")];
-    c.metric(node, "nodemesh_tcp_connections_opened_total", &labels).unwrap()
+    serves(&c, &client, &raw);
 }
 
 /// An agent started beside one that offers no handover (its socket gone: an older version, or a broken one)
@@ -160,8 +151,8 @@ fn an_agent_that_cannot_take_over_leaves_the_running_agents_pods_captured() {
     assert!(!status.success(), "{log}");
     assert!(log.contains("another agent holds the pod's listeners"), "{log}");
     // The client pod is still captured and served by the running agent, in mTLS.
-    let before = mutual_tls_opened(&c, 0);
+    let before = c.mutual_tls_opened(0);
     let report = c.testbin(&client, &["streams", &raw, "2", "1"]).unwrap();
     assert_eq!(report["ok"], 2, "{report}");
-    assert!(mutual_tls_opened(&c, 0) >= before + 2.0, "the streams went through the running agent in mTLS");
+    assert!(c.mutual_tls_opened(0) >= before + 2.0, "the streams went through the running agent in mTLS");
 }

@@ -617,6 +617,21 @@ impl Cluster {
 
     /// The value of one metric sample, e.g. `nodemesh_tcp_connections_opened_total{direction="outbound",...}`;
     /// every label given must match. 0 when absent.
+    /// The status the node's readiness endpoint answers with (0 when nothing answers).
+    pub fn ready_status(&self, node: usize) -> u16 {
+        ADMIN
+            .parse()
+            .ok()
+            .and_then(|a| sys::http_get(&self.nodes[node].netns, a, "/healthz/ready").ok())
+            .map_or(0, |r| r.0)
+    }
+
+    /// Connections the node's agent opened in mTLS as the calling side.
+    pub fn mutual_tls_opened(&self, node: usize) -> f64 {
+        let labels = [("reporter", "source"), ("connection_security_policy", "mutual_tls")];
+        self.metric(node, "nodemesh_tcp_connections_opened_total", &labels).unwrap_or(f64::NAN)
+    }
+
     pub fn metric(&self, node: usize, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
         Ok(crate::metric_sum(&self.metrics(node)?, name, labels))
     }

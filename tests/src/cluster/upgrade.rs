@@ -72,17 +72,10 @@ impl Cluster {
     /// Waits (at most 60 s after its SIGTERM) until the old agent has exited, successfully; returns how long
     /// after its SIGTERM it did.
     pub fn wait_exited(&mut self, upgraded: &Upgraded) -> Result<Duration> {
-        let p = self.processes[upgraded.old].as_mut().context("agent gone")?;
         let start = upgraded.terminated_at;
-        let status = loop {
-            if let Some(status) = p.child.try_wait()? {
-                break status;
-            }
-            if start.elapsed() > Duration::from_secs(60) {
-                bail!("the old agent did not exit within 60 s of SIGTERM:\n{}", tail(&p.log, 30));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let status =
+            self.exit_status(upgraded.old, start + Duration::from_secs(60), "the old agent, 60 s after SIGTERM")?;
+        let p = self.processes[upgraded.old].as_ref().context("agent gone")?;
         if !status.success() {
             bail!("the old agent exited with {status}:\n{}", tail(&p.log, 30));
         }
@@ -98,18 +91,23 @@ impl Cluster {
         let (netns, cgroup) = (self.nodes[node].netns.clone(), self.nodes[node].cgroup.join("agent"));
         let label = format!("rival-agent-n{}-{}", node + 1, self.processes.len());
         let idx = self.spawn(&label, &Placement { netns: &netns, cgroup: &cgroup }, &mut cmd)?;
-        let p = self.processes[idx].as_mut().context("rival gone")?;
-        let start = Instant::now();
-        let status = loop {
-            if let Some(status) = p.child.try_wait()? {
-                break status;
-            }
-            if start.elapsed() > Duration::from_secs(30) {
-                bail!("the rival agent still runs after 30 s:\n{}", tail(&p.log, 30));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        let status = self.exit_status(idx, Instant::now() + Duration::from_secs(30), "the rival agent, after 30 s")?;
+        let p = self.processes[idx].as_ref().context("rival gone")?;
         Ok((status, std::fs::read_to_string(&p.log)?))
+    }
+
+    /// Waits until the process `idx` has exited, at most until `deadline` (`what` names it when it has not).
+    fn exit_status(&mut self, idx: usize, deadline: Instant, what: &str) -> Result<std::process::ExitStatus> {
+        let p = self.processes[idx].as_mut().context("process gone")?;
+        loop {
+            if let Some(status) = p.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("{what} still runs:\n{}", tail(&p.log, 30));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn old_log(&self, idx: usize) -> String {
