@@ -314,7 +314,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tokio::spawn(mesh_agent::scrape::prune_departed(state.clone(), args.metrics_grace));
     tokio::spawn(state.pool().clone().close_idle_connections());
 
-    inpod::readopt(&state, &mut inherited).await.map_err(|e| {
+    inpod::readopt(&state, &mut |container| inherited.pod(container)).await.map_err(|e| {
         anyhow::anyhow!(
             "{}: {} (stop the other agent, or let it hand over: docs/install.md, Upgrades)",
             e.msg,

@@ -15,10 +15,11 @@ use mesh_common::config::{NodeConfig, Service, ServicePort, Workload};
 pub struct Snapshot {
     config: NodeConfig,
     workload_by_ip: HashMap<IpAddr, usize>,
-    workload_by_name: HashMap<(String, String), usize>,
+    /// namespace → name → index: looked up with borrowed names, no key built per lookup.
+    workload_by_name: HashMap<String, HashMap<String, usize>>,
     /// (cluster IP, port) → (Service, port) indexes.
     service_by_address: HashMap<(IpAddr, u16), (usize, usize)>,
-    service_by_name: HashMap<(String, String), usize>,
+    service_by_name: HashMap<String, HashMap<String, usize>>,
     /// Every Service address and endpoint address: destinations the mesh knows besides workloads.
     service_ips: HashSet<IpAddr>,
 }
@@ -30,7 +31,7 @@ impl Snapshot {
             for ip in &w.ips {
                 s.workload_by_ip.entry(*ip).or_insert(i);
             }
-            s.workload_by_name.entry((w.namespace.clone(), w.name.clone())).or_insert(i);
+            s.workload_by_name.entry(w.namespace.clone()).or_default().entry(w.name.clone()).or_insert(i);
         }
         for (i, svc) in s.config.services.iter().enumerate() {
             for ip in &svc.ips {
@@ -38,7 +39,7 @@ impl Snapshot {
                     s.service_by_address.entry((*ip, port.port)).or_insert((i, j));
                 }
             }
-            s.service_by_name.entry((svc.namespace.clone(), svc.name.clone())).or_insert(i);
+            s.service_by_name.entry(svc.namespace.clone()).or_default().entry(svc.name.clone()).or_insert(i);
             s.service_ips.extend(svc.ips.iter().copied().chain(svc.endpoints.iter().map(|e| e.ip)));
         }
         s
@@ -54,8 +55,7 @@ impl Snapshot {
     }
 
     pub fn workload(&self, namespace: &str, name: &str) -> Option<&Workload> {
-        let key = (namespace.to_string(), name.to_string());
-        self.workload_by_name.get(&key).map(|&i| &self.config.workloads[i])
+        self.workload_by_name.get(namespace)?.get(name).map(|&i| &self.config.workloads[i])
     }
 
     /// The Service whose cluster IP and port a client dialled.
@@ -66,8 +66,7 @@ impl Snapshot {
     }
 
     pub fn service(&self, namespace: &str, name: &str) -> Option<&Service> {
-        let key = (namespace.to_string(), name.to_string());
-        self.service_by_name.get(&key).map(|&i| &self.config.services[i])
+        self.service_by_name.get(namespace)?.get(name).map(|&i| &self.config.services[i])
     }
 
     /// Whether `ip` belongs to a workload or a Service (address or endpoint) the config knows.

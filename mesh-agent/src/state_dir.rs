@@ -8,7 +8,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Set once this agent handed the node to its successor (`crate::handover`): the files are the successor's
+/// Set once this agent handed the node to its successor (the upgrade handover): the files are the successor's
 /// from then on, and a late write from the old agent (a config update, a certificate renewal) would overwrite or
 /// delete what the successor keeps.
 static RELINQUISHED: AtomicBool = AtomicBool::new(false);

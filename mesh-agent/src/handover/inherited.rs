@@ -1,5 +1,5 @@
-//! The listeners a successor agent received from its predecessor (`super`), kept apart from the exchange so
-//! that enrollment (`inpod`) can take a pod's sockets without depending on how they were handed over.
+//! The listeners a successor agent received from its predecessor (`super`), taken out one by one as the
+//! successor sets itself up: the host ports by address, each pod's by container for re-adoption.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};

@@ -218,10 +218,10 @@ fn hand_over(
     host.admin.1.abort();
     host.metrics.1.abort();
     crate::state_dir::relinquish();
-    crate::inpod::stop_accepting(state);
     // This agent never changes enrollment again (the kernel state and pods.json are the successor's now): the
     // lock stays taken until the process exits.
     std::mem::forget(enrollment);
+    // The agent's drain stops accepting on its copies of the sockets, as on any quit.
     state.request_quit();
     Ok(())
 }

@@ -157,7 +157,7 @@ impl Pool {
                 Ok(stream) => return Ok((stream, slot)),
                 // The peer agent is draining (GOAWAY) or refused the stream unprocessed: the connection takes no
                 // more tunnels, and nothing reached the destination, so a fresh connection may carry this one.
-                Err(HboneError::H2(_, e)) if attempt == 0 && not_processed(&e) => {
+                Err(HboneError::H2(_, e)) if attempt == 0 && super::never_processed(&e) => {
                     conn.closed.store(true, Ordering::Release);
                     continue;
                 }
@@ -303,11 +303,6 @@ impl Pool {
         self.conns.lock().unwrap_or_else(|p| p.into_inner()).retain(|k, _| k.netns_cookie != netns_cookie);
         self.dialing.lock().unwrap_or_else(|p| p.into_inner()).retain(|k, _| k.netns_cookie != netns_cookie);
     }
-}
-
-/// The peer never processed the stream: it went away (GOAWAY) before it, or refused it.
-fn not_processed(e: &h2::Error) -> bool {
-    e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM)
 }
 
 async fn connect_stream(

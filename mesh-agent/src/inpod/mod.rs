@@ -40,7 +40,7 @@ fn yes() -> bool {
 }
 
 /// The pod's capture listeners are held by another process: another agent on this node, which did not hand
-/// them over (`crate::handover`).
+/// them over (the upgrade handover).
 pub const LISTENERS_IN_USE: u32 = 104;
 
 fn err(code: u32, msg: impl Into<String>, details: impl ToString) -> AgentError {
@@ -55,7 +55,7 @@ pub async fn enroll(state: &AgentState, net: PodNetwork) -> Result<bool, AgentEr
     outcome
 }
 
-/// Enrollment proper, with the listeners a predecessor handed over for this pod (`crate::handover`) used instead
+/// Enrollment proper, with the listeners a predecessor handed over for this pod (the upgrade handover) used instead
 /// of new ones; the caller holds the enrollment lock and persists the state file afterwards.
 async fn enroll_locked(
     state: &AgentState,
@@ -199,13 +199,13 @@ pub fn is_enrolled(state: &AgentState, container_id: &str) -> bool {
     state.pods().contains_key(container_id)
 }
 
-/// At start-up: takes over the pods an earlier agent enrolled (on the listeners it handed over, if it is still
-/// running), and forgets those that are gone. An error when another agent still serves them without handing
+/// At start-up: takes over the pods an earlier agent enrolled (on the listeners `handed_over` gives for a
+/// container, when that agent is still running and handed them over), and forgets those that are gone. An error when another agent still serves them without handing
 /// them over: releasing its pods' capture then (as for a pod that cannot be re-adopted) would let their
 /// traffic bypass the mesh, so nothing is touched and the caller must not start.
 pub async fn readopt(
     state: &AgentState,
-    inherited: &mut crate::handover::inherited::Inherited,
+    handed_over: &mut dyn FnMut(&str) -> Vec<std::net::TcpListener>,
 ) -> Result<(), AgentError> {
     let _serial = state.enrollment_lock().await;
     let saved = load_saved(state.state_file());
@@ -217,7 +217,7 @@ pub async fn readopt(
     for s in saved.iter().filter(|s| s.captured) {
         let pod = s.net.qualified_name();
         let same_netns = NetNs::open(&s.net.netns).map(|ns| ns.cookie() == s.netns_cookie).unwrap_or(false);
-        let listeners = inherited.pod(&s.net.container_id);
+        let listeners = handed_over(&s.net.container_id);
         let outcome = if same_netns { enroll_locked(state, s.net.clone(), listeners).await } else { Ok(false) };
         match outcome {
             Ok(true) => tracing::info!(%pod, "re-adopted enrolled pod"),

@@ -55,11 +55,9 @@ impl UpstreamError {
     }
 }
 
-/// An HTTP/2 failure that proves the peer never processed the stream.
+/// A hyper failure whose HTTP/2 cause proves the peer never processed the request.
 fn never_processed(e: &hyper::Error) -> bool {
-    std::error::Error::source(e)
-        .and_then(|s| s.downcast_ref::<h2::Error>())
-        .is_some_and(|h2| h2.is_go_away() || h2.reason() == Some(h2::Reason::REFUSED_STREAM))
+    std::error::Error::source(e).and_then(|s| s.downcast_ref::<h2::Error>()).is_some_and(crate::hbone::never_processed)
 }
 
 enum Sender {

@@ -317,19 +317,25 @@ impl Cluster {
     /// Starts the node's agent (in the node netns and the node's cgroup subtree) and waits until its admin API
     /// says it is ready (`ready`) or merely answers.
     fn spawn_agent(&mut self, node: usize, extra_args: &[&str], ready: bool) -> Result<()> {
+        self.nodes[node].agent_args = extra_args.iter().map(|a| a.to_string()).collect();
         let mut cmd = self.agent_command(node);
         cmd.args(extra_args);
-        self.nodes[node].agent_args = extra_args.iter().map(|a| a.to_string()).collect();
-        let (netns, cgroup) = (self.nodes[node].netns.clone(), self.nodes[node].cgroup.join("agent"));
-        let label = format!("agent-n{}-{}", node + 1, self.processes.len());
-        let idx = self.spawn(&label, &Placement { netns: &netns, cgroup: &cgroup }, &mut cmd)?;
+        let idx = self.place_agent(node, "agent", &mut cmd)?;
         self.nodes[node].agent = Some(idx);
+        let netns = self.nodes[node].netns.clone();
         let admin: SocketAddr = ADMIN.parse()?;
         let what = if ready { "agent not ready" } else { "agent admin API not up" };
         self.wait_started(idx, what, || {
             let answer = sys::http_get(&netns, admin, "/healthz/ready");
             Ok(if ready { matches!(answer, Ok((200, _))) } else { answer.is_ok() })
         })
+    }
+
+    /// Spawns an agent command in the node's netns and its cgroup subtree, labelled `prefix-nN-K`.
+    fn place_agent(&mut self, node: usize, prefix: &str, cmd: &mut Command) -> Result<usize> {
+        let (netns, cgroup) = (self.nodes[node].netns.clone(), self.nodes[node].cgroup.join("agent"));
+        let label = format!("{prefix}-n{}-{}", node + 1, self.processes.len());
+        self.spawn(&label, &Placement { netns: &netns, cgroup: &cgroup }, cmd)
     }
 
     /// Waits (at most 20 s) until `ready` holds for the process `idx` just spawned; an error naming `what` when

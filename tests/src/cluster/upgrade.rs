@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use super::{ADMIN, Cluster, Placement, tail};
+use super::{ADMIN, Cluster, tail};
 use crate::sys;
 
 /// How a rolling update replaces the agent.
@@ -40,10 +40,9 @@ impl Cluster {
         }
         let mut cmd = self.agent_command(node);
         cmd.args(&args);
-        let (netns, cgroup) = (self.nodes[node].netns.clone(), self.nodes[node].cgroup.join("agent"));
-        let label = format!("agent-n{}-{}", node + 1, self.processes.len());
-        let new = self.spawn(&label, &Placement { netns: &netns, cgroup: &cgroup }, &mut cmd)?;
+        let new = self.place_agent(node, "agent", &mut cmd)?;
         self.nodes[node].agent = Some(new);
+        let netns = self.nodes[node].netns.clone();
         let admin: SocketAddr = ADMIN.parse()?;
         // Ready as the kubelet's probe sees it: the node's admin port answers ready, from the new process.
         let new_pid = self.processes[new].as_ref().context("new agent gone")?.child.id();
@@ -88,9 +87,7 @@ impl Cluster {
         let args = self.nodes[node].agent_args.clone();
         let mut cmd = self.agent_command_on(node, "127.0.0.1:15100", "127.0.0.1:15120");
         cmd.args(&args);
-        let (netns, cgroup) = (self.nodes[node].netns.clone(), self.nodes[node].cgroup.join("agent"));
-        let label = format!("rival-agent-n{}-{}", node + 1, self.processes.len());
-        let idx = self.spawn(&label, &Placement { netns: &netns, cgroup: &cgroup }, &mut cmd)?;
+        let idx = self.place_agent(node, "rival-agent", &mut cmd)?;
         let status = self.exit_status(idx, Instant::now() + Duration::from_secs(30), "the rival agent, after 30 s")?;
         let p = self.processes[idx].as_ref().context("rival gone")?;
         Ok((status, std::fs::read_to_string(&p.log)?))
