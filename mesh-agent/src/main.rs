@@ -169,6 +169,11 @@ struct RunArgs {
     /// An HBONE connection to another agent without streams for this long is closed.
     #[arg(long, env = "NODEMESH_HBONE_IDLE_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
     hbone_idle_timeout: std::time::Duration,
+    /// Let calling agents send their requests straight on HBONE connections, each request a stream of its own.
+    /// `false` answers them as earlier agents did, so their requests travel as HTTP/2 inside a tunnel (for
+    /// mixed-version tests; it costs a second HTTP/2 layer on both agents).
+    #[arg(long, env = "NODEMESH_HBONE_L7_DIRECT", default_value_t = true, action = clap::ArgAction::Set)]
+    hbone_l7_direct: bool,
     /// How long `/quitquitquit` waits for proxied connections to finish before exiting.
     #[arg(long, env = "NODEMESH_DRAIN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
     drain_timeout: std::time::Duration,
@@ -287,6 +292,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         hbone_idle_timeout: args.hbone_idle_timeout,
     };
     let state = AgentState::new(args.node.clone(), capture, config.clone(), state_file, secrets, istio_names, limits);
+    state.set_direct_l7(args.hbone_l7_direct);
     state.set_config(config).context("applying capture exclusions")?;
     if let Some(client) = controller {
         match (resuming, seeded) {

@@ -25,6 +25,20 @@ pub struct PodContext {
 }
 
 impl PodContext {
+    /// A pod in the test's own netns, for unit tests of the data path.
+    #[cfg(test)]
+    pub fn for_test(netns: NetNs, namespace: &str, name: &str, ips: &[&str]) -> Self {
+        let net = PodNetwork {
+            container_id: format!("test-{name}"),
+            netns: netns.path().display().to_string(),
+            namespace: namespace.into(),
+            name: name.into(),
+            uid: None,
+            ips: ips.iter().filter_map(|ip| ip.parse().ok()).collect(),
+        };
+        PodContext { net, netns, enrolled_at: 0, outbound_connections: Default::default() }
+    }
+
     /// `namespace/name`
     pub fn name(&self) -> String {
         self.net.qualified_name()

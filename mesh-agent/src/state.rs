@@ -57,6 +57,8 @@ struct Inner {
     /// successor's readiness probe, answered on the same host port until the handover, does not pass early.
     successor_pending: AtomicBool,
     limits: crate::limits::Limits,
+    /// Whether calling agents may send their requests straight on HBONE connections (`--hbone-l7-direct`).
+    direct_l7: AtomicBool,
 }
 
 /// Counts one proxied connection as active until dropped.
@@ -117,9 +119,20 @@ impl AgentState {
                 drain,
                 successor_pending: AtomicBool::new(false),
                 limits,
+                direct_l7: AtomicBool::new(true),
             }
         });
         AgentState { inner }
+    }
+
+    /// Off, the agent answers calling agents as agents did before requests went straight on HBONE connections
+    /// (`crate::hbone::message`): their requests then travel inside tunnels.
+    pub fn set_direct_l7(&self, take: bool) {
+        self.inner.direct_l7.store(take, Ordering::Relaxed);
+    }
+
+    pub fn direct_l7(&self) -> bool {
+        self.inner.direct_l7.load(Ordering::Relaxed)
     }
 
     pub fn limits(&self) -> &crate::limits::Limits {

@@ -396,6 +396,10 @@ fn grpc_and_websocket_through_the_mesh() {
     assert_eq!(stream_failed["replies"].as_array().unwrap().len(), 3, "{stream_failed}");
     assert_eq!(stream_failed["trailer_server"], "echo-b", "{stream_failed}");
 
+    // The calling agent sent those requests straight on its HBONE connection, each a stream of its own.
+    assert!(c.metric(0, "nodemesh_hbone_l7_channels_opened_total", &[("mode", "direct")]).unwrap() >= 1.0);
+    assert_eq!(c.metric(0, "nodemesh_hbone_l7_channels_opened_total", &[("mode", "tunnel")]).unwrap_or(0.0), 0.0);
+
     // WebSocket: the upgrade crosses both agents, then frames flow both ways.
     let ws = c.run_in(&client, Path::new(HTTP), &["ws", "10.96.2.4:80", "/chat", "hello"]).unwrap();
     assert_eq!(ws["status"], "101", "{ws}");
@@ -424,6 +428,26 @@ fn grpc_and_websocket_through_the_mesh() {
             r.json["serverSawLocals"].as_array().unwrap().iter().filter_map(|l| l.as_str()).collect();
         assert!(peers.len() == 2, "{vip}: all 8 connections went to {peers:?}");
     }
+}
+
+/// Against an agent that does not take requests straight on its HBONE connections (as agents before did; in a
+/// rolling upgrade the peer may be one), the calling agent sends them inside a tunnel instead: gRPC unary and
+/// streaming with their trailers, and plain HTTP, all still arrive.
+#[test]
+fn requests_travel_inside_a_tunnel_to_an_agent_that_does_not_take_them_directly() {
+    let mut c = cluster!(2);
+    let client = app::mesh(&mut c, Path::new(HTTP), &GRPC_SERVERS, &grpc_objects(), 1, &["--hbone-l7-direct=false"]);
+    let unary = grpc(&c, &client, &["say", "hello"]);
+    assert_eq!(unary["code"], 0, "{unary}");
+    assert_eq!(unary["replies"][0], "echo-a", "{unary}");
+    let failed = grpc(&c, &client, &["say", "hello", "5"]);
+    assert_eq!(failed["code"], 5, "{failed}");
+    assert_eq!(failed["trailer_server"], "echo-a", "{failed}");
+    let stream = grpc(&c, &client, &["repeat", "hi", "25"]);
+    assert_eq!(stream["code"], 0, "{stream}");
+    assert_eq!(stream["replies"].as_array().unwrap().len(), 25, "{stream}");
+    assert!(c.metric(0, "nodemesh_hbone_l7_channels_opened_total", &[("mode", "tunnel")]).unwrap() >= 1.0);
+    assert_eq!(c.metric(0, "nodemesh_hbone_l7_channels_opened_total", &[("mode", "direct")]).unwrap_or(0.0), 0.0);
 }
 
 const AUTHZ_SERVERS: [Server<'static>; 2] = [

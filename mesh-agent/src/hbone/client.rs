@@ -20,7 +20,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpSocket;
 use tokio_rustls::TlsConnector;
 
-use super::{ALPN, CONNECTION_WINDOW, H2Stream, MAX_FRAME, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW};
+use super::{ALPN, CONNECTION_WINDOW, H2Stream, MAX_FRAME, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW, message};
 use crate::identity::verifier::SvidServerVerifier;
 use crate::identity::{Identity, SecretManager, WorkloadCert};
 use crate::netns::NetNs;
@@ -118,16 +118,49 @@ pub struct Source<'a> {
 
 impl Pool {
     /// Opens a tunnelled connection to `authority` through the agent at `dst` (the destination pod's 15008),
-    /// which must prove `dst_identity`. `l7` marks a stream that carries agent-to-agent HTTP/2 (see
-    /// [`super::L7_HEADER`]).
+    /// which must prove `dst_identity`.
     pub async fn open(
         &self,
         src: &Source<'_>,
         dst: SocketAddr,
         dst_identity: &Identity,
         authority: SocketAddr,
-        l7: Option<&'static str>,
     ) -> Result<(H2Stream, StreamSlot), HboneError> {
+        let (response, send, slot) = self.connect(src, dst, dst_identity, authority, None).await?;
+        Ok((H2Stream::new(send, response.into_body()), slot))
+    }
+
+    /// Opens a way for the calling agent's requests (for an application speaking `protocol`) to the workload at
+    /// `authority`: straight on the connection when the peer agent takes them so (it answers the offer, see
+    /// [`message::DIRECT_HEADER`]), or as agent-to-agent HTTP/2 inside a tunnel (see [`super::L7_HEADER`]).
+    pub async fn open_l7(
+        &self,
+        src: &Source<'_>,
+        dst: SocketAddr,
+        dst_identity: &Identity,
+        authority: SocketAddr,
+        protocol: &'static str,
+    ) -> Result<L7Channel, HboneError> {
+        let (response, mut send, slot) = self.connect(src, dst, dst_identity, authority, Some(protocol)).await?;
+        let direct = response.headers().contains_key(message::DIRECT_HEADER);
+        src.metrics.hbone_l7_channels.with_label_values(&[if direct { "direct" } else { "tunnel" }]).inc();
+        if direct {
+            // The offer was taken: this stream has served its purpose.
+            let _ = send.send_data(Bytes::new(), true);
+            return Ok(L7Channel::Direct(Channel { slot, authority, protocol }));
+        }
+        Ok(L7Channel::Stream(H2Stream::new(send, response.into_body()), slot))
+    }
+
+    /// Sends the CONNECT for `authority` on a pooled (or new) connection and waits for its 200.
+    async fn connect(
+        &self,
+        src: &Source<'_>,
+        dst: SocketAddr,
+        dst_identity: &Identity,
+        authority: SocketAddr,
+        l7: Option<&'static str>,
+    ) -> Result<(http::Response<h2::RecvStream>, h2::SendStream<Bytes>, StreamSlot), HboneError> {
         let key = Key {
             netns_cookie: src.netns.cookie(),
             dst,
@@ -154,7 +187,7 @@ impl Pool {
                 }
             };
             match connect_stream(sender, dst, authority, l7).await {
-                Ok(stream) => return Ok((stream, slot)),
+                Ok((response, send)) => return Ok((response, send, slot)),
                 // The peer agent is draining (GOAWAY) or refused the stream unprocessed: the connection takes no
                 // more tunnels, and nothing reached the destination, so a fresh connection may carry this one.
                 Err(HboneError::H2(_, e)) if attempt == 0 && super::never_processed(&e) => {
@@ -310,10 +343,10 @@ async fn connect_stream(
     dst: SocketAddr,
     authority: SocketAddr,
     l7: Option<&'static str>,
-) -> Result<H2Stream, HboneError> {
+) -> Result<(http::Response<h2::RecvStream>, h2::SendStream<Bytes>), HboneError> {
     let mut request = Request::builder().method(Method::CONNECT).uri(authority.to_string()).version(Version::HTTP_2);
     if let Some(protocol) = l7 {
-        request = request.header(super::L7_HEADER, protocol);
+        request = request.header(super::L7_HEADER, protocol).header(message::DIRECT_HEADER, "1");
     }
     let request = request.body(()).map_err(|e| HboneError::Setup(e.to_string()))?;
     let (response, send) = sender.send_request(request, false).map_err(|e| HboneError::H2(dst, e))?;
@@ -321,7 +354,65 @@ async fn connect_stream(
     if response.status() != StatusCode::OK {
         return Err(HboneError::Refused(dst, response.status().as_u16()));
     }
-    Ok(H2Stream::new(send, response.into_body()))
+    Ok((response, send))
+}
+
+/// How the calling agent's requests reach one workload (see [`Pool::open_l7`]).
+pub enum L7Channel {
+    /// Each request is a stream of its own on the HBONE connection.
+    Direct(Channel),
+    /// The requests travel as agent-to-agent HTTP/2 inside this tunnel.
+    Stream(H2Stream, StreamSlot),
+}
+
+/// Requests to one workload sent straight on a pooled HBONE connection. The connection counts it as one of its
+/// streams while it lives, so it stays open for as long as requests may come.
+pub struct Channel {
+    slot: StreamSlot,
+    authority: SocketAddr,
+    protocol: &'static str,
+}
+
+impl Channel {
+    pub fn is_closed(&self) -> bool {
+        self.slot.0.closed.load(Ordering::Acquire)
+    }
+
+    /// Sends `request` (HTTP/2 form: absolute URI, no connection headers) and returns the response head with
+    /// its body. A request body is sent by a task of its own, alongside the response (bidirectional streaming).
+    pub async fn send(
+        &self,
+        request: Request<crate::body::Body>,
+    ) -> Result<http::Response<message::RecvBody>, h2::Error> {
+        let (mut parts, body) = request.into_parts();
+        let target = http::HeaderValue::try_from(self.authority.to_string()).map_err(|_| h2::Reason::INTERNAL_ERROR)?;
+        parts.headers.insert(message::TARGET_HEADER, target);
+        parts.headers.insert(super::L7_HEADER, http::HeaderValue::from_static(self.protocol));
+        let end = http_body::Body::is_end_stream(&body);
+        let sent = async {
+            let mut sender = self.slot.0.sender.clone().ready().await?;
+            let (response, send) = sender.send_request(Request::from_parts(parts, ()), end)?;
+            if !end {
+                tokio::spawn(async move {
+                    if let Err(e) = message::send_body(body, send).await {
+                        tracing::debug!(error = %e, "request body not sent to its end");
+                    }
+                });
+            }
+            response.await
+        };
+        match sent.await {
+            Ok(response) => Ok(response.map(message::RecvBody::new)),
+            Err(e) => {
+                // The peer agent drains (GOAWAY) or refuses streams: this channel takes no more requests, so the
+                // caller's next one opens a channel on a fresh connection.
+                if super::never_processed(&e) {
+                    self.slot.0.closed.store(true, Ordering::Release);
+                }
+                Err(e)
+            }
+        }
+    }
 }
 
 /// Presents the source workload's certificate.

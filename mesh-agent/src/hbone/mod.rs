@@ -4,19 +4,21 @@
 //! reached).
 
 pub mod client;
+pub mod message;
 mod stream;
 
 pub use stream::H2Stream;
 
-/// Set on a CONNECT between nodemesh agents whose stream carries the calling agent's HTTP/2 (many requests of one
-/// source workload) rather than the workload's own bytes. The value is the protocol the destination application
-/// speaks (`http1` or `http2`), which the receiving agent uses towards it. Other HBONE peers never see it.
 /// An HTTP/2 failure that proves the peer never processed the stream: it went away (GOAWAY) before it, or
 /// refused it. Such a stream (an HBONE tunnel, an agent-to-agent request) may go again on another connection.
 pub fn never_processed(e: &h2::Error) -> bool {
     e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM)
 }
 
+/// Set on a CONNECT between nodemesh agents whose stream carries the calling agent's HTTP/2 (many requests of one
+/// source workload) rather than the workload's own bytes, and on requests sent straight on the connection
+/// ([`message`]). The value is the protocol the destination application speaks (`http1` or `http2`), which the
+/// receiving agent uses towards it. Other HBONE peers never see it.
 pub const L7_HEADER: &str = "nodemesh-l7";
 
 /// ALPN protocol of HBONE.

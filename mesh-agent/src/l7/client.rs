@@ -22,6 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::detect::Protocol;
 use crate::body::Body;
+use crate::hbone::client::Channel;
 use crate::hbone::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
 
 /// Idle HTTP/1 connections kept per key.
@@ -44,9 +45,12 @@ pub enum UpstreamError {
     /// The upstream never processed the request: its HTTP/2 connection went away (GOAWAY: the agent or server
     /// behind it drains) or it refused the stream. Safe to send again on another connection.
     #[error("not processed: {0}")]
-    Unprocessed(hyper::Error),
+    Unprocessed(crate::body::BoxError),
     #[error("HTTP: {0}")]
     Http(#[from] hyper::Error),
+    /// On an HBONE connection to the peer agent.
+    #[error("HTTP/2 to the peer agent: {0}")]
+    Mesh(h2::Error),
 }
 
 impl UpstreamError {
@@ -63,6 +67,15 @@ fn never_processed(e: &hyper::Error) -> bool {
 enum Sender {
     H1(http1::SendRequest<Body>),
     H2(http2::SendRequest<Body>),
+    /// Requests straight on an HBONE connection to the peer agent (shared like HTTP/2).
+    Mesh(Arc<MeshSender>),
+}
+
+/// A channel to a peer agent, with what must live as long as it (a circuit-breaker connection permit).
+pub struct MeshSender {
+    channel: Channel,
+    /// Only held (a `Mutex` makes the sender shareable between requests; it is never locked).
+    _guard: Mutex<Guard>,
 }
 
 impl Sender {
@@ -70,8 +83,25 @@ impl Sender {
         match self {
             Sender::H1(s) => s.is_closed(),
             Sender::H2(s) => s.is_closed(),
+            Sender::Mesh(s) => s.channel.is_closed(),
         }
     }
+
+    /// Another handle on a connection that takes concurrent requests; `None` for HTTP/1.
+    fn shared(&self) -> Option<Sender> {
+        match self {
+            Sender::H1(_) => None,
+            Sender::H2(s) => Some(Sender::H2(s.clone())),
+            Sender::Mesh(s) => Some(Sender::Mesh(s.clone())),
+        }
+    }
+}
+
+/// What a dial produced: a byte stream to speak HTTP on, or a channel to a peer agent that takes requests as
+/// they are; either with what must live as long as the connection.
+pub enum Dialed {
+    Io(Box<dyn Io>, Guard),
+    Mesh(Channel, Guard),
 }
 
 /// Performs the HTTP handshake of `protocol` over `io` and runs the connection in its own task.
@@ -122,6 +152,8 @@ impl SenderHandle {
                 s.ready().await?;
                 Ok(s.send_request(req).await?)
             }
+            // `handshake` makes HTTP connections only.
+            Sender::Mesh(_) => Err(UpstreamError::Connect("not an HTTP connection".into())),
         }
     }
 }
@@ -179,8 +211,8 @@ impl<K: Hash + Eq + Clone + Send + Unpin + 'static> HttpPool<K> {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         let list = conns.get_mut(key)?;
         list.retain(|s| !s.is_closed());
-        if let Some(Sender::H2(s)) = list.iter().find(|s| matches!(s, Sender::H2(_))) {
-            return Some(Sender::H2(s.clone()));
+        if let Some(shared) = list.iter().find_map(Sender::shared) {
+            return Some(shared);
         }
         // Every HTTP/1 connection in the pool is idle: busy ones are out with their request.
         list.pop()
@@ -189,7 +221,7 @@ impl<K: Hash + Eq + Clone + Send + Unpin + 'static> HttpPool<K> {
     fn checkin(&self, key: K, sender: Sender) {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         let list = conns.entry(key).or_default();
-        if list.len() < MAX_IDLE_HTTP1 || matches!(sender, Sender::H2(_)) {
+        if list.len() < MAX_IDLE_HTTP1 || sender.shared().is_some() {
             list.push(sender);
         }
     }
@@ -205,7 +237,7 @@ impl<K: Hash + Eq + Clone + Send + Unpin + 'static> HttpPool<K> {
     ) -> Result<Response<Body>, UpstreamError>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<(Box<dyn Io>, Guard), UpstreamError>>,
+        Fut: Future<Output = Result<Dialed, UpstreamError>>,
     {
         let mut req = req;
         if let Some(sender) = self.checkout(&key) {
@@ -215,10 +247,12 @@ impl<K: Hash + Eq + Clone + Send + Unpin + 'static> HttpPool<K> {
                 Err(Retryable::Yes(r)) => req = *r,
             }
         }
-        let (io, guard) = dial().await?;
-        let SenderHandle(sender) = handshake(io, protocol, guard).await?;
-        if let Sender::H2(s) = &sender {
-            self.checkin(key.clone(), Sender::H2(s.clone()));
+        let sender = match dial().await? {
+            Dialed::Io(io, guard) => handshake(io, protocol, guard).await?.0,
+            Dialed::Mesh(channel, guard) => Sender::Mesh(Arc::new(MeshSender { channel, _guard: Mutex::new(guard) })),
+        };
+        if let Some(shared) = sender.shared() {
+            self.checkin(key.clone(), shared);
         }
         match self.try_send(&key, sender, req).await {
             Ok(response) => Ok(response),
@@ -246,6 +280,18 @@ impl<K: Hash + Eq + Clone + Send + Unpin + 'static> HttpPool<K> {
                 let checkin = Some((self.clone(), key.clone(), s));
                 Ok(response.map(|body| crate::body::boxed(CheckinOnEnd { body, checkin })))
             }
+            Sender::Mesh(s) => {
+                if s.channel.is_closed() {
+                    return Err(Retryable::Yes(Box::new(req)));
+                }
+                match s.channel.send(req).await {
+                    Ok(response) => Ok(response.map(crate::body::boxed)),
+                    Err(e) if crate::hbone::never_processed(&e) => {
+                        Err(Retryable::No(UpstreamError::Unprocessed(e.into())))
+                    }
+                    Err(e) => Err(Retryable::No(UpstreamError::Mesh(e))),
+                }
+            }
         }
     }
 
@@ -260,7 +306,11 @@ fn retryable(mut e: hyper::client::conn::TrySendError<Request<Body>>) -> Retryab
         Some(req) => Retryable::Yes(Box::new(req)),
         None => {
             let e = e.into_error();
-            Retryable::No(if never_processed(&e) { UpstreamError::Unprocessed(e) } else { UpstreamError::Http(e) })
+            Retryable::No(if never_processed(&e) {
+                UpstreamError::Unprocessed(e.into())
+            } else {
+                UpstreamError::Http(e)
+            })
         }
     }
 }

@@ -10,7 +10,7 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use mesh_common::policy::Request as PolicyRequest;
 
-use super::client::{Guard, HttpPool, Io, io_error};
+use super::client::{Dialed, HttpPool, Io, io_error};
 use super::detect::{self, Hint, Protocol, Rewind};
 use super::local_reply::{Flag, reply};
 use super::{server, upgrade, upstream};
@@ -67,9 +67,9 @@ pub async fn serve(io: impl Io, downstream: Protocol, session: Session) {
     let (limits, drain) = (*session.state.limits(), session.state.drain());
     let (metrics, pod) = (session.state.metrics().clone(), session.pod.clone());
     let session = Arc::new(session);
-    let ended = server::serve(io, downstream, &limits, drain, move |req| {
+    let ended = server::serve(io, downstream, &limits, drain, move |req: Request<Incoming>| {
         let session = session.clone();
-        async move { handle(&session, req).await }
+        async move { handle(&session, req.map(body::boxed)).await }
     })
     .await;
     if ended == server::Ended::HeaderTimeout {
@@ -90,11 +90,12 @@ fn denied(s: &Session, refusal: policy::Refusal, grpc: bool) -> Response<Body> {
     reply(grpc, StatusCode::FORBIDDEN, None, Some(Flag::Denied), "RBAC: access denied")
 }
 
-async fn handle(s: &Session, req: Request<Incoming>) -> Response<Body> {
+/// Authorizes one request and answers it: from the application, or the agent's refusal.
+pub async fn handle(s: &Session, req: Request<Body>) -> Response<Body> {
     let grpc = is_grpc(req.headers());
     let upgrade = upgrade::is_upgrade(&req);
     let ends = (Some(s.peer), Some(s.target));
-    let (observation, req) = request::start(s.state.sinks(), &s.state.config(), &s.pod, ends, req.map(body::boxed));
+    let (observation, req) = request::start(s.state.sinks(), &s.state.config(), &s.pod, ends, req);
     let response = match authorize(s, &req) {
         Err(refusal) => denied(s, refusal, grpc),
         // Counted like any request: the switch (101, or 200 for CONNECT) or the refusal.
@@ -114,7 +115,7 @@ async fn to_app(s: &Session, grpc: bool, req: Request<Body>) -> Response<Body> {
     let req = upstream::for_protocol(req, s.app);
     let dial = || async {
         let app = crate::proxy::connect_to_app(&s.state, &s.pod, s.target, s.peer).await.map_err(io_error)?;
-        Ok((Box::new(app) as Box<dyn Io>, Box::new(()) as Guard))
+        Ok(Dialed::Io(Box::new(app), Box::new(())))
     };
     match s.app_conns.send((), s.app, req, dial).await {
         Ok(response) => upstream::response_for_downstream(response),

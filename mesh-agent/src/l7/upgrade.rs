@@ -110,7 +110,7 @@ pub async fn outbound(call: &Call, req: Request<Body>) -> Response<Body> {
     };
     let route = upstream::route_to(&config, call.state.secrets().is_some(), &call.pod, target);
     let meshed = matches!(route, upstream::Route::Mesh { .. });
-    let mut response = match upstream::connect(&call.state, &call.pod, &route, target, None).await {
+    let mut response = match upstream::connect(&call.state, &call.pod, &route, target).await {
         Ok((io, guard)) => relay(req, io, guard).await,
         Err(e) => return unreachable_upstream(&e.to_string()),
     };

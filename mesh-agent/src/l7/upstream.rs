@@ -10,10 +10,10 @@ use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{HeaderMap, HeaderValue, Request, Response, Version};
 use mesh_common::bpf::HBONE_PORT;
 
-use super::client::{Guard, HttpPool, Io, UpstreamError, io_error};
+use super::client::{Dialed, Guard, HttpPool, Io, UpstreamError, io_error};
 use super::detect::Protocol;
 use crate::body::Body;
-use crate::hbone::client::Source;
+use crate::hbone::client::{L7Channel, Source};
 use crate::identity::Identity;
 use crate::pod::PodContext;
 use crate::snapshot::Snapshot;
@@ -48,27 +48,33 @@ pub fn route_to(config: &Snapshot, mtls: bool, pod: &PodContext, target: SocketA
     }
 }
 
-/// Opens a byte stream to `target`: an HBONE stream (marked as agent-to-agent HTTP/2 when `l7` is given) or a
-/// plaintext connection from the pod.
+/// A pod's source for HBONE: its certificate for `src`, fetched (or issued) on first use.
+async fn with_source<T>(
+    state: &AgentState,
+    pod: &PodContext,
+    src: &Identity,
+    open: impl AsyncFnOnce(&Source<'_>) -> Result<T, crate::hbone::client::HboneError>,
+) -> Result<T, UpstreamError> {
+    let secrets = state.secrets().ok_or_else(|| UpstreamError::Connect("no certificate authority".into()))?;
+    let cert = secrets.fetch(src).await.map_err(|e| UpstreamError::Connect(e.to_string()))?;
+    let (metrics, tunnels) = (state.metrics(), state.tunnels());
+    let source = Source { metrics, tunnels, netns: &pod.netns, cert: &cert, secrets, pod: &pod.name() };
+    open(&source).await.map_err(|e| UpstreamError::Connect(e.to_string()))
+}
+
+/// Opens a byte stream to `target`: an HBONE tunnel or a plaintext connection from the pod.
 pub async fn connect(
     state: &AgentState,
     pod: &PodContext,
     route: &Route,
     target: SocketAddr,
-    l7: Option<Protocol>,
 ) -> Result<(Box<dyn Io>, Guard), UpstreamError> {
     match route {
         Route::Mesh { src, dst } => {
-            let secrets = state.secrets().ok_or_else(|| UpstreamError::Connect("no certificate authority".into()))?;
-            let cert = secrets.fetch(src).await.map_err(|e| UpstreamError::Connect(e.to_string()))?;
-            let (metrics, tunnels) = (state.metrics(), state.tunnels());
-            let source = Source { metrics, tunnels, netns: &pod.netns, cert: &cert, secrets, pod: &pod.name() };
             let gateway = SocketAddr::new(target.ip(), HBONE_PORT);
-            let (stream, slot) = state
-                .pool()
-                .open(&source, gateway, dst, target, l7.map(Protocol::as_str))
-                .await
-                .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+            let (stream, slot) =
+                with_source(state, pod, src, async |source| state.pool().open(source, gateway, dst, target).await)
+                    .await?;
             Ok((Box::new(stream), Box::new(slot)))
         }
         Route::Plain => {
@@ -76,6 +82,31 @@ pub async fn connect(
             Ok((Box::new(stream), Box::new(())))
         }
     }
+}
+
+/// Opens the way for requests to `target` for an application speaking `app`: through the peer agent for a
+/// meshed endpoint (straight on the HBONE connection when it takes that, see [`crate::hbone::message`]), a
+/// plaintext connection from the pod otherwise.
+async fn dial(
+    state: &AgentState,
+    pod: &PodContext,
+    route: &Route,
+    target: SocketAddr,
+    app: Protocol,
+) -> Result<Dialed, UpstreamError> {
+    let Route::Mesh { src, dst } = route else {
+        let (io, guard) = connect(state, pod, route, target).await?;
+        return Ok(Dialed::Io(io, guard));
+    };
+    let gateway = SocketAddr::new(target.ip(), HBONE_PORT);
+    let opened = with_source(state, pod, src, async |source| {
+        state.pool().open_l7(source, gateway, dst, target, app.as_str()).await
+    })
+    .await?;
+    Ok(match opened {
+        L7Channel::Direct(channel) => Dialed::Mesh(channel, Box::new(())),
+        L7Channel::Stream(stream, slot) => Dialed::Io(Box::new(stream), Box::new(slot)),
+    })
 }
 
 /// Left in a response's extensions by [`send`]: whether the endpoint was reached over HBONE (mTLS).
@@ -100,8 +131,10 @@ pub async fn send(
     let mut response = pool
         .send(key, wire, req, || async move {
             let permit = connection_guard().ok_or(UpstreamError::Overflow)?;
-            let (io, guard) = connect(state, pod, &route, target, mesh.then_some(app)).await?;
-            Ok((io, Box::new((guard, permit)) as Guard))
+            Ok(match dial(state, pod, &route, target, app).await? {
+                Dialed::Io(io, guard) => Dialed::Io(io, Box::new((guard, permit))),
+                Dialed::Mesh(channel, guard) => Dialed::Mesh(channel, Box::new((guard, permit))),
+            })
         })
         .await?;
     response.extensions_mut().insert(Meshed(mesh));

@@ -45,6 +45,9 @@ pub struct Metrics {
     /// HBONE (mTLS HTTP/2) connections, not streams.
     pub hbone_connections: IntCounterVec,
     pub hbone_failures: IntCounterVec,
+    /// Ways opened for one pod's requests to one workload through its agent (`mode`: `direct`, straight on the
+    /// HBONE connection; `tunnel`, inside a CONNECT stream, when the peer does not take them directly).
+    pub hbone_l7_channels: IntCounterVec,
     /// Connections the agent closed to bound its resources (`reason`: `header_timeout`, `connection_limit`).
     pub connections_cut: IntCounterVec,
     pub enrolled_pods: IntGauge,
@@ -107,6 +110,12 @@ impl Metrics {
                 "nodemesh_hbone_failures_total",
                 "Tunnel connections that failed before carrying traffic, by reason",
                 &["direction", "reason"],
+            ),
+            hbone_l7_channels: labelled(
+                &registry,
+                "nodemesh_hbone_l7_channels_opened_total",
+                "Ways opened for a pod's requests to a workload through its agent, by mode (direct or tunnel)",
+                &["mode"],
             ),
             enrolled_pods,
             original_destination_missing,

@@ -15,7 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
-use crate::hbone::{ALPN, CONNECTION_WINDOW, H2Stream, MAX_FRAME, STREAM_WINDOW};
+use crate::hbone::{ALPN, CONNECTION_WINDOW, H2Stream, MAX_FRAME, STREAM_WINDOW, message};
 use crate::identity::svid::{self, Svid};
 use crate::identity::verifier::SvidClientVerifier;
 use crate::l7::detect::Protocol;
@@ -25,6 +25,7 @@ use crate::metrics::{Flow, Security};
 use crate::pod::PodContext;
 use crate::policy;
 use crate::proxy;
+use crate::proxy::hbone_requests::{self, Requests};
 use crate::state::AgentState;
 use crate::tunnels::TunnelView;
 
@@ -124,6 +125,8 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, pod
         }
     };
     let peer_svid = Arc::new(peer_svid);
+    // Made at the first request sent straight on the connection (most connections carry tunnels only).
+    let mut requests: Option<Arc<Requests>> = None;
     let (mut drain, mut going_away) = (state.drain(), false);
     loop {
         let next = tokio::select! {
@@ -137,6 +140,15 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, pod
             }
         };
         match next {
+            Some(Ok((request, respond))) if hbone_requests::is_direct(&request) => {
+                let requests = requests
+                    .get_or_insert_with(|| {
+                        let principal = peer_svid.identity.to_string();
+                        Arc::new(Requests::new(state.clone(), pod.clone(), principal, peer))
+                    })
+                    .clone();
+                tokio::spawn(hbone_requests::serve(requests, request, respond).in_current_span());
+            }
             Some(Ok((request, respond))) => {
                 let (pod, state, svid) = (pod.clone(), state.clone(), peer_svid.clone());
                 tokio::spawn(stream(request, respond, peer, svid, pod, state).in_current_span());
@@ -196,6 +208,12 @@ async fn stream(
         let Some(tunnel) = accept(respond, request) else { return };
         let flow = Flow::inbound(&config, &pod, peer.ip(), Some(&principal), target.port(), Security::MutualTls);
         return proxy::forward(&state, &pod, flow, (peer, target), tunnel, app).await;
+    }
+    if l7.is_some() && request.headers().contains_key(message::DIRECT_HEADER) && state.direct_l7() {
+        // The calling agent offers to send its requests straight on the connection (`hbone_requests`): taken.
+        let response = Response::builder().header(message::DIRECT_HEADER, "1").body(()).unwrap_or_default();
+        let _ = respond.send_response(response, true);
+        return;
     }
     let Some(tunnel) = accept(respond, request) else { return };
     let session = |app| Session::new(state.clone(), pod.clone(), Some(principal.clone()), peer, target, app);

@@ -3,6 +3,7 @@
 //! All of them end in [`forward`], one copy loop with one set of metrics.
 
 pub mod hbone_inbound;
+pub mod hbone_requests;
 pub mod inbound;
 pub mod outbound;
 

@@ -109,7 +109,7 @@ pub async fn to_endpoint(conn: Rewind<TcpStream>, target: SocketAddr, pod: Arc<P
             let gateway = SocketAddr::new(target.ip(), HBONE_PORT);
             let (metrics, tunnels) = (state.metrics(), state.tunnels());
             let source = Source { metrics, tunnels, netns: &pod.netns, cert: &cert, secrets, pod: &pod.name() };
-            match state.pool().open(&source, gateway, &dst, target, None).await {
+            match state.pool().open(&source, gateway, &dst, target).await {
                 Ok((stream, _slot)) => {
                     let flow = flow(Some(dst.to_string()), Security::MutualTls);
                     forward(&state, &pod, flow, (client, target), conn, stream).await
