@@ -19,15 +19,16 @@ use super::outlier::{Outcome, OutlierSettings, OutlierState};
 use super::ratelimit::RateLimiter;
 use super::retry::Budget;
 
-/// Where the calling agent runs.
-pub struct Here {
-    pub node: String,
-    pub locality: Locality,
+/// Where the calling agent runs (borrowed: it is looked at on every pick).
+#[derive(Clone, Copy)]
+pub struct Here<'a> {
+    pub node: &'a str,
+    pub locality: &'a Locality,
 }
 
-impl Here {
-    pub fn of(state: &crate::state::AgentState) -> Self {
-        Here { node: state.node().to_string(), locality: state.config().locality.clone() }
+impl<'a> Here<'a> {
+    pub fn of(node: &'a str, config: &'a Snapshot) -> Self {
+        Here { node, locality: &config.locality }
     }
 }
 
@@ -168,8 +169,8 @@ impl Destination {
         }
         let lb = self.shared.settings.load_balancer.as_ref();
         if lb.is_some_and(|lb| lb.locality_preference) {
-            let same_node = |e: &Endpoint| e.node.as_deref() == Some(here.node.as_str());
-            let same_zone = |e: &Endpoint| here.locality.zone.is_some() && e.locality == here.locality;
+            let same_node = |e: &Endpoint| e.node.as_deref() == Some(here.node);
+            let same_zone = |e: &Endpoint| here.locality.zone.is_some() && e.locality == *here.locality;
             let same_region =
                 |e: &Endpoint| here.locality.region.is_some() && e.locality.region == here.locality.region;
             let tiers: [&dyn Fn(&Endpoint) -> bool; 3] = [&same_node, &same_zone, &same_region];
@@ -243,13 +244,15 @@ struct Registry {
     /// The config the generation belongs to (held, so its address cannot be reused by another config).
     config: Option<Arc<Snapshot>>,
     generation: u64,
-    map: HashMap<(String, String), Arc<Destination>>,
+    /// By namespace, then name: looked up with the request's borrowed names (no key is built per request).
+    map: HashMap<String, HashMap<String, Arc<Destination>>>,
 }
 
 impl Destinations {
     /// The destinations this agent has sent traffic to (as of their last use).
     pub fn known(&self) -> Vec<Arc<Destination>> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).map.values().cloned().collect()
+        let r = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        r.map.values().flat_map(|by_name| by_name.values().cloned()).collect()
     }
 
     pub fn get(&self, config: &Arc<Snapshot>, namespace: &str, name: &str) -> Option<Arc<Destination>> {
@@ -258,13 +261,15 @@ impl Destinations {
             r.config = Some(config.clone());
             r.generation += 1;
         }
-        let key = (namespace.to_string(), name.to_string());
-        let old = r.map.get(&key).cloned();
-        if let Some(d) = old.as_ref().filter(|d| d.generation == r.generation) {
+        let generation = r.generation;
+        let old = r.map.get(namespace).and_then(|by_name| by_name.get(name)).cloned();
+        if let Some(d) = old.as_ref().filter(|d| d.generation == generation) {
             return Some(d.clone());
         }
         let Some(service) = config.service(namespace, name) else {
-            r.map.remove(&key);
+            if let Some(by_name) = r.map.get_mut(namespace) {
+                by_name.remove(name);
+            }
             return None;
         };
         let settings = config
@@ -273,8 +278,8 @@ impl Destinations {
             .find(|p| p.namespace == namespace && p.service == name)
             .map(|p| p.settings.clone())
             .unwrap_or_default();
-        let d = Arc::new(Destination::build(service, settings, old.as_deref(), r.generation));
-        r.map.insert(key, d.clone());
+        let d = Arc::new(Destination::build(service, settings, old.as_deref(), generation));
+        r.map.entry(namespace.to_string()).or_default().insert(name.to_string(), d.clone());
         Some(d)
     }
 }
@@ -307,7 +312,8 @@ mod tests {
             }),
             ..Default::default()
         };
-        let here = Here { node: "n1".into(), locality: locality("z1", "r1") };
+        let near = locality("z1", "r1");
+        let here = Here { node: "n1", locality: &near };
         let all = [
             endpoint("10.0.0.1", "n1", locality("z1", "r1")),
             endpoint("10.0.0.2", "n2", locality("z1", "r1")),

@@ -96,7 +96,7 @@ pub async fn forward(
     };
     let key = hash_key(call, &dest, &parts);
     let mut tries = Tries::new(&a, body);
-    let here = Here::of(&call.state);
+    let here = Here::of(call.state.node(), config);
     loop {
         let Some(endpoint) = dest.pick(key, &here) else {
             let flag = Some(Flag::NoHealthyUpstream);

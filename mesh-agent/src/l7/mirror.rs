@@ -38,11 +38,11 @@ pub fn send(
     let Some(dest) = call.state.l7().destinations.get(config, &target.namespace, &target.name) else { return };
     let config = config.clone();
     let head = forward::head(parts);
-    let (state, pod, protocol, here) = (call.state.clone(), call.pod.clone(), call.protocol, Here::of(&call.state));
+    let (state, pod, protocol) = (call.state.clone(), call.pod.clone(), call.protocol);
     tokio::spawn(async move {
         let work = async {
             let body = replay.finished().await?;
-            let endpoint = dest.pick(None, &here)?;
+            let endpoint = dest.pick(None, &Here::of(state.node(), &config))?;
             let req = head.body(body).ok()?;
             let target = std::net::SocketAddr::new(endpoint.ip, endpoint_port);
             let no_limit = || Some(Box::new(()) as Guard);

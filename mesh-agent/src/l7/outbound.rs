@@ -24,7 +24,7 @@ use super::detect::{self, Protocol, Rewind};
 use super::filters;
 use super::forward::{self, Attempt};
 use super::local_reply::{Flag, reply};
-use super::router::RequestView;
+use super::router::{RequestView, RouteTable};
 use super::server;
 use crate::body::{self, Body};
 use crate::http_message::is_grpc;
@@ -47,6 +47,25 @@ pub struct Call {
     pub protocol: Protocol,
     /// The caller's SPIFFE ID (rate limits per source), or its pod name when it has none.
     pub source: String,
+    /// The route table of the last config a request on this connection used: the table depends only on the
+    /// config, the Service and port called and the caller's namespace, so requests after the first skip the
+    /// agent-wide table lookup.
+    routes: std::sync::Mutex<Option<(Arc<Snapshot>, Arc<RouteTable>)>>,
+}
+
+impl Call {
+    /// The routes for this connection's Service and port under `config`.
+    pub fn route_table(&self, config: &Arc<Snapshot>) -> Arc<RouteTable> {
+        let mut cached = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, table)) = cached.as_ref().filter(|(seen, _)| Arc::ptr_eq(seen, config)) {
+            return table.clone();
+        }
+        let svc = &self.service;
+        let port = svc.port.unwrap_or_default();
+        let table = self.state.l7().routes.get(config, &svc.namespace, &svc.name, port, &self.pod.net.namespace);
+        *cached = Some((config.clone(), table.clone()));
+        table
+    }
 }
 
 /// Handles a connection to `service:port` that the pod dialled.
@@ -76,7 +95,16 @@ pub async fn serve(
     let client = pod.caller(peer);
     let (limits, drain) = (*state.limits(), state.drain());
     let (metrics, counted) = (state.metrics().clone(), pod.clone());
-    let call = Arc::new(Call { state, pod, source_ip: client.ip(), client, service: service_ref, protocol, source });
+    let call = Arc::new(Call {
+        state,
+        pod,
+        source_ip: client.ip(),
+        client,
+        service: service_ref,
+        protocol,
+        source,
+        routes: Default::default(),
+    });
     let ended = server::serve(io, protocol, &limits, drain, move |req| handle(call.clone(), req)).await;
     if ended == server::Ended::HeaderTimeout {
         metrics.cut(&counted, Direction::Outbound, "header_timeout");
@@ -97,7 +125,7 @@ async fn opaque(
         .l7()
         .destinations
         .get(&config, &svc.namespace, &svc.name)
-        .and_then(|d| d.pick(Some(super::balance::source_ip_key(source_ip)), &Here::of(&state)));
+        .and_then(|d| d.pick(Some(super::balance::source_ip_key(source_ip)), &Here::of(state.node(), &config)));
     let Some(endpoint) = endpoint else {
         tracing::info!(service = %format!("{}/{}", svc.namespace, svc.name), "no ready endpoint");
         return crate::proxy::reset(io.into_inner());
@@ -200,10 +228,9 @@ async fn send_routed(
     route: &mut Option<String>,
 ) -> Response<Body> {
     let grpc = is_grpc(req.headers());
-    let l7 = call.state.l7();
     let svc = &call.service;
     let port = svc.port.unwrap_or_default();
-    let table = l7.routes.get(config, &svc.namespace, &svc.name, port, &call.pod.net.namespace);
+    let table = call.route_table(config);
     let (mut parts, body) = req.into_parts();
     let selected = table.select(&RequestView::new(&parts.method, &parts.uri, &parts.headers));
     *route = selected.as_ref().map(|s| format!("{}/{}", s.route.namespace, s.route.name));

@@ -87,7 +87,7 @@ pub async fn outbound(call: &Call, req: Request<Body>) -> Response<Body> {
     let l7 = call.state.l7();
     let svc = &call.service;
     let port = svc.port.unwrap_or_default();
-    let table = l7.routes.get(&config, &svc.namespace, &svc.name, port, &call.pod.net.namespace);
+    let table = call.route_table(&config);
     let backend = {
         match table.select(&super::router::RequestView::new(req.method(), req.uri(), req.headers())) {
             Some(s) => super::outbound::weighted(s.rule).map(|b| b.service.clone()),
@@ -96,7 +96,8 @@ pub async fn outbound(call: &Call, req: Request<Body>) -> Response<Body> {
     };
     let endpoint = backend.and_then(|b| {
         let port = super::forward::endpoint_port(&config, &b, port)?;
-        let endpoint = l7.destinations.get(&config, &b.namespace, &b.name)?.pick(None, &Here::of(&call.state))?;
+        let endpoint =
+            l7.destinations.get(&config, &b.namespace, &b.name)?.pick(None, &Here::of(call.state.node(), &config))?;
         Some((SocketAddr::new(endpoint.ip, port), b))
     });
     let Some((target, backend)) = endpoint else {

@@ -143,11 +143,15 @@ struct Live {
     bytes: Arc<ByteCounts>,
 }
 
+/// Keyed by label sets of the agent's own making (from its config and the responses it relays), hashed on every
+/// request and connection: a fast seeded hash rather than SipHash.
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 #[derive(Default)]
 struct Store {
-    requests: HashMap<RequestKey, Entry<RequestSeries>>,
-    tcp: HashMap<Flow, Entry<TcpSeries>>,
-    live: HashMap<u64, Live>,
+    requests: Map<RequestKey, Entry<RequestSeries>>,
+    tcp: Map<Flow, Entry<TcpSeries>>,
+    live: Map<u64, Live>,
     next_id: u64,
 }
 
