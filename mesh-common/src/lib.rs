@@ -28,4 +28,6 @@ pub mod proto {
 }
 
 #[cfg(feature = "grpc")]
+pub mod packed;
+#[cfg(feature = "grpc")]
 pub mod resources;

@@ -50,6 +50,18 @@ type Resources = BTreeMap<Key, Vec<u8>>;
 struct Shared {
     mesh: Arc<Mesh>,
     resources: Resources,
+    /// The same, packed (`mesh_common::packed`) at the first full update that asks for it, for every agent after.
+    packed: std::sync::OnceLock<bytes::Bytes>,
+}
+
+impl Shared {
+    fn packed(&self) -> bytes::Bytes {
+        self.packed
+            .get_or_init(|| {
+                mesh_common::packed::pack(self.resources.iter().map(|(k, v)| resources::to_proto(k, v)).collect())
+            })
+            .clone()
+    }
 }
 
 /// The latest [`Shared`], and the delta from the one before, which most node streams need next.
@@ -91,7 +103,7 @@ impl Controller {
         }
         let mut resources = resources::split(&mesh.shared_config());
         resources.retain(|(kind, _), _| kind != resources::SETTINGS);
-        let shared = Arc::new(Shared { mesh: mesh.clone(), resources });
+        let shared = Arc::new(Shared { mesh: mesh.clone(), resources, packed: Default::default() });
         cache.current = Some(shared.clone());
         shared
     }
@@ -132,26 +144,35 @@ impl ConfigDiscovery for Controller {
     ) -> Result<Response<UpdateStream>, Status> {
         let header_node = self.auth.node_of(&request).await?;
         let mut inbound = request.into_inner();
-        let node = match inbound.message().await? {
-            Some(ConfigRequest { kind: Some(config_request::Kind::Hello(hello)) }) => hello.node,
+        let (node, packed) = match inbound.message().await? {
+            Some(ConfigRequest { kind: Some(config_request::Kind::Hello(hello)) }) => {
+                (hello.node, hello.accepts_packed)
+            }
             _ => return Err(Status::invalid_argument("the stream must start with Hello")),
         };
         if node != header_node {
             return Err(Status::permission_denied(format!("Hello names {node} but the caller is {header_node}")));
         }
         let (tx, rx) = mpsc::channel(8);
-        tokio::spawn(serve_node(self.clone(), node, inbound, tx));
+        tokio::spawn(serve_node(self.clone(), Agent { node, packed }, inbound, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// One connected agent: its node, and whether it reads packed upserts.
+struct Agent {
+    node: String,
+    packed: bool,
 }
 
 /// Feeds one agent: a full update first, then deltas whenever its node's config changes.
 async fn serve_node(
     controller: Controller,
-    node: String,
+    agent: Agent,
     mut inbound: Streaming<ConfigRequest>,
     tx: mpsc::Sender<Result<ConfigUpdate, Status>>,
 ) {
+    let node = agent.node.as_str();
     tracing::info!(%node, "agent connected");
     controller.metrics.connected_agents.inc();
     let mut snapshots = controller.snapshots.clone();
@@ -162,7 +183,7 @@ async fn serve_node(
         if let Some(why) = &mesh.withheld {
             tracing::warn!(%node, reason = %why, "snapshot withheld; the agent keeps its last config");
         }
-        let next = if mesh.withheld.is_some() { None } else { Some(next_update(&controller, &node, &mesh, &sent)) };
+        let next = if mesh.withheld.is_some() { None } else { Some(next_update(&controller, &agent, &mesh, &sent)) };
         if let Some((Some(update), now)) = next {
             let version = controller.versions.fetch_add(1, Ordering::Relaxed) + 1;
             let update = ConfigUpdate { version: version.to_string(), ..update };
@@ -198,13 +219,20 @@ async fn serve_node(
 /// when nothing changed for it), and what it has after it.
 fn next_update(
     controller: &Controller,
-    node: &str,
+    agent: &Agent,
     mesh: &Arc<Mesh>,
     sent: &Option<(Arc<Shared>, Resources)>,
 ) -> (Option<ConfigUpdate>, (Arc<Shared>, Resources)) {
     let shared = controller.shared_for(mesh);
-    let local = resources::split(&mesh.local_config(node, &controller.trust_domain));
+    let local = resources::split(&mesh.local_config(&agent.node, &controller.trust_domain));
     let update = match sent {
+        None if agent.packed => Some(ConfigUpdate {
+            full: true,
+            upserts: local.iter().map(|(k, v)| resources::to_proto(k, v)).collect(),
+            packed_upserts: shared.packed(),
+            trust_bundle_pem: controller.trust_bundle_pem(),
+            ..Default::default()
+        }),
         None => {
             let upserts = shared.resources.iter().chain(&local).map(|(k, v)| resources::to_proto(k, v)).collect();
             Some(ConfigUpdate {
@@ -285,6 +313,68 @@ impl CertificateService for Controller {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mesh_agent::identity::LocalCa;
+    use mesh_common::resources::Assembler;
+
+    const OBJECTS: &str = "\
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {nodemesh.io/mesh: enabled}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: cart-1, namespace: shop, labels: {app: cart}}
+spec: {nodeName: node-1, serviceAccountName: cart}
+status: {phase: Running, podIP: 10.244.1.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+spec: {nodeName: node-2}
+status: {phase: Running, podIP: 10.244.2.2}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cart, namespace: shop}
+spec: {clusterIP: 10.96.0.10, selector: {app: cart}, ports: [{name: http, port: 80, targetPort: 8080}]}
+";
+
+    fn controller(dir: &std::path::Path) -> (Controller, Arc<Mesh>) {
+        let objects: Vec<crate::mesh::Object> =
+            serde_yaml::Deserializer::from_str(OBJECTS).map(|d| serde::Deserialize::deserialize(d).unwrap()).collect();
+        let mesh = Arc::new(Mesh::from_objects(&objects).0);
+        LocalCa::init(dir, "cluster.local").unwrap();
+        let ca = Arc::new(LocalCa::load(dir).unwrap());
+        let (_changes, snapshots) = tokio::sync::watch::channel(mesh.clone());
+        let auth = Authenticator::Bootstrap { token: "t".into() };
+        (Controller::new(snapshots, ca, "cluster.local".into(), auth, Metrics::default()), mesh)
+    }
+
+    #[test]
+    fn the_shared_part_goes_packed_once_to_agents_that_read_it_and_listed_to_the_others() {
+        let dir = std::env::temp_dir().join(format!("nodemesh-server-test-{}", std::process::id()));
+        let (controller, mesh) = controller(&dir);
+        let agent = |node: &str, packed| Agent { node: node.into(), packed };
+        let (listed, _) = next_update(&controller, &agent("node-1", false), &mesh, &None);
+        let (packed, _) = next_update(&controller, &agent("node-1", true), &mesh, &None);
+        let (other, _) = next_update(&controller, &agent("node-2", true), &mesh, &None);
+        let _ = std::fs::remove_dir_all(&dir);
+        let (listed, packed, other) = (listed.unwrap(), packed.unwrap(), other.unwrap());
+        assert!(listed.packed_upserts.is_empty(), "an agent that did not ask gets everything listed");
+        assert!(!packed.packed_upserts.is_empty() && packed.upserts.len() < listed.upserts.len());
+        // The same bytes for every agent: packed once per snapshot, not per stream.
+        assert_eq!(packed.packed_upserts.as_ptr(), other.packed_upserts.as_ptr());
+        // Both forms assemble to the same config.
+        let assemble = |u: &ConfigUpdate| {
+            let mut all = u.upserts.clone();
+            if !u.packed_upserts.is_empty() {
+                all.extend(mesh_common::packed::unpack(&u.packed_upserts).unwrap());
+            }
+            Assembler::default().apply(true, &all, &[], "1").unwrap()
+        };
+        assert_eq!(assemble(&listed), assemble(&packed));
+        assert!(assemble(&packed).workloads.len() >= 2, "{:?}", assemble(&packed).workloads);
+    }
 
     #[test]
     fn diffs_list_upserts_and_removals() {

@@ -138,7 +138,8 @@ impl ControllerClient {
     async fn config_stream_once(&self, state: &AgentState, backoff: &mut Duration) -> Result<(), Status> {
         let mut client = ConfigDiscoveryClient::new(self.authenticated()?);
         let (tx, rx) = mpsc::channel(4);
-        let hello = ConfigRequest { kind: Some(config_request::Kind::Hello(Hello { node: self.node.to_string() })) };
+        let hello = Hello { node: self.node.to_string(), accepts_packed: true };
+        let hello = ConfigRequest { kind: Some(config_request::Kind::Hello(hello)) };
         let _ = tx.send(hello).await;
         let mut updates = client.stream_config(ReceiverStream::new(rx)).await?.into_inner();
         let mut assembler = Assembler::default();
@@ -146,9 +147,10 @@ impl ControllerClient {
             if !update.trust_bundle_pem.is_empty() {
                 self.set_trust_bundle(state, &update.trust_bundle_pem);
             }
-            let result = assembler
-                .apply(update.full, &update.upserts, &update.removals, &update.version)
-                .map_err(|e| e.to_string())
+            let result = upserts(&update)
+                .and_then(|upserts| {
+                    assembler.apply(update.full, &upserts, &update.removals, &update.version).map_err(|e| e.to_string())
+                })
                 .and_then(|config| {
                     let encoded = self.last_good.as_ref().and_then(|_| last_good::LastGood::encode(&config));
                     state.set_config(config).map_err(|e| e.to_string()).map(|()| encoded)
@@ -216,6 +218,17 @@ impl CertificateAuthority for ControllerClient {
     fn trust_bundle(&self) -> Vec<CertificateDer<'static>> {
         self.bundle.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
+}
+
+/// Every upsert of an update: those it lists, then those packed (`mesh_common::packed`); a pack that does not
+/// unpack rejects the update (the agent keeps its last good config and says why in its Ack).
+fn upserts(update: &mesh_common::proto::ConfigUpdate) -> Result<Vec<mesh_common::proto::Resource>, String> {
+    let mut all = update.upserts.clone();
+    if !update.packed_upserts.is_empty() {
+        let packed = mesh_common::packed::unpack(&update.packed_upserts).map_err(|e| format!("packed upserts: {e}"))?;
+        all.extend(packed);
+    }
+    Ok(all)
 }
 
 #[cfg(test)]

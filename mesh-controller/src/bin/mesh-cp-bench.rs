@@ -90,7 +90,7 @@ async fn agent(url: String, ca: PathBuf, node: String, seen: Arc<Mutex<Seen>>) -
     })
     .max_decoding_message_size(256 * 1024 * 1024);
     let (tx, rx) = mpsc::channel(4);
-    tx.send(ConfigRequest { kind: Some(config_request::Kind::Hello(Hello { node })) }).await?;
+    tx.send(ConfigRequest { kind: Some(config_request::Kind::Hello(Hello { node, accepts_packed: true })) }).await?;
     let mut updates = client.stream_config(ReceiverStream::new(rx)).await?.into_inner();
     while let Some(update) = updates.message().await? {
         seen.lock().unwrap_or_else(|p| p.into_inner()).updates.push((Instant::now(), update.encoded_len()));
@@ -250,13 +250,20 @@ async fn main() -> Result<()> {
     let (rss_end, _) = proc_stats(pid);
 
     println!(
-        "\n{:<26} {:>9} {:>9} {:>10} {:>10} {:>12} {:>10}",
-        "change", "affected", "received", "p50 ms", "p99 ms", "bytes sent", "ctrl CPU s"
+        "\n{:<26} {:>9} {:>9} {:>10} {:>10} {:>12} {:>12} {:>10}",
+        "change", "affected", "received", "p50 ms", "p99 ms", "bytes sent", "bytes/agent", "ctrl CPU s"
     );
     for r in &rounds {
         println!(
-            "{:<26} {:>9} {:>9} {:>10.1} {:>10.1} {:>12} {:>10.2}",
-            r.name, r.affected, r.received, r.p50_ms, r.p99_ms, r.bytes, r.cpu_seconds
+            "{:<26} {:>9} {:>9} {:>10.1} {:>10.1} {:>12} {:>12} {:>10.2}",
+            r.name,
+            r.affected,
+            r.received,
+            r.p50_ms,
+            r.p99_ms,
+            r.bytes,
+            r.bytes / r.received.max(1),
+            r.cpu_seconds
         );
     }
     println!("controller RSS: {rss_synced:.1} MiB after initial sync, {rss_end:.1} MiB at the end");
@@ -266,7 +273,8 @@ async fn main() -> Result<()> {
         "controllerRssMiB": {"afterSync": rss_synced, "end": rss_end},
         "rounds": rounds.iter().map(|r| json!({
             "change": r.name, "affectedAgents": r.affected, "agentsReceived": r.received,
-            "p50Ms": r.p50_ms, "p99Ms": r.p99_ms, "bytesSent": r.bytes, "controllerCpuSeconds": r.cpu_seconds,
+            "p50Ms": r.p50_ms, "p99Ms": r.p99_ms, "bytesSent": r.bytes, "bytesPerAgent": r.bytes / r.received.max(1),
+            "controllerCpuSeconds": r.cpu_seconds,
         })).collect::<Vec<_>>(),
     });
     let out: PathBuf =
