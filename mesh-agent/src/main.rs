@@ -292,7 +292,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         hbone_idle_timeout: args.hbone_idle_timeout,
     };
     let state = AgentState::new(args.node.clone(), capture, config.clone(), state_file, secrets, istio_names, limits);
-    state.set_direct_l7(args.hbone_l7_direct);
+    state.data_plane().set_direct_l7(args.hbone_l7_direct);
     state.set_config(config).context("applying capture exclusions")?;
     if let Some(client) = controller {
         match (resuming, seeded) {
@@ -443,7 +443,7 @@ async fn take_over(
         return Ok((handover::inherited::Inherited::default(), None));
     };
     tracing::info!("an agent is running on this node; taking over its sockets once the config is here");
-    while !state.has_config() {
+    while !state.data_plane().has_config() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     let (inherited, adoption) = predecessor.take().await.context("taking over from the running agent")?;

@@ -3,16 +3,18 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use mesh_common::config::NodeConfig;
 
 use crate::capture::Capture;
+use crate::dataplane::{DataPlane, Handles};
 use crate::hbone::client::Pool;
 use crate::identity::{Identity, SecretManager};
 use crate::metrics::Metrics;
 use crate::pod::{PodEntry, WorkloadView};
 use crate::snapshot::Snapshot;
+use crate::socket::Steering;
 use crate::tunnels::Tunnels;
 
 #[derive(Clone)]
@@ -21,52 +23,48 @@ pub struct AgentState {
 }
 
 struct Inner {
-    node: String,
     capture: Mutex<Capture>,
-    config: RwLock<Arc<Snapshot>>,
+    /// What the data path reaches (`crate::dataplane`); its config is the agent's.
+    dp: DataPlane,
     pods: Mutex<BTreeMap<String, PodEntry>>,
     /// Pods the CNI plugin reported that are not captured (namespace not in the mesh, or opted out): kept so a
     /// config change can capture them later.
     parked: Mutex<BTreeMap<String, mesh_common::cni::PodNetwork>>,
     /// Serializes enrollment changes (CNI requests, re-adoption, reconciliation after config changes).
     enrollment: tokio::sync::Mutex<()>,
-    metrics: Metrics,
     state_file: PathBuf,
     capture_ready: AtomicBool,
     /// False until a controller-fed agent has its first config.
     config_ready: AtomicBool,
-    /// False while the agent has no config at all (fed by a controller that has not answered, nothing kept
-    /// from before): enrolled pods' connections are then refused, since nothing tells what is meshed.
-    has_config: AtomicBool,
-    /// Present when a CA is configured: then meshed traffic travels in mTLS tunnels.
-    secrets: Option<SecretManager>,
-    pool: Pool,
-    tunnels: Tunnels,
-    l7: crate::l7::L7,
     telemetry: crate::telemetry::Telemetry,
-    sinks: crate::telemetry::Sinks,
-    /// Connections being proxied right now (all listeners), for draining before exit.
-    active: Arc<std::sync::atomic::AtomicUsize>,
     /// Notified when `/quitquitquit` asks the agent to drain and exit.
     quit: tokio::sync::Notify,
     config_changed: tokio::sync::Notify,
     quitting: AtomicBool,
     drain_trigger: crate::drain::Trigger,
-    drain: crate::drain::Drain,
     /// Set while a successor agent is preparing to take over (`handover`): this one is then not ready, so the
     /// successor's readiness probe, answered on the same host port until the handover, does not pass early.
     successor_pending: AtomicBool,
-    limits: crate::limits::Limits,
-    /// Whether calling agents may send their requests straight on HBONE connections (`--hbone-l7-direct`).
-    direct_l7: AtomicBool,
 }
 
-/// Counts one proxied connection as active until dropped.
-pub struct ActiveConnection(Arc<std::sync::atomic::AtomicUsize>);
+/// The capture's services to proxied connections, through the agent state (held weakly: the state holds the
+/// data plane that holds this).
+struct CaptureSteering(std::sync::Weak<Inner>);
 
-impl Drop for ActiveConnection {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+impl Steering for CaptureSteering {
+    fn take_original_destination(&self, netns_cookie: u64, peer: std::net::SocketAddr) -> Option<std::net::SocketAddr> {
+        lock(&self.0.upgrade()?.capture).take_original_destination(netns_cookie, peer)
+    }
+
+    fn announce_agent_connect(&self, source: std::net::SocketAddr, port: u16) -> std::io::Result<()> {
+        let inner = self.0.upgrade().ok_or_else(|| std::io::Error::other("the agent is stopping"))?;
+        lock(&inner.capture).announce_agent_connect(source, port).map_err(std::io::Error::other)
+    }
+
+    fn forget_agent_connect(&self, source: std::net::SocketAddr) {
+        if let Some(inner) = self.0.upgrade() {
+            lock(&inner.capture).forget_agent_connect(source);
+        }
     }
 }
 
@@ -82,9 +80,9 @@ impl AgentState {
     ) -> Self {
         let capture = Mutex::new(capture);
         let inner = Arc::new_cyclic(|weak: &std::sync::Weak<Inner>| {
-            let weak = weak.clone();
+            let counters_of = weak.clone();
             let capture_counters =
-                move || weak.upgrade().map(|inner| lock(&inner.capture).counters()).unwrap_or_default();
+                move || counters_of.upgrade().map(|inner| lock(&inner.capture).counters()).unwrap_or_default();
             let metrics = Metrics::new(capture_counters, istio_metric_names);
             let (drain_trigger, drain) = crate::drain::channel();
             let telemetry = crate::telemetry::Telemetry::default();
@@ -93,54 +91,49 @@ impl AgentState {
                 exporters: telemetry.exporters.clone(),
                 node: node.as_str().into(),
             };
-            Inner {
-                node,
-                capture,
-                config: RwLock::new(Arc::new(Snapshot::new(config))),
-                pods: Mutex::new(BTreeMap::new()),
-                parked: Mutex::new(BTreeMap::new()),
-                enrollment: tokio::sync::Mutex::new(()),
-                metrics,
-                state_file,
-                capture_ready: AtomicBool::new(false),
-                config_ready: AtomicBool::new(true),
-                has_config: AtomicBool::new(true),
-                secrets,
+            let handles = Handles {
                 pool: Pool::new(limits.hbone_idle_timeout),
+                node,
+                metrics,
+                secrets,
                 tunnels: Tunnels::default(),
                 l7: Default::default(),
                 sinks,
+                limits,
+                drain,
+                steering: Arc::new(CaptureSteering(weak.clone())),
+            };
+            Inner {
+                capture,
+                dp: DataPlane::new(handles, Snapshot::new(config)),
+                pods: Mutex::new(BTreeMap::new()),
+                parked: Mutex::new(BTreeMap::new()),
+                enrollment: tokio::sync::Mutex::new(()),
+                state_file,
+                capture_ready: AtomicBool::new(false),
+                config_ready: AtomicBool::new(true),
                 telemetry,
-                active: Default::default(),
                 quit: tokio::sync::Notify::new(),
                 config_changed: tokio::sync::Notify::new(),
                 quitting: AtomicBool::new(false),
                 drain_trigger,
-                drain,
                 successor_pending: AtomicBool::new(false),
-                limits,
-                direct_l7: AtomicBool::new(true),
             }
         });
         AgentState { inner }
     }
 
-    /// Off, the agent answers calling agents as agents did before requests went straight on HBONE connections
-    /// (`crate::hbone::message`): their requests then travel inside tunnels.
-    pub fn set_direct_l7(&self, take: bool) {
-        self.inner.direct_l7.store(take, Ordering::Relaxed);
-    }
-
-    pub fn direct_l7(&self) -> bool {
-        self.inner.direct_l7.load(Ordering::Relaxed)
+    /// What the data path reaches: handed to every listener.
+    pub fn data_plane(&self) -> &DataPlane {
+        &self.inner.dp
     }
 
     pub fn limits(&self) -> &crate::limits::Limits {
-        &self.inner.limits
+        self.inner.dp.limits()
     }
 
     pub fn node(&self) -> &str {
-        &self.inner.node
+        self.inner.dp.node()
     }
 
     pub fn capture(&self) -> MutexGuard<'_, Capture> {
@@ -149,7 +142,7 @@ impl AgentState {
 
     /// The config in force, compiled (`crate::snapshot`): take it once and use it to the end of the work at hand.
     pub fn config(&self) -> Arc<Snapshot> {
-        self.inner.config.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.inner.dp.config()
     }
 
     /// Swaps in a new config and applies what the kernel side needs of it; pods whose membership in the mesh
@@ -157,7 +150,7 @@ impl AgentState {
     /// (`inpod::reconcile_on_config_change`).
     pub fn set_config(&self, config: NodeConfig) -> Result<(), crate::capture::CaptureError> {
         self.capture().set_exclusions(&config.capture)?;
-        *self.inner.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Snapshot::new(config));
+        self.inner.dp.replace_config(Snapshot::new(config));
         self.sync_identities();
         self.inner.config_changed.notify_one();
         Ok(())
@@ -178,28 +171,23 @@ impl AgentState {
     }
 
     pub fn secrets(&self) -> Option<&SecretManager> {
-        self.inner.secrets.as_ref()
+        self.inner.dp.secrets()
     }
 
     pub fn pool(&self) -> &Pool {
-        &self.inner.pool
+        self.inner.dp.pool()
     }
 
     pub fn l7(&self) -> &crate::l7::L7 {
-        &self.inner.l7
+        self.inner.dp.l7()
     }
 
     pub fn telemetry(&self) -> &crate::telemetry::Telemetry {
         &self.inner.telemetry
     }
 
-    /// What observed requests report to (`telemetry::request`).
-    pub fn sinks(&self) -> &crate::telemetry::Sinks {
-        &self.inner.sinks
-    }
-
     pub fn tunnels(&self) -> &Tunnels {
-        &self.inner.tunnels
+        self.inner.dp.tunnels()
     }
 
     /// Keeps exactly the certificates the enrolled pods' identities need (after enrollment and config changes).
@@ -220,7 +208,7 @@ impl AgentState {
     }
 
     pub fn metrics(&self) -> &Metrics {
-        &self.inner.metrics
+        self.inner.dp.metrics()
     }
 
     pub fn state_file(&self) -> &PathBuf {
@@ -245,17 +233,12 @@ impl AgentState {
     /// enrolled pod refused, until the first config arrives.
     pub fn fail_closed_until_config(&self) {
         self.expect_config();
-        self.inner.has_config.store(false, Ordering::Release);
+        self.inner.dp.set_has_config(false);
     }
 
     pub fn set_config_ready(&self) {
-        self.inner.has_config.store(true, Ordering::Release);
+        self.inner.dp.set_has_config(true);
         self.inner.config_ready.store(true, Ordering::Release);
-    }
-
-    /// Whether the agent has any config to decide by (see [`AgentState::fail_closed_until_config`]).
-    pub fn has_config(&self) -> bool {
-        self.inner.has_config.load(Ordering::Acquire)
     }
 
     /// Ready when the programs are attached, config is loaded, the enrolled pods were re-adopted and have their
@@ -263,7 +246,7 @@ impl AgentState {
     pub fn ready(&self) -> bool {
         self.inner.capture_ready.load(Ordering::Acquire)
             && self.inner.config_ready.load(Ordering::Acquire)
-            && self.inner.secrets.as_ref().is_none_or(SecretManager::all_issued)
+            && self.secrets().is_none_or(SecretManager::all_issued)
             && !self.inner.quitting.load(Ordering::Acquire)
             && !self.inner.successor_pending.load(Ordering::Acquire)
     }
@@ -275,7 +258,7 @@ impl AgentState {
 
     /// Whether the agent is draining, for the connections that must end when it is.
     pub fn drain(&self) -> crate::drain::Drain {
-        self.inner.drain.clone()
+        self.inner.dp.drain()
     }
 
     /// Tells every connection to move elsewhere (`drain`).
@@ -283,13 +266,8 @@ impl AgentState {
         self.inner.drain_trigger.start();
     }
 
-    pub fn connection_started(&self) -> ActiveConnection {
-        self.inner.active.fetch_add(1, Ordering::AcqRel);
-        ActiveConnection(self.inner.active.clone())
-    }
-
     pub fn active_connections(&self) -> usize {
-        self.inner.active.load(Ordering::Acquire)
+        self.inner.dp.active_connections()
     }
 
     /// Asks the agent to drain and exit (`/quitquitquit`).

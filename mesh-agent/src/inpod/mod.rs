@@ -331,14 +331,17 @@ fn activate(state: &AgentState, p: Prepared) -> anyhow::Result<Arc<PodContext>> 
     for listener in p.outbound {
         listeners.push(listener.try_clone()?);
         let listener = TcpListener::from_std(listener)?;
-        tasks
-            .push(tokio::spawn(proxy::serve(listener, Direction::Outbound, pod.clone(), state.clone())).abort_handle());
+        tasks.push(
+            tokio::spawn(proxy::serve(listener, Direction::Outbound, pod.clone(), state.data_plane().clone()))
+                .abort_handle(),
+        );
     }
     for listener in p.hbone {
         listeners.push(listener.try_clone()?);
         let listener = TcpListener::from_std(listener)?;
         tasks.push(
-            tokio::spawn(crate::proxy::hbone_inbound::serve(listener, pod.clone(), state.clone())).abort_handle(),
+            tokio::spawn(crate::proxy::hbone_inbound::serve(listener, pod.clone(), state.data_plane().clone()))
+                .abort_handle(),
         );
     }
     // Several pod IPs of one family share one listener; serve each listener once.
@@ -350,7 +353,8 @@ fn activate(state: &AgentState, p: Prepared) -> anyhow::Result<Arc<PodContext>> 
             listeners.push(listener.try_clone()?);
             let listener = TcpListener::from_std(listener.try_clone()?)?;
             tasks.push(
-                tokio::spawn(proxy::serve(listener, Direction::Inbound, pod.clone(), state.clone())).abort_handle(),
+                tokio::spawn(proxy::serve(listener, Direction::Inbound, pod.clone(), state.data_plane().clone()))
+                    .abort_handle(),
             );
         }
     }

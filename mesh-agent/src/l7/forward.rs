@@ -84,7 +84,7 @@ pub async fn forward(
 ) -> Response<Body> {
     let (call, config) = (a.call, a.config);
     let (Some(dest), Some(port)) = (
-        call.state.l7().destinations.get(config, &backend.namespace, &backend.name),
+        call.dp.l7().destinations.get(config, &backend.namespace, &backend.name),
         endpoint_port(config, backend, called_port),
     ) else {
         let flag = Some(Flag::NoRoute);
@@ -96,7 +96,7 @@ pub async fn forward(
     };
     let key = hash_key(call, &dest, &parts);
     let mut tries = Tries::new(&a, body);
-    let here = Here::of(call.state.node(), config);
+    let here = Here::of(call.dp.node(), config);
     loop {
         let Some(endpoint) = dest.pick(key, &here) else {
             let flag = Some(Flag::NoHealthyUpstream);
@@ -180,9 +180,8 @@ async fn try_once(
     let call = a.call;
     let breaker_dest = dest.clone();
     let guard = move || breaker_dest.breaker().connection().map(|p| Box::new(p) as Guard);
-    let route = upstream::route_to(a.config, call.state.secrets().is_some(), &call.pod, target);
-    let send =
-        upstream::send(&call.state, &call.state.l7().upstreams, &call.pod, (target, route), call.protocol, guard, req);
+    let route = upstream::route_to(a.config, call.dp.secrets().is_some(), &call.pod, target);
+    let send = upstream::send(&call.dp, &call.dp.l7().upstreams, &call.pod, (target, route), call.protocol, guard, req);
     match a.per_try {
         Some(limit) => match tokio::time::timeout(limit, send).await {
             Ok(r) => r.map_err(Failure::Upstream),

@@ -15,16 +15,16 @@ use super::detect::{self, Hint, Protocol, Rewind};
 use super::local_reply::{Flag, reply};
 use super::{server, upgrade, upstream};
 use crate::body::{self, Body};
+use crate::dataplane::DataPlane;
 use crate::http_message::is_grpc;
 use crate::metrics::{Flow, Security};
 use crate::pod::PodContext;
 use crate::policy;
-use crate::state::AgentState;
 use crate::telemetry::request;
 
 /// One inbound connection (or HBONE stream) served at L7.
 pub struct Session {
-    pub state: AgentState,
+    pub dp: DataPlane,
     pub pod: Arc<PodContext>,
     /// Verified SPIFFE ID of the caller; `None` for plaintext.
     pub principal: Option<String>,
@@ -39,14 +39,14 @@ pub struct Session {
 
 impl Session {
     pub fn new(
-        state: AgentState,
+        dp: DataPlane,
         pod: Arc<PodContext>,
         principal: Option<String>,
         peer: SocketAddr,
         target: SocketAddr,
         app: Protocol,
     ) -> Self {
-        Session { state, pod, principal, peer, target, app, app_conns: HttpPool::default() }
+        Session { dp, pod, principal, peer, target, app, app_conns: HttpPool::default() }
     }
 }
 
@@ -64,8 +64,8 @@ pub async fn serve_if_http<I: Io>(io: I, session: impl FnOnce(Protocol) -> Sessi
 
 /// Serves `downstream` HTTP on `io` until the caller closes it.
 pub async fn serve(io: impl Io, downstream: Protocol, session: Session) {
-    let (limits, drain) = (*session.state.limits(), session.state.drain());
-    let (metrics, pod) = (session.state.metrics().clone(), session.pod.clone());
+    let (limits, drain) = (*session.dp.limits(), session.dp.drain());
+    let (metrics, pod) = (session.dp.metrics().clone(), session.pod.clone());
     let session = Arc::new(session);
     let ended = server::serve(io, downstream, &limits, drain, move |req: Request<Incoming>| {
         let session = session.clone();
@@ -81,12 +81,12 @@ fn authorize<B>(s: &Session, req: &Request<B>) -> Result<(), policy::Refusal> {
     let headers: Vec<(&str, &str)> =
         req.headers().iter().filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?))).collect();
     let request = PolicyRequest { method: req.method().as_str(), path: req.uri().path(), headers: &headers };
-    let config = s.state.config();
+    let config = s.dp.config();
     policy::check_request(&config, &s.pod, s.principal.as_deref(), s.peer.ip(), s.target.port(), request)
 }
 
 fn denied(s: &Session, refusal: policy::Refusal, grpc: bool) -> Response<Body> {
-    refusal.record(s.state.metrics(), &s.state.config(), &s.pod, s.principal.as_deref(), s.peer);
+    refusal.record(s.dp.metrics(), &s.dp.config(), &s.pod, s.principal.as_deref(), s.peer);
     reply(grpc, StatusCode::FORBIDDEN, None, Some(Flag::Denied), "RBAC: access denied")
 }
 
@@ -95,18 +95,18 @@ pub async fn handle(s: &Session, req: Request<Body>) -> Response<Body> {
     let grpc = is_grpc(req.headers());
     let upgrade = upgrade::is_upgrade(&req);
     let ends = (Some(s.peer), Some(s.target));
-    let (observation, req) = request::start(s.state.sinks(), &s.state.config(), &s.pod, ends, req);
+    let (observation, req) = request::start(s.dp.sinks(), &s.dp.config(), &s.pod, ends, req);
     let response = match authorize(s, &req) {
         Err(refusal) => denied(s, refusal, grpc),
         // Counted like any request: the switch (101, or 200 for CONNECT) or the refusal.
-        Ok(()) if upgrade => match crate::proxy::connect_to_app(&s.state, &s.pod, s.target, s.peer).await {
+        Ok(()) if upgrade => match crate::socket::connect_to_app(s.dp.steering(), &s.pod, s.target, s.peer).await {
             Ok(app) => upgrade::relay(req, Box::new(app), Box::new(())).await,
             Err(e) => upgrade::unreachable_upstream(&e.to_string()),
         },
         Ok(()) => to_app(s, grpc, req).await,
     };
     let security = if s.principal.is_some() { Security::MutualTls } else { Security::None };
-    let config = s.state.config();
+    let config = s.dp.config();
     let flow = Flow::inbound(&config, &s.pod, s.peer.ip(), s.principal.as_deref(), s.target.port(), security);
     observation.finish(response, flow)
 }
@@ -114,7 +114,7 @@ pub async fn handle(s: &Session, req: Request<Body>) -> Response<Body> {
 async fn to_app(s: &Session, grpc: bool, req: Request<Body>) -> Response<Body> {
     let req = upstream::for_protocol(req, s.app);
     let dial = || async {
-        let app = crate::proxy::connect_to_app(&s.state, &s.pod, s.target, s.peer).await.map_err(io_error)?;
+        let app = crate::socket::connect_to_app(s.dp.steering(), &s.pod, s.target, s.peer).await.map_err(io_error)?;
         Ok(Dialed::Io(Box::new(app), Box::new(())))
     };
     match s.app_conns.send((), s.app, req, dial).await {

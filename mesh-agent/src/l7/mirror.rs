@@ -35,20 +35,20 @@ pub fn send(
     let Some(endpoint_port) = forward::endpoint_port(config, target, called_port) else {
         return tracing::debug!(mirror = %target.name, "mirror Service or port not found");
     };
-    let Some(dest) = call.state.l7().destinations.get(config, &target.namespace, &target.name) else { return };
+    let Some(dest) = call.dp.l7().destinations.get(config, &target.namespace, &target.name) else { return };
     let config = config.clone();
     let head = forward::head(parts);
-    let (state, pod, protocol) = (call.state.clone(), call.pod.clone(), call.protocol);
+    let (dp, pod, protocol) = (call.dp.clone(), call.pod.clone(), call.protocol);
     tokio::spawn(async move {
         let work = async {
             let body = replay.finished().await?;
-            let endpoint = dest.pick(None, &Here::of(state.node(), &config))?;
+            let endpoint = dest.pick(None, &Here::of(dp.node(), &config))?;
             let req = head.body(body).ok()?;
             let target = std::net::SocketAddr::new(endpoint.ip, endpoint_port);
             let no_limit = || Some(Box::new(()) as Guard);
-            let route = upstream::route_to(&config, state.secrets().is_some(), &pod, target);
-            let pool = &state.l7().upstreams;
-            let response = upstream::send(&state, pool, &pod, (target, route), protocol, no_limit, req).await.ok()?;
+            let route = upstream::route_to(&config, dp.secrets().is_some(), &pod, target);
+            let pool = &dp.l7().upstreams;
+            let response = upstream::send(&dp, pool, &pod, (target, route), protocol, no_limit, req).await.ok()?;
             let _ = response.into_body().collect().await;
             Some(())
         };

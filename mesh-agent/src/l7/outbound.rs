@@ -27,16 +27,16 @@ use super::local_reply::{Flag, reply};
 use super::router::{RequestView, RouteTable};
 use super::server;
 use crate::body::{self, Body};
+use crate::dataplane::DataPlane;
 use crate::http_message::is_grpc;
 use crate::metrics::{DestinationService, Direction, Flow, Peer, Reporter, Security};
 use crate::pod::PodContext;
 use crate::snapshot::Snapshot;
-use crate::state::AgentState;
 use crate::telemetry::request::{self, Upstream};
 
 /// One downstream connection to a Service.
 pub struct Call {
-    pub state: AgentState,
+    pub dp: DataPlane,
     pub pod: Arc<PodContext>,
     /// The calling pod's address (for hashing on the source IP).
     pub source_ip: IpAddr,
@@ -62,41 +62,54 @@ impl Call {
         }
         let svc = &self.service;
         let port = svc.port.unwrap_or_default();
-        let table = self.state.l7().routes.get(config, &svc.namespace, &svc.name, port, &self.pod.net.namespace);
+        let table = self.dp.l7().routes.get(config, &svc.namespace, &svc.name, port, &self.pod.net.namespace);
         *cached = Some((config.clone(), table.clone()));
         table
     }
 }
 
-/// Handles a connection to `service:port` that the pod dialled.
+/// A connection to a Service that does not speak HTTP, handed back for L4 (`proxy::outbound`): the bytes read
+/// during detection, and the endpoint the Service's balancer picked (counted in flight while the guard lives).
+pub struct Opaque {
+    pub io: Rewind<TcpStream>,
+    pub endpoint: SocketAddr,
+    pub in_flight: super::destination::InFlight,
+}
+
+/// Handles a connection to `service:port` that the pod dialled: serves HTTP to its end (`None`), or hands an
+/// opaque connection back with its endpoint; a connection with no ready endpoint is reset here.
 pub async fn serve(
     conn: TcpStream,
     peer: SocketAddr,
     pod: Arc<PodContext>,
-    state: AgentState,
+    dp: DataPlane,
     service: &Service,
     port: &ServicePort,
-) {
-    let (protocol, io) = match detect::detect(conn, detect::hint(port, state.limits().header_timeout)).await {
+) -> Option<Opaque> {
+    let (protocol, io) = match detect::detect(conn, detect::hint(port, dp.limits().header_timeout)).await {
         Ok(detected) => detected,
         Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-            return state.metrics().cut(&pod, Direction::Outbound, "header_timeout");
+            dp.metrics().cut(&pod, Direction::Outbound, "header_timeout");
+            return None;
         }
-        Err(e) => return tracing::debug!(error = %e, "connection closed during protocol detection"),
+        Err(e) => {
+            tracing::debug!(error = %e, "connection closed during protocol detection");
+            return None;
+        }
     };
     let service_ref =
         ServiceRef { namespace: service.namespace.clone(), name: service.name.clone(), port: Some(port.port) };
     if protocol == Protocol::Opaque {
-        return opaque(io, pod.caller(peer).ip(), pod, state, &service_ref, port).await;
+        return opaque(io, pod.caller(peer).ip(), &dp, &service_ref, port);
     }
-    let config = state.config();
+    let config = dp.config();
     let source = pod.identity_string(&config).unwrap_or_else(|| pod.name());
     tracing::debug!(protocol = protocol.as_str(), service = %format!("{}/{}", service.namespace, service.name), "L7");
     let client = pod.caller(peer);
-    let (limits, drain) = (*state.limits(), state.drain());
-    let (metrics, counted) = (state.metrics().clone(), pod.clone());
+    let (limits, drain) = (*dp.limits(), dp.drain());
+    let (metrics, counted) = (dp.metrics().clone(), pod.clone());
     let call = Arc::new(Call {
-        state,
+        dp,
         pod,
         source_ip: client.ip(),
         client,
@@ -109,29 +122,30 @@ pub async fn serve(
     if ended == server::Ended::HeaderTimeout {
         metrics.cut(&counted, Direction::Outbound, "header_timeout");
     }
+    None
 }
 
-/// Not HTTP: one endpoint for the whole connection, then bytes as they are.
-async fn opaque(
+/// Not HTTP: one endpoint for the whole connection, then bytes as they are (the caller's L4 path).
+fn opaque(
     io: Rewind<TcpStream>,
     source_ip: IpAddr,
-    pod: Arc<PodContext>,
-    state: AgentState,
+    dp: &DataPlane,
     svc: &ServiceRef,
     port: &ServicePort,
-) {
-    let config = state.config();
-    let endpoint = state
+) -> Option<Opaque> {
+    let config = dp.config();
+    let endpoint = dp
         .l7()
         .destinations
         .get(&config, &svc.namespace, &svc.name)
-        .and_then(|d| d.pick(Some(super::balance::source_ip_key(source_ip)), &Here::of(state.node(), &config)));
+        .and_then(|d| d.pick(Some(super::balance::source_ip_key(source_ip)), &Here::of(dp.node(), &config)));
     let Some(endpoint) = endpoint else {
         tracing::info!(service = %format!("{}/{}", svc.namespace, svc.name), "no ready endpoint");
-        return crate::proxy::reset(io.into_inner());
+        crate::socket::reset(io.into_inner());
+        return None;
     };
-    let _in_flight = endpoint.start();
-    crate::proxy::outbound::to_endpoint(io, SocketAddr::new(endpoint.ip, port.endpoint_port()), pod, state).await;
+    let in_flight = endpoint.start();
+    Some(Opaque { io, endpoint: SocketAddr::new(endpoint.ip, port.endpoint_port()), in_flight })
 }
 
 /// What a rule's (or a backend's) filters asked for beyond changing the request in place.
@@ -181,9 +195,9 @@ pub(super) fn weighted(rule: &RouteRule) -> Option<&mesh_common::route::Backend>
 async fn handle(call: Arc<Call>, req: Request<Incoming>) -> Response<Body> {
     let upgrade = super::upgrade::is_upgrade(&req);
     // One config for the whole request: telemetry settings, routing, endpoints, upstream route and labels.
-    let config = call.state.config();
+    let config = call.dp.config();
     let client = (Some(call.client), None);
-    let (observation, req) = request::start(call.state.sinks(), &config, &call.pod, client, req.map(body::boxed));
+    let (observation, req) = request::start(call.dp.sinks(), &config, &call.pod, client, req.map(body::boxed));
     let response =
         if upgrade { super::upgrade::outbound(&call, req).await } else { route_and_send(&call, &config, req).await };
     let flow = flow(&call, &config, &response);

@@ -83,8 +83,8 @@ pub async fn outbound(call: &Call, req: Request<Body>) -> Response<Body> {
     if req.version() == http::Version::HTTP_2 {
         return reply(false, StatusCode::NOT_IMPLEMENTED, None, None, "CONNECT over HTTP/2 is not supported");
     }
-    let config = call.state.config();
-    let l7 = call.state.l7();
+    let config = call.dp.config();
+    let l7 = call.dp.l7();
     let svc = &call.service;
     let port = svc.port.unwrap_or_default();
     let table = call.route_table(&config);
@@ -97,7 +97,7 @@ pub async fn outbound(call: &Call, req: Request<Body>) -> Response<Body> {
     let endpoint = backend.and_then(|b| {
         let port = super::forward::endpoint_port(&config, &b, port)?;
         let endpoint =
-            l7.destinations.get(&config, &b.namespace, &b.name)?.pick(None, &Here::of(call.state.node(), &config))?;
+            l7.destinations.get(&config, &b.namespace, &b.name)?.pick(None, &Here::of(call.dp.node(), &config))?;
         Some((SocketAddr::new(endpoint.ip, port), b))
     });
     let Some((target, backend)) = endpoint else {
@@ -109,9 +109,9 @@ pub async fn outbound(call: &Call, req: Request<Body>) -> Response<Body> {
             "no healthy endpoint",
         );
     };
-    let route = upstream::route_to(&config, call.state.secrets().is_some(), &call.pod, target);
+    let route = upstream::route_to(&config, call.dp.secrets().is_some(), &call.pod, target);
     let meshed = matches!(route, upstream::Route::Mesh { .. });
-    let mut response = match upstream::connect(&call.state, &call.pod, &route, target).await {
+    let mut response = match upstream::connect(&call.dp, &call.pod, &route, target).await {
         Ok((io, guard)) => relay(req, io, guard).await,
         Err(e) => return unreachable_upstream(&e.to_string()),
     };

@@ -13,11 +13,11 @@ use mesh_common::bpf::HBONE_PORT;
 use super::client::{Dialed, Guard, HttpPool, Io, UpstreamError, io_error};
 use super::detect::Protocol;
 use crate::body::Body;
+use crate::dataplane::DataPlane;
 use crate::hbone::client::{L7Channel, Source};
 use crate::identity::Identity;
 use crate::pod::PodContext;
 use crate::snapshot::Snapshot;
-use crate::state::AgentState;
 
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
 pub struct UpstreamKey {
@@ -50,21 +50,21 @@ pub fn route_to(config: &Snapshot, mtls: bool, pod: &PodContext, target: SocketA
 
 /// A pod's source for HBONE: its certificate for `src`, fetched (or issued) on first use.
 async fn with_source<T>(
-    state: &AgentState,
+    dp: &DataPlane,
     pod: &PodContext,
     src: &Identity,
     open: impl AsyncFnOnce(&Source<'_>) -> Result<T, crate::hbone::client::HboneError>,
 ) -> Result<T, UpstreamError> {
-    let secrets = state.secrets().ok_or_else(|| UpstreamError::Connect("no certificate authority".into()))?;
+    let secrets = dp.secrets().ok_or_else(|| UpstreamError::Connect("no certificate authority".into()))?;
     let cert = secrets.fetch(src).await.map_err(|e| UpstreamError::Connect(e.to_string()))?;
-    let (metrics, tunnels) = (state.metrics(), state.tunnels());
+    let (metrics, tunnels) = (dp.metrics(), dp.tunnels());
     let source = Source { metrics, tunnels, netns: &pod.netns, cert: &cert, secrets, pod: &pod.name() };
     open(&source).await.map_err(|e| UpstreamError::Connect(e.to_string()))
 }
 
 /// Opens a byte stream to `target`: an HBONE tunnel or a plaintext connection from the pod.
 pub async fn connect(
-    state: &AgentState,
+    dp: &DataPlane,
     pod: &PodContext,
     route: &Route,
     target: SocketAddr,
@@ -73,12 +73,11 @@ pub async fn connect(
         Route::Mesh { src, dst } => {
             let gateway = SocketAddr::new(target.ip(), HBONE_PORT);
             let (stream, slot) =
-                with_source(state, pod, src, async |source| state.pool().open(source, gateway, dst, target).await)
-                    .await?;
+                with_source(dp, pod, src, async |source| dp.pool().open(source, gateway, dst, target).await).await?;
             Ok((Box::new(stream), Box::new(slot)))
         }
         Route::Plain => {
-            let stream = crate::proxy::connect_from_pod(pod, target).await.map_err(io_error)?;
+            let stream = crate::socket::connect_from_pod(pod, target).await.map_err(io_error)?;
             Ok((Box::new(stream), Box::new(())))
         }
     }
@@ -88,21 +87,20 @@ pub async fn connect(
 /// meshed endpoint (straight on the HBONE connection when it takes that, see [`crate::hbone::message`]), a
 /// plaintext connection from the pod otherwise.
 async fn dial(
-    state: &AgentState,
+    dp: &DataPlane,
     pod: &PodContext,
     route: &Route,
     target: SocketAddr,
     app: Protocol,
 ) -> Result<Dialed, UpstreamError> {
     let Route::Mesh { src, dst } = route else {
-        let (io, guard) = connect(state, pod, route, target).await?;
+        let (io, guard) = connect(dp, pod, route, target).await?;
         return Ok(Dialed::Io(io, guard));
     };
     let gateway = SocketAddr::new(target.ip(), HBONE_PORT);
-    let opened = with_source(state, pod, src, async |source| {
-        state.pool().open_l7(source, gateway, dst, target, app.as_str()).await
-    })
-    .await?;
+    let opened =
+        with_source(dp, pod, src, async |source| dp.pool().open_l7(source, gateway, dst, target, app.as_str()).await)
+            .await?;
     Ok(match opened {
         L7Channel::Direct(channel) => Dialed::Mesh(channel, Box::new(())),
         L7Channel::Stream(stream, slot) => Dialed::Io(Box::new(stream), Box::new(slot)),
@@ -116,7 +114,7 @@ pub struct Meshed(pub bool);
 /// Sends a request to one endpoint over the node's pooled connections. `app` is the protocol the application
 /// speaks (the caller's); meshed endpoints are always reached over agent-to-agent HTTP/2.
 pub async fn send(
-    state: &AgentState,
+    dp: &DataPlane,
     pool: &HttpPool<UpstreamKey>,
     pod: &Arc<PodContext>,
     (target, route): (SocketAddr, Route),
@@ -131,7 +129,7 @@ pub async fn send(
     let mut response = pool
         .send(key, wire, req, || async move {
             let permit = connection_guard().ok_or(UpstreamError::Overflow)?;
-            Ok(match dial(state, pod, &route, target, app).await? {
+            Ok(match dial(dp, pod, &route, target, app).await? {
                 Dialed::Io(io, guard) => Dialed::Io(io, Box::new((guard, permit))),
                 Dialed::Mesh(channel, guard) => Dialed::Mesh(channel, Box::new((guard, permit))),
             })

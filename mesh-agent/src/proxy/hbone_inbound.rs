@@ -15,6 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
+use crate::dataplane::DataPlane;
 use crate::hbone::{ALPN, CONNECTION_WINDOW, H2Stream, MAX_FRAME, STREAM_WINDOW, message};
 use crate::identity::svid::{self, Svid};
 use crate::identity::verifier::SvidClientVerifier;
@@ -26,7 +27,7 @@ use crate::pod::PodContext;
 use crate::policy;
 use crate::proxy;
 use crate::proxy::hbone_requests::{self, Requests};
-use crate::state::AgentState;
+use crate::socket;
 use crate::tunnels::TunnelView;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -38,18 +39,18 @@ const MAX_CONCURRENT_STREAMS: u32 = 1000;
 #[derive(Debug)]
 struct PodCert {
     pod: Arc<PodContext>,
-    state: AgentState,
+    dp: DataPlane,
 }
 
 impl ResolvesServerCert for PodCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let identity = self.pod.identity(&self.state.config())?;
-        Some(self.state.secrets()?.current(&identity)?.certified_key.clone())
+        let identity = self.pod.identity(&self.dp.config())?;
+        Some(self.dp.secrets()?.current(&identity)?.certified_key.clone())
     }
 }
 
-pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, state: AgentState) {
-    let Some(secrets) = state.secrets() else { return };
+pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, dp: DataPlane) {
+    let Some(secrets) = dp.secrets() else { return };
     let verifier = Arc::new(SvidClientVerifier { bundle: secrets.bundle(), provider: secrets.provider() });
     let config = match rustls::ServerConfig::builder_with_provider(secrets.provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -57,7 +58,7 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, state: AgentStat
         Ok(b) => {
             let mut c = b
                 .with_client_cert_verifier(verifier)
-                .with_cert_resolver(Arc::new(PodCert { pod: pod.clone(), state: state.clone() }));
+                .with_cert_resolver(Arc::new(PodCert { pod: pod.clone(), dp: dp.clone() }));
             c.alpn_protocols = vec![ALPN.to_vec()];
             c
         }
@@ -73,7 +74,7 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, state: AgentStat
                 // HEADERS and the first DATA frame are separate small writes: no Nagle between them.
                 let _ = tcp.set_nodelay(true);
                 let span = tracing::info_span!("hbone", pod = %pod.name(), %peer);
-                tokio::spawn(connection(tcp, peer, acceptor.clone(), pod.clone(), state.clone()).instrument(span));
+                tokio::spawn(connection(tcp, peer, acceptor.clone(), pod.clone(), dp.clone()).instrument(span));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "HBONE accept failed");
@@ -83,9 +84,9 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, state: AgentStat
     }
 }
 
-async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, pod: Arc<PodContext>, state: AgentState) {
-    let _active = state.connection_started();
-    let metrics = state.metrics();
+async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, pod: Arc<PodContext>, dp: DataPlane) {
+    let _active = dp.connection_started();
+    let metrics = dp.metrics();
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
@@ -104,9 +105,9 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, pod
         metrics.hbone_failed(Direction::Inbound, "no_peer_identity");
         return;
     };
-    let Some(local) = pod.identity(&state.config()) else { return };
+    let Some(local) = pod.identity(&dp.config()) else { return };
     metrics.hbone_connections.with_label_values(&[Direction::Inbound.as_str()]).inc();
-    let _tunnel = state.tunnels().open(TunnelView::inbound(&pod.name(), &local, &peer_svid, peer));
+    let _tunnel = dp.tunnels().open(TunnelView::inbound(&pod.name(), &local, &peer_svid, peer));
     tracing::debug!(peer_identity = %peer_svid.identity, serial = %peer_svid.serial, "HBONE connection");
 
     let mut h2 = match h2::server::Builder::new()
@@ -127,7 +128,7 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, pod
     let peer_svid = Arc::new(peer_svid);
     // Made at the first request sent straight on the connection (most connections carry tunnels only).
     let mut requests: Option<Arc<Requests>> = None;
-    let (mut drain, mut going_away) = (state.drain(), false);
+    let (mut drain, mut going_away) = (dp.drain(), false);
     loop {
         let next = tokio::select! {
             next = h2.accept() => next,
@@ -144,14 +145,14 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, pod
                 let requests = requests
                     .get_or_insert_with(|| {
                         let principal = peer_svid.identity.to_string();
-                        Arc::new(Requests::new(state.clone(), pod.clone(), principal, peer))
+                        Arc::new(Requests::new(dp.clone(), pod.clone(), principal, peer))
                     })
                     .clone();
                 tokio::spawn(hbone_requests::serve(requests, request, respond).in_current_span());
             }
             Some(Ok((request, respond))) => {
-                let (pod, state, svid) = (pod.clone(), state.clone(), peer_svid.clone());
-                tokio::spawn(stream(request, respond, peer, svid, pod, state).in_current_span());
+                let (pod, dp, svid) = (pod.clone(), dp.clone(), peer_svid.clone());
+                tokio::spawn(stream(request, respond, peer, svid, pod, dp).in_current_span());
             }
             Some(Err(e)) => {
                 tracing::debug!(error = %e, "HBONE connection ended");
@@ -173,7 +174,7 @@ async fn stream(
     peer: SocketAddr,
     peer_svid: Arc<Svid>,
     pod: Arc<PodContext>,
-    state: AgentState,
+    dp: DataPlane,
 ) {
     let authority = request.uri().authority().map(|a| a.as_str());
     let target = match connect_target(request.method(), authority, &pod.net.ips) {
@@ -181,42 +182,42 @@ async fn stream(
         Err(code) => {
             if code == StatusCode::BAD_REQUEST {
                 tracing::info!(?authority, "CONNECT to an address this pod does not own");
-                state.metrics().denied(&pod, Direction::Inbound, "bad_destination");
+                dp.metrics().denied(&pod, Direction::Inbound, "bad_destination");
             }
             return status(&mut respond, code);
         }
     };
     let principal = peer_svid.identity.to_string();
-    let config = state.config();
+    let config = dp.config();
     // Agent-to-agent HTTP/2 (the calling agent routed the requests), or policies that need each request: the
     // decision moves from the tunnel to the requests inside it.
     let l7 = request.headers().get(crate::hbone::L7_HEADER).and_then(|v| v.to_str().ok()).and_then(Protocol::parse);
     let per_request = l7.is_some() || policy::needs_request(&config, &pod);
     if !per_request {
         if let Err(refusal) = policy::check_inbound(&config, &pod, Some(&principal), peer.ip(), target.port()) {
-            refusal.record(state.metrics(), &config, &pod, Some(&principal), peer);
+            refusal.record(dp.metrics(), &config, &pod, Some(&principal), peer);
             return status(&mut respond, StatusCode::UNAUTHORIZED);
         }
         // Connect first, so an unreachable application is a 503 on the CONNECT (as ztunnel answers).
-        let app = match proxy::connect_to_app(&state, &pod, target, peer).await {
+        let app = match socket::connect_to_app(dp.steering(), &pod, target, peer).await {
             Ok(app) => app,
             Err(e) => {
-                proxy::app_unreachable(&state, &pod, target, &e);
+                proxy::app_unreachable(&dp, &pod, target, &e);
                 return status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
             }
         };
         let Some(tunnel) = accept(respond, request) else { return };
         let flow = Flow::inbound(&config, &pod, peer.ip(), Some(&principal), target.port(), Security::MutualTls);
-        return proxy::forward(&state, &pod, flow, (peer, target), tunnel, app).await;
+        return proxy::forward(&dp, &pod, flow, (peer, target), tunnel, app).await;
     }
-    if l7.is_some() && request.headers().contains_key(message::DIRECT_HEADER) && state.direct_l7() {
+    if l7.is_some() && request.headers().contains_key(message::DIRECT_HEADER) && dp.direct_l7() {
         // The calling agent offers to send its requests straight on the connection (`hbone_requests`): taken.
         let response = Response::builder().header(message::DIRECT_HEADER, "1").body(()).unwrap_or_default();
         let _ = respond.send_response(response, true);
         return;
     }
     let Some(tunnel) = accept(respond, request) else { return };
-    let session = |app| Session::new(state.clone(), pod.clone(), Some(principal.clone()), peer, target, app);
+    let session = |app| Session::new(dp.clone(), pod.clone(), Some(principal.clone()), peer, target, app);
     // Boxed, so L4 streams do not carry room for the L7 pipeline's state (hyper's connection, the drain).
     if let Some(app) = l7 {
         return Box::pin(l7_inbound::serve(tunnel, Protocol::Http2, session(app))).await;
@@ -224,15 +225,15 @@ async fn stream(
     let Some(io) = Box::pin(l7_inbound::serve_if_http(tunnel, session)).await else { return };
     // Not HTTP: the connection-level decision, where request conditions fail closed.
     if let Err(refusal) = policy::check_inbound(&config, &pod, Some(&principal), peer.ip(), target.port()) {
-        refusal.record(state.metrics(), &config, &pod, Some(&principal), peer);
+        refusal.record(dp.metrics(), &config, &pod, Some(&principal), peer);
         return;
     }
-    match proxy::connect_to_app(&state, &pod, target, peer).await {
+    match socket::connect_to_app(dp.steering(), &pod, target, peer).await {
         Ok(app) => {
             let flow = Flow::inbound(&config, &pod, peer.ip(), Some(&principal), target.port(), Security::MutualTls);
-            proxy::forward(&state, &pod, flow, (peer, target), io, app).await
+            proxy::forward(&dp, &pod, flow, (peer, target), io, app).await
         }
-        Err(e) => proxy::app_unreachable(&state, &pod, target, &e),
+        Err(e) => proxy::app_unreachable(&dp, &pod, target, &e),
     }
 }
 

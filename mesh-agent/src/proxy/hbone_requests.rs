@@ -13,18 +13,18 @@ use http::{HeaderMap, Request, Response, StatusCode};
 use http_body::Body as _;
 
 use crate::body;
+use crate::dataplane::DataPlane;
 use crate::hbone::L7_HEADER;
 use crate::hbone::message::{self, RecvBody, TARGET_HEADER};
 use crate::l7::detect::Protocol;
 use crate::l7::inbound::{self as l7_inbound, Session};
 use crate::metrics::Direction;
 use crate::pod::PodContext;
-use crate::state::AgentState;
 
 /// The requests of one HBONE connection: one verified caller, one pod, a session per (address, protocol) so
 /// that connections to the application are reused across the caller's requests.
 pub struct Requests {
-    state: AgentState,
+    dp: DataPlane,
     pod: Arc<PodContext>,
     principal: String,
     peer: SocketAddr,
@@ -32,8 +32,8 @@ pub struct Requests {
 }
 
 impl Requests {
-    pub fn new(state: AgentState, pod: Arc<PodContext>, principal: String, peer: SocketAddr) -> Self {
-        Requests { state, pod, principal, peer, sessions: Mutex::default() }
+    pub fn new(dp: DataPlane, pod: Arc<PodContext>, principal: String, peer: SocketAddr) -> Self {
+        Requests { dp, pod, principal, peer, sessions: Mutex::default() }
     }
 
     fn session(&self, target: SocketAddr, app: Protocol) -> Arc<Session> {
@@ -41,8 +41,8 @@ impl Requests {
         sessions
             .entry((target, app))
             .or_insert_with(|| {
-                let (state, pod) = (self.state.clone(), self.pod.clone());
-                Arc::new(Session::new(state, pod, Some(self.principal.clone()), self.peer, target, app))
+                let (dp, pod) = (self.dp.clone(), self.pod.clone());
+                Arc::new(Session::new(dp, pod, Some(self.principal.clone()), self.peer, target, app))
             })
             .clone()
     }
@@ -71,7 +71,7 @@ pub async fn serve(requests: Arc<Requests>, request: Request<h2::RecvStream>, mu
         Ok(found) => found,
         Err(code) => {
             tracing::info!(target = ?request.headers().get(TARGET_HEADER), "request for an address this pod does not own");
-            requests.state.metrics().denied(&requests.pod, Direction::Inbound, "bad_destination");
+            requests.dp.metrics().denied(&requests.pod, Direction::Inbound, "bad_destination");
             let _ = respond.send_response(Response::builder().status(code).body(()).unwrap_or_default(), true);
             return;
         }

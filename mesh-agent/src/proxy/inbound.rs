@@ -8,37 +8,38 @@ use std::sync::Arc;
 use mesh_common::bpf::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use tokio::net::TcpStream;
 
-use super::{forward, reset};
+use super::forward;
+use crate::dataplane::DataPlane;
 use crate::l7::{self, detect::Rewind, inbound::Session};
 use crate::metrics::{Flow, Security};
 use crate::pod::PodContext;
 use crate::policy;
-use crate::state::AgentState;
+use crate::socket::{self, reset};
 
 /// Loopback or one of the agent's own ports: never a real destination, and forwarding it would loop.
 fn is_agent_address(a: &SocketAddr) -> bool {
     a.ip().is_loopback() || [OUTBOUND_PORT, INBOUND_PORT, HBONE_PORT].contains(&a.port())
 }
 
-pub async fn handle(conn: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, state: AgentState) {
+pub async fn handle(conn: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, dp: DataPlane) {
     // sk_lookup delivered the connection unchanged: its local address is what the client dialled.
     let Some(target) = conn.local_addr().ok().filter(|a| !is_agent_address(a)) else {
-        state.metrics().original_destination_missing.inc();
+        dp.metrics().original_destination_missing.inc();
         return;
     };
-    if !state.has_config() {
+    if !dp.has_config() {
         // Without config the agent cannot know the pod's PeerAuthentication or AuthorizationPolicy.
-        state.metrics().denied(&pod, crate::metrics::Direction::Inbound, "no_config");
+        dp.metrics().denied(&pod, crate::metrics::Direction::Inbound, "no_config");
         return reset(conn);
     }
-    let config = state.config();
+    let config = dp.config();
     if let Err(refusal) = policy::check_mtls_mode(&config, &pod, None) {
-        refusal.record(state.metrics(), &config, &pod, None, peer);
+        refusal.record(dp.metrics(), &config, &pod, None, peer);
         return reset(conn);
     }
     // Policies that look at requests: serve HTTP here and decide per request.
     let conn = if policy::needs_request(&config, &pod) {
-        let session = |app| Session::new(state.clone(), pod.clone(), None, peer, target, app);
+        let session = |app| Session::new(dp.clone(), pod.clone(), None, peer, target, app);
         // Boxed, so L4 connections do not carry room for the L7 pipeline's state.
         match Box::pin(l7::inbound::serve_if_http(conn, session)).await {
             Some(opaque) => opaque,
@@ -48,16 +49,16 @@ pub async fn handle(conn: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, sta
         Rewind::new(Default::default(), conn)
     };
     if let Err(refusal) = policy::check_inbound(&config, &pod, None, peer.ip(), target.port()) {
-        refusal.record(state.metrics(), &config, &pod, None, peer);
+        refusal.record(dp.metrics(), &config, &pod, None, peer);
         return reset(conn.into_inner());
     }
-    match super::connect_to_app(&state, &pod, target, peer).await {
+    match socket::connect_to_app(dp.steering(), &pod, target, peer).await {
         Ok(app) => {
             let flow = Flow::inbound(&config, &pod, peer.ip(), None, target.port(), Security::None);
-            forward(&state, &pod, flow, (peer, target), conn, app).await
+            forward(&dp, &pod, flow, (peer, target), conn, app).await
         }
         Err(e) => {
-            super::app_unreachable(&state, &pod, target, &e);
+            super::app_unreachable(&dp, &pod, target, &e);
             reset(conn.into_inner());
         }
     }

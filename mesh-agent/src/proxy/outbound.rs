@@ -11,14 +11,15 @@ use mesh_common::config::OutboundTrafficPolicy;
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
-use super::{forward, reset};
+use super::forward;
+use crate::dataplane::DataPlane;
 use crate::hbone::client::Source;
 use crate::identity::Identity;
 use crate::l7::detect::Rewind;
 use crate::metrics::{DestinationService, Direction, Flow, Security};
 use crate::pod::PodContext;
 use crate::snapshot::Snapshot;
-use crate::state::AgentState;
+use crate::socket::{self, reset};
 
 #[derive(Debug, PartialEq)]
 enum Route {
@@ -31,7 +32,7 @@ enum Route {
     Refuse(&'static str),
 }
 
-fn route(config: &Snapshot, state: &AgentState, pod: &PodContext, target: SocketAddr) -> Route {
+fn route(config: &Snapshot, dp: &DataPlane, pod: &PodContext, target: SocketAddr) -> Route {
     let Some(dst) = config.workload_by_ip(target.ip()) else {
         return match config.outbound_traffic_policy {
             OutboundTrafficPolicy::RegistryOnly if !config.knows_destination(target.ip()) => {
@@ -40,7 +41,7 @@ fn route(config: &Snapshot, state: &AgentState, pod: &PodContext, target: Socket
             _ => Route::Passthrough,
         };
     };
-    match (state.secrets(), pod.identity(config)) {
+    match (dp.secrets(), pod.identity(config)) {
         (Some(_), Some(src)) => {
             Route::Hbone { src, dst: Identity::new(&config.trust_domain, &dst.namespace, &dst.service_account) }
         }
@@ -51,71 +52,73 @@ fn route(config: &Snapshot, state: &AgentState, pod: &PodContext, target: Socket
     }
 }
 
-pub async fn handle(conn: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, state: AgentState) {
-    let Some(target) = state.capture().take_original_destination(pod.netns.cookie(), peer) else {
-        state.metrics().original_destination_missing.inc();
+pub async fn handle(conn: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, dp: DataPlane) {
+    let Some(target) = dp.steering().take_original_destination(pod.netns.cookie(), peer) else {
+        dp.metrics().original_destination_missing.inc();
         tracing::debug!("no original destination (direct connection to the agent's port?); closing");
         return;
     };
     let span = tracing::debug_span!("outbound", %target);
-    if !state.has_config() {
-        state.metrics().denied(&pod, Direction::Outbound, "no_config");
+    if !dp.has_config() {
+        dp.metrics().denied(&pod, Direction::Outbound, "no_config");
         tracing::info!(%target, "refused: no config yet, so nothing tells whether the destination is meshed");
         return reset(conn);
     }
-    let config = state.config();
+    let config = dp.config();
     // A Service address: L7 when the connection speaks HTTP, an endpoint picked by the balancer otherwise.
     if let Some((service, port)) = config.service_by_address(target.ip(), target.port()) {
         let (service, port) = (service.clone(), port.clone());
         // Boxed, so L4 connections do not carry room for the L7 pipeline's state.
-        let l7 = Box::pin(crate::l7::outbound::serve(conn, peer, pod, state, &service, &port));
-        return l7.instrument(span).await;
+        let l7 = Box::pin(crate::l7::outbound::serve(conn, peer, pod.clone(), dp.clone(), &service, &port));
+        let Some(opaque) = l7.instrument(span.clone()).await else { return };
+        let _in_flight = opaque.in_flight;
+        return to_endpoint(opaque.io, opaque.endpoint, pod, dp).instrument(span).await;
     }
-    to_endpoint(Rewind::new(Default::default(), conn), target, pod, state).instrument(span).await
+    to_endpoint(Rewind::new(Default::default(), conn), target, pod, dp).instrument(span).await
 }
 
 /// L4 to one address: HBONE when it is a meshed workload, plaintext (or refused) otherwise.
-pub async fn to_endpoint(conn: Rewind<TcpStream>, target: SocketAddr, pod: Arc<PodContext>, state: AgentState) {
-    let config = state.config();
+pub async fn to_endpoint(conn: Rewind<TcpStream>, target: SocketAddr, pod: Arc<PodContext>, dp: DataPlane) {
+    let config = dp.config();
     let client = pod.caller(conn.get_ref().peer_addr().unwrap_or(target));
     let flow = |principal: Option<String>, security| {
         let service = DestinationService::for_address(&config, target.ip(), target.port());
         Flow::outbound(&config, &pod, target.ip(), principal.as_deref(), service, security)
     };
-    match route(&config, &state, &pod, target) {
+    match route(&config, &dp, &pod, target) {
         Route::Refuse(reason) => {
-            state.metrics().denied(&pod, Direction::Outbound, reason);
+            dp.metrics().denied(&pod, Direction::Outbound, reason);
             tracing::info!(%target, reason, "outbound connection refused");
             reset(conn.into_inner());
         }
-        Route::Passthrough => match super::connect_from_pod(&pod, target).await {
-            Ok(upstream) => forward(&state, &pod, flow(None, Security::None), (client, target), conn, upstream).await,
+        Route::Passthrough => match socket::connect_from_pod(&pod, target).await {
+            Ok(upstream) => forward(&dp, &pod, flow(None, Security::None), (client, target), conn, upstream).await,
             Err(e) => {
-                state.metrics().failed(&pod, Direction::Outbound, "connect");
+                dp.metrics().failed(&pod, Direction::Outbound, "connect");
                 tracing::info!(%target, error = %e, "upstream connect failed");
                 reset(conn.into_inner());
             }
         },
         Route::Hbone { src, dst } => {
-            let Some(secrets) = state.secrets() else { return };
+            let Some(secrets) = dp.secrets() else { return };
             let cert = match secrets.fetch(&src).await {
                 Ok(c) => c,
                 Err(e) => {
-                    state.metrics().failed(&pod, Direction::Outbound, "no_certificate");
+                    dp.metrics().failed(&pod, Direction::Outbound, "no_certificate");
                     tracing::warn!(error = %e, "no certificate for the source workload");
                     return reset(conn.into_inner());
                 }
             };
             let gateway = SocketAddr::new(target.ip(), HBONE_PORT);
-            let (metrics, tunnels) = (state.metrics(), state.tunnels());
+            let (metrics, tunnels) = (dp.metrics(), dp.tunnels());
             let source = Source { metrics, tunnels, netns: &pod.netns, cert: &cert, secrets, pod: &pod.name() };
-            match state.pool().open(&source, gateway, &dst, target).await {
+            match dp.pool().open(&source, gateway, &dst, target).await {
                 Ok((stream, _slot)) => {
                     let flow = flow(Some(dst.to_string()), Security::MutualTls);
-                    forward(&state, &pod, flow, (client, target), conn, stream).await
+                    forward(&dp, &pod, flow, (client, target), conn, stream).await
                 }
                 Err(e) => {
-                    state.metrics().failed(&pod, Direction::Outbound, e.reason());
+                    dp.metrics().failed(&pod, Direction::Outbound, e.reason());
                     tracing::info!(%target, peer_identity = %dst, error = %e, "HBONE tunnel failed");
                     reset(conn.into_inner());
                 }
