@@ -48,3 +48,6 @@ impl L7 {
         self.upstreams.retain(|k| k.netns_cookie != netns_cookie);
     }
 }
+
+#[cfg(test)]
+mod tests;
