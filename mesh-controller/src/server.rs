@@ -316,32 +316,8 @@ mod tests {
     use mesh_agent::identity::LocalCa;
     use mesh_common::resources::Assembler;
 
-    const OBJECTS: &str = "\
-apiVersion: v1
-kind: Namespace
-metadata: {name: shop, labels: {nodemesh.io/mesh: enabled}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: cart-1, namespace: shop, labels: {app: cart}}
-spec: {nodeName: node-1, serviceAccountName: cart}
-status: {phase: Running, podIP: 10.244.1.2}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: web-1, namespace: shop, labels: {app: web}}
-spec: {nodeName: node-2}
-status: {phase: Running, podIP: 10.244.2.2}
----
-apiVersion: v1
-kind: Service
-metadata: {name: cart, namespace: shop}
-spec: {clusterIP: 10.96.0.10, selector: {app: cart}, ports: [{name: http, port: 80, targetPort: 8080}]}
-";
-
     fn controller(dir: &std::path::Path) -> (Controller, Arc<Mesh>) {
-        let objects: Vec<crate::mesh::Object> =
-            serde_yaml::Deserializer::from_str(OBJECTS).map(|d| serde::Deserialize::deserialize(d).unwrap()).collect();
+        let objects = crate::mesh::tests::parse(crate::mesh::tests::OBJECTS);
         let mesh = Arc::new(Mesh::from_objects(&objects).0);
         LocalCa::init(dir, "cluster.local").unwrap();
         let ca = Arc::new(LocalCa::load(dir).unwrap());

@@ -372,25 +372,28 @@ fn source_ip_hashing_keeps_each_caller_on_one_endpoint() {
 
 /// gRPC unary and server-streaming calls routed by GRPCRoute, with status codes and trailers preserved; a
 /// WebSocket echo and an HTTP/1.1 CONNECT tunnel; opaque TCP to a Service balanced over its endpoints, detected or declared.
+/// Unary gRPC to echo-a, with an application error whose code, message and trailer metadata arrive unchanged;
+/// streaming to echo-b (method match): every message, then the final status from the trailers.
+fn unary_and_streaming_grpc_arrive(c: &Cluster, client: &Pod) {
+    let unary = grpc(c, client, &["say", "hello"]);
+    assert_eq!(unary["code"], 0, "{unary}");
+    assert_eq!(unary["replies"][0], "echo-a", "{unary}");
+    let failed = grpc(c, client, &["say", "hello", "5"]);
+    assert_eq!(failed["code"], 5, "{failed}");
+    assert_eq!(failed["trailer_server"], "echo-a", "{failed}");
+    assert!(failed["message"].as_str().unwrap().contains("failing as asked"), "{failed}");
+    let stream = grpc(c, client, &["repeat", "hi", "25"]);
+    assert_eq!(stream["code"], 0, "{stream}");
+    assert_eq!(stream["replies"].as_array().unwrap().len(), 25, "{stream}");
+    assert_eq!(stream["replies"][24]["server"], "echo-b", "{stream}");
+}
+
 #[test]
 fn grpc_and_websocket_through_the_mesh() {
     let mut c = cluster!(2);
     let client = mesh(&mut c, &GRPC_SERVERS, &grpc_objects(), 1);
 
-    let unary = grpc(&c, &client, &["say", "hello"]);
-    assert_eq!(unary["code"], 0, "{unary}");
-    assert_eq!(unary["replies"][0], "echo-a", "{unary}");
-    // An application error: code, message and the server's trailer metadata arrive unchanged.
-    let failed = grpc(&c, &client, &["say", "hello", "5"]);
-    assert_eq!(failed["code"], 5, "{failed}");
-    assert_eq!(failed["trailer_server"], "echo-a", "{failed}");
-    assert!(failed["message"].as_str().unwrap().contains("failing as asked"), "{failed}");
-
-    // Streaming goes to echo-b (method match); every message, then the final status from the trailers.
-    let stream = grpc(&c, &client, &["repeat", "hi", "25"]);
-    assert_eq!(stream["code"], 0, "{stream}");
-    assert_eq!(stream["replies"].as_array().unwrap().len(), 25, "{stream}");
-    assert_eq!(stream["replies"][24]["server"], "echo-b", "{stream}");
+    unary_and_streaming_grpc_arrive(&c, &client);
     let stream_failed = grpc(&c, &client, &["repeat", "hi", "3", "9"]);
     assert_eq!(stream_failed["code"], 9, "{stream_failed}");
     assert_eq!(stream_failed["replies"].as_array().unwrap().len(), 3, "{stream_failed}");
@@ -437,15 +440,7 @@ fn grpc_and_websocket_through_the_mesh() {
 fn requests_travel_inside_a_tunnel_to_an_agent_that_does_not_take_them_directly() {
     let mut c = cluster!(2);
     let client = app::mesh(&mut c, Path::new(HTTP), &GRPC_SERVERS, &grpc_objects(), 1, &["--hbone-l7-direct=false"]);
-    let unary = grpc(&c, &client, &["say", "hello"]);
-    assert_eq!(unary["code"], 0, "{unary}");
-    assert_eq!(unary["replies"][0], "echo-a", "{unary}");
-    let failed = grpc(&c, &client, &["say", "hello", "5"]);
-    assert_eq!(failed["code"], 5, "{failed}");
-    assert_eq!(failed["trailer_server"], "echo-a", "{failed}");
-    let stream = grpc(&c, &client, &["repeat", "hi", "25"]);
-    assert_eq!(stream["code"], 0, "{stream}");
-    assert_eq!(stream["replies"].as_array().unwrap().len(), 25, "{stream}");
+    unary_and_streaming_grpc_arrive(&c, &client);
     assert!(c.metric(0, "nodemesh_hbone_l7_channels_opened_total", &[("mode", "tunnel")]).unwrap() >= 1.0);
     assert_eq!(c.metric(0, "nodemesh_hbone_l7_channels_opened_total", &[("mode", "direct")]).unwrap_or(0.0), 0.0);
 }

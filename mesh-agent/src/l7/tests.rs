@@ -145,7 +145,7 @@ fn config(v1: &Backend, v2: &Backend) -> String {
 }
 
 /// A pod connection to the Service, served by the pipeline; the pod's HTTP/1.1 client on it.
-async fn connect(dp: &DataPlane) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>> {
+async fn connect(dp: &DataPlane) -> PodClient {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
     let (conn, peer) = listener.accept().await.unwrap();
@@ -162,7 +162,20 @@ async fn connect(dp: &DataPlane) -> hyper::client::conn::http1::SendRequest<Empt
     sender
 }
 
-async fn get(sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>, path: &str) -> (StatusCode, String) {
+type PodClient = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+/// Two backends, the data plane routing to them, and a pod connection served by it; `None` without root.
+async fn setup() -> Option<(Backend, Backend, DataPlane, PodClient)> {
+    if !privileged() {
+        return None;
+    }
+    let (v1, v2) = (Backend::start("127.0.0.2", "v1").await, Backend::start("127.0.0.3", "v2").await);
+    let dp = data_plane(&config(&v1, &v2));
+    let pod = connect(&dp).await;
+    Some((v1, v2, dp, pod))
+}
+
+async fn get(sender: &mut PodClient, path: &str) -> (StatusCode, String) {
     sender.ready().await.unwrap();
     let request = Request::get(path).header("host", "web.shop").body(Empty::new()).unwrap();
     let response = tokio::time::timeout(Duration::from_secs(10), sender.send_request(request)).await.unwrap().unwrap();
@@ -173,12 +186,7 @@ async fn get(sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
 
 #[tokio::test]
 async fn routes_pick_the_backend_by_path_and_a_path_no_rule_matches_gets_404() {
-    if !privileged() {
-        return;
-    }
-    let (v1, v2) = (Backend::start("127.0.0.2", "v1").await, Backend::start("127.0.0.3", "v2").await);
-    let dp = data_plane(&config(&v1, &v2));
-    let mut pod = connect(&dp).await;
+    let Some((v1, v2, _dp, mut pod)) = setup().await else { return };
     assert_eq!(get(&mut pod, "/v2/items").await, (StatusCode::OK, "v2 /v2/items".into()));
     assert_eq!(get(&mut pod, "/only-v1/a").await, (StatusCode::OK, "v1 /only-v1/a".into()));
     // The connection keeps serving after the agent's own answer.
@@ -189,12 +197,7 @@ async fn routes_pick_the_backend_by_path_and_a_path_no_rule_matches_gets_404() {
 
 #[tokio::test]
 async fn a_503_is_retried_and_a_slow_backend_hits_the_request_timeout() {
-    if !privileged() {
-        return;
-    }
-    let (v1, v2) = (Backend::start("127.0.0.2", "v1").await, Backend::start("127.0.0.3", "v2").await);
-    let dp = data_plane(&config(&v1, &v2));
-    let mut pod = connect(&dp).await;
+    let Some((v1, _v2, _dp, mut pod)) = setup().await else { return };
     assert_eq!(get(&mut pod, "/flaky").await, (StatusCode::OK, "v1 /flaky".into()));
     assert_eq!(v1.hits("/flaky"), 2, "the 503 was retried once");
     let started = Instant::now();
@@ -205,12 +208,7 @@ async fn a_503_is_retried_and_a_slow_backend_hits_the_request_timeout() {
 
 #[tokio::test]
 async fn a_config_swapped_between_requests_applies_to_the_next_request_on_the_same_connection() {
-    if !privileged() {
-        return;
-    }
-    let (v1, v2) = (Backend::start("127.0.0.2", "v1").await, Backend::start("127.0.0.3", "v2").await);
-    let dp = data_plane(&config(&v1, &v2));
-    let mut pod = connect(&dp).await;
+    let Some((v1, v2, dp, mut pod)) = setup().await else { return };
     assert_eq!(get(&mut pod, "/v2/x").await.1, "v2 /v2/x");
     // Both routes now lead to v1: the connection's cached route table belongs to the old snapshot.
     let swapped = config(&v1, &v2).replace("name: v2}, weight: 1", "name: v1}, weight: 1");

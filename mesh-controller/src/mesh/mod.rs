@@ -8,7 +8,7 @@ use std::net::IpAddr;
 mod build;
 pub mod schema;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use mesh_common::config::{Endpoint, Locality, NodeConfig, Service, Workload};
 use mesh_common::policy::{AuthorizationPolicy, PeerAuthentication};

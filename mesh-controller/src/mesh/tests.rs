@@ -1,6 +1,8 @@
 use super::*;
 
-const OBJECTS: &str = r#"
+/// Meshed pods on two nodes, a Service and its policies (one of them invalid), and pods left out of the mesh
+/// (also the controller server's test input).
+pub(crate) const OBJECTS: &str = r#"
 apiVersion: v1
 kind: Namespace
 metadata: {name: shop, labels: {nodemesh.io/mesh: enabled}}
@@ -154,7 +156,7 @@ metadata: {name: ghost, namespace: shop}
 spec: {targetRef: {name: ghost}}
 "#;
 
-fn parse(yaml: &str) -> Vec<Object> {
+pub(crate) fn parse(yaml: &str) -> Vec<Object> {
     serde_yaml::Deserializer::from_str(yaml).map(|d| Object::deserialize(d).unwrap()).collect()
 }
 
