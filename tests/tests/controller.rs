@@ -38,6 +38,46 @@ fn controller_pair(c: &mut Cluster) -> (Pod, Pod) {
     (client, server)
 }
 
+/// A pod called before its first certificate has come back from the controller: the destination agent holds the
+/// caller's handshake until the certificate is there (within the handshake timeout) instead of refusing it for
+/// want of one (the caller saw a reset). The controller is stopped (SIGSTOP) while the server pod enrolls, so its
+/// certificate request waits, and resumed half a second after the call began.
+#[test]
+fn a_pod_called_before_its_first_certificate_arrives_answers_once_it_has_it() {
+    let mut c = cluster!(2);
+    let client = c.add_pod(0, "client").unwrap();
+    let server = c.add_pod_in(1, "server", "shop").unwrap();
+    c.write_objects("namespaces.yaml", Some(mesh_tests::MESH_NAMESPACES)).unwrap();
+    c.write_objects("pods.yaml", Some(&c.pod_objects(&[(&client, "client-sa"), (&server, "server-sa")]))).unwrap();
+    c.start_controller().unwrap();
+    c.start_agent_with_controller(0).unwrap();
+    c.start_agent_with_controller(1).unwrap();
+    c.enroll(&client).unwrap();
+    c.serve(&server, 8080).unwrap();
+    wait_for("the client's certificate", || c.ready_status(0) == 200);
+
+    c.signal_controller(libc::SIGSTOP).unwrap();
+    let resumed = resume_on_drop(&c);
+    c.enroll(&server).unwrap();
+    let call = c.client_start(&client, addr(server.ipv4, 8080), KIB, &[]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_ne!(c.ready_status(1), 200, "the server's agent is still waiting for the certificate");
+    drop(resumed);
+    let r = call.wait().unwrap();
+    assert!(r.success && r.ok_connections() == 1, "{:?} {}", r.json, r.stderr);
+}
+
+/// Resumes the controller when dropped (also when the test fails while it is stopped).
+fn resume_on_drop(c: &Cluster) -> impl Drop + '_ {
+    struct Resume<'a>(&'a Cluster);
+    impl Drop for Resume<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.signal_controller(libc::SIGCONT);
+        }
+    }
+    Resume(c)
+}
+
 fn policies_on(c: &Cluster, node: usize) -> usize {
     c.admin(node, "/config_dump").unwrap()["config"]["authorizationPolicies"].as_array().map_or(0, Vec::len)
 }

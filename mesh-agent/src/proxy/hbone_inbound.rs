@@ -87,7 +87,15 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, dp: DataPlane) {
 async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, pod: Arc<PodContext>, dp: DataPlane) {
     let _active = dp.connection_started();
     let metrics = dp.metrics();
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    // A pod just enrolled may still be waiting for its first certificate: a caller arriving meanwhile waits for
+    // it (within the handshake timeout) instead of being refused for want of a certificate to present.
+    let handshake = async {
+        if let (Some(secrets), Some(identity)) = (dp.secrets(), pod.identity(&dp.config())) {
+            let _ = secrets.fetch(&identity).await;
+        }
+        acceptor.accept(tcp).await
+    };
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             metrics.hbone_failed(Direction::Inbound, "tls");

@@ -590,8 +590,16 @@ impl Cluster {
 
     /// Sends `signal` to the node's agent (SIGHUP reloads its config).
     pub fn signal_agent(&self, node: usize, signal: i32) -> Result<()> {
-        let idx = self.nodes[node].agent.context("agent not running")?;
-        let pid = self.processes[idx].as_ref().context("agent gone")?.child.id();
+        self.signal_process(self.nodes[node].agent.context("agent not running")?, signal)
+    }
+
+    /// Sends `signal` to the controller (SIGSTOP: it stops answering, connections stay open; SIGCONT resumes).
+    pub fn signal_controller(&self, signal: i32) -> Result<()> {
+        self.signal_process(self.controller.context("controller not running")?, signal)
+    }
+
+    fn signal_process(&self, idx: usize, signal: i32) -> Result<()> {
+        let pid = self.processes[idx].as_ref().context("process gone")?.child.id();
         // SAFETY: plain kill(2) on our own child.
         if unsafe { libc::kill(pid as i32, signal) } != 0 {
             bail!("kill: {}", std::io::Error::last_os_error());
