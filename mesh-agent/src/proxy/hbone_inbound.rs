@@ -136,10 +136,14 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, pod
     let peer_svid = Arc::new(peer_svid);
     // Made at the first request sent straight on the connection (most connections carry tunnels only).
     let mut requests: Option<Arc<Requests>> = None;
+    // Direct requests are served in this task, beside the connection they travel on: a task of their own would
+    // cost a spawn and two cross-task wake-ups per request.
+    let mut in_flight = futures_util::stream::FuturesUnordered::new();
     let (mut drain, mut going_away) = (dp.drain(), false);
     loop {
         let next = tokio::select! {
             next = h2.accept() => next,
+            Some(()) = futures_util::StreamExt::next(&mut in_flight), if !in_flight.is_empty() => continue,
             // The peer's pool opens its next tunnels on a new connection, which reaches the agent that took over
             // the listener; the streams in flight here finish (`crate::drain`).
             _ = drain.started(), if !going_away => {
@@ -156,7 +160,7 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, pod
                         Arc::new(Requests::new(dp.clone(), pod.clone(), principal, peer))
                     })
                     .clone();
-                tokio::spawn(hbone_requests::serve(requests, request, respond).in_current_span());
+                in_flight.push(Box::pin(hbone_requests::serve(requests, request, respond)));
             }
             Some(Ok((request, respond))) => {
                 let (pod, dp, svid) = (pod.clone(), dp.clone(), peer_svid.clone());
