@@ -14,6 +14,12 @@ use crate::identity::Identity;
 use crate::netns::NetNs;
 use crate::snapshot::Snapshot;
 
+/// `text` as `ip:port` when the ip is one of `pod_ips`: where a peer asks to reach a pod (a CONNECT's authority, an
+/// agent-to-agent request's target). The peer is authenticated, but the address is its claim.
+pub fn own_address(text: Option<&str>, pod_ips: &[std::net::IpAddr]) -> Option<SocketAddr> {
+    text.and_then(|a| a.parse::<SocketAddr>().ok()).filter(|t| pod_ips.contains(&t.ip().to_canonical()))
+}
+
 /// One enrolled pod as the proxy sees it.
 #[derive(Debug)]
 pub struct PodContext {

@@ -259,10 +259,7 @@ pub fn connect_target(
     if method != Method::CONNECT {
         return Err(StatusCode::METHOD_NOT_ALLOWED);
     }
-    authority
-        .and_then(|a| a.parse::<SocketAddr>().ok())
-        .filter(|t| pod_ips.contains(&t.ip().to_canonical()))
-        .ok_or(StatusCode::BAD_REQUEST)
+    crate::pod::own_address(authority, pod_ips).ok_or(StatusCode::BAD_REQUEST)
 }
 
 /// Answers 200 to the CONNECT: from here on the stream is the tunnel.

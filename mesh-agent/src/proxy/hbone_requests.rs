@@ -57,10 +57,7 @@ pub fn is_direct<B>(request: &Request<B>) -> bool {
 /// the caller is authenticated, the address is its claim) and a known protocol (400 otherwise).
 fn destination(headers: &HeaderMap, pod: &PodContext) -> Result<(SocketAddr, Protocol), StatusCode> {
     let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let target = text(TARGET_HEADER)
-        .and_then(|t| t.parse::<SocketAddr>().ok())
-        .filter(|t| pod.net.ips.contains(&t.ip().to_canonical()))
-        .ok_or(StatusCode::BAD_REQUEST)?;
+    let target = crate::pod::own_address(text(TARGET_HEADER), &pod.net.ips).ok_or(StatusCode::BAD_REQUEST)?;
     let app = text(L7_HEADER).and_then(Protocol::parse).ok_or(StatusCode::BAD_REQUEST)?;
     Ok((target, app))
 }
