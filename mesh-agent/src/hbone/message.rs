@@ -120,26 +120,20 @@ pub async fn send_body(mut body: Body, mut send: SendStream<Bytes>) -> Result<()
 }
 
 async fn pump(body: &mut Body, send: &mut SendStream<Bytes>) -> Result<(), SendBodyError> {
-    if body.is_end_stream() {
-        return Ok(send.send_data(Bytes::new(), true)?);
-    }
-    loop {
-        let Some(frame) = next_frame(body, send).await? else {
-            return Ok(send.send_data(Bytes::new(), true)?);
-        };
+    while let Some(frame) = next_frame(body, send).await? {
         match frame.into_data() {
             Ok(data) => {
                 // The last chunk carries END_STREAM itself: no empty DATA frame after it.
                 let end = body.is_end_stream();
-                if data.is_empty() && !end {
-                    continue;
-                }
                 if data.is_empty() {
-                    return Ok(send.send_data(Bytes::new(), true)?);
-                }
-                send_data(send, data, end).await?;
-                if end {
-                    return Ok(());
+                    if end {
+                        break;
+                    }
+                } else {
+                    send_data(send, data, end).await?;
+                    if end {
+                        return Ok(());
+                    }
                 }
             }
             Err(frame) => {
@@ -149,6 +143,7 @@ async fn pump(body: &mut Body, send: &mut SendStream<Bytes>) -> Result<(), SendB
             }
         }
     }
+    Ok(send.send_data(Bytes::new(), true)?)
 }
 
 #[cfg(test)]
