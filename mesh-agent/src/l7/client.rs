@@ -104,6 +104,16 @@ pub enum Dialed {
     Mesh(Channel, Guard),
 }
 
+impl Dialed {
+    /// The same, also keeping `more` alive as long as the connection.
+    pub fn holding(self, more: Guard) -> Self {
+        match self {
+            Dialed::Io(io, guard) => Dialed::Io(io, Box::new((guard, more))),
+            Dialed::Mesh(channel, guard) => Dialed::Mesh(channel, Box::new((guard, more))),
+        }
+    }
+}
+
 /// Performs the HTTP handshake of `protocol` over `io` and runs the connection in its own task.
 pub async fn handshake(io: Box<dyn Io>, protocol: Protocol, guard: Guard) -> Result<SenderHandle, UpstreamError> {
     let io = TokioIo::new(io);

@@ -129,10 +129,7 @@ pub async fn send(
     let mut response = pool
         .send(key, wire, req, || async move {
             let permit = connection_guard().ok_or(UpstreamError::Overflow)?;
-            Ok(match dial(dp, pod, &route, target, app).await? {
-                Dialed::Io(io, guard) => Dialed::Io(io, Box::new((guard, permit))),
-                Dialed::Mesh(channel, guard) => Dialed::Mesh(channel, Box::new((guard, permit))),
-            })
+            Ok(dial(dp, pod, &route, target, app).await?.holding(permit))
         })
         .await?;
     response.extensions_mut().insert(Meshed(mesh));
