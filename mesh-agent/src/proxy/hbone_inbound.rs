@@ -89,9 +89,10 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, pod
     let metrics = dp.metrics();
     // A pod just enrolled may still be waiting for its first certificate: a caller arriving meanwhile waits for
     // it (within the handshake timeout) instead of being refused for want of a certificate to present.
+    let local = pod.identity(&dp.config());
     let handshake = async {
-        if let (Some(secrets), Some(identity)) = (dp.secrets(), pod.identity(&dp.config())) {
-            let _ = secrets.fetch(&identity).await;
+        if let (Some(secrets), Some(identity)) = (dp.secrets(), &local) {
+            let _ = secrets.fetch(identity).await;
         }
         acceptor.accept(tcp).await
     };
@@ -113,7 +114,7 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, pod
         metrics.hbone_failed(Direction::Inbound, "no_peer_identity");
         return;
     };
-    let Some(local) = pod.identity(&dp.config()) else { return };
+    let Some(local) = local else { return };
     metrics.hbone_connections.with_label_values(&[Direction::Inbound.as_str()]).inc();
     let _tunnel = dp.tunnels().open(TunnelView::inbound(&pod.name(), &local, &peer_svid, peer));
     tracing::debug!(peer_identity = %peer_svid.identity, serial = %peer_svid.serial, "HBONE connection");
