@@ -23,8 +23,8 @@ spec:
 ";
 
 /// `default/client` on node 1 and `shop/server` on node 2 as objects in the controller's directory; controller
-/// and agents (fed by it) started; both pods enrolled; server listening on 8080.
-fn controller_pair(c: &mut Cluster) -> (Pod, Pod) {
+/// and agents (fed by it) started; the client enrolled; the server listening on 8080 but not enrolled yet.
+fn controller_pair_before_server_enrolls(c: &mut Cluster) -> (Pod, Pod) {
     let client = c.add_pod(0, "client").unwrap();
     let server = c.add_pod_in(1, "server", "shop").unwrap();
     c.write_objects("namespaces.yaml", Some(mesh_tests::MESH_NAMESPACES)).unwrap();
@@ -33,8 +33,14 @@ fn controller_pair(c: &mut Cluster) -> (Pod, Pod) {
     c.start_agent_with_controller(0).unwrap();
     c.start_agent_with_controller(1).unwrap();
     c.enroll(&client).unwrap();
-    c.enroll(&server).unwrap();
     c.serve(&server, 8080).unwrap();
+    (client, server)
+}
+
+/// The same with both pods enrolled.
+fn controller_pair(c: &mut Cluster) -> (Pod, Pod) {
+    let (client, server) = controller_pair_before_server_enrolls(c);
+    c.enroll(&server).unwrap();
     (client, server)
 }
 
@@ -45,15 +51,7 @@ fn controller_pair(c: &mut Cluster) -> (Pod, Pod) {
 #[test]
 fn a_pod_called_before_its_first_certificate_arrives_answers_once_it_has_it() {
     let mut c = cluster!(2);
-    let client = c.add_pod(0, "client").unwrap();
-    let server = c.add_pod_in(1, "server", "shop").unwrap();
-    c.write_objects("namespaces.yaml", Some(mesh_tests::MESH_NAMESPACES)).unwrap();
-    c.write_objects("pods.yaml", Some(&c.pod_objects(&[(&client, "client-sa"), (&server, "server-sa")]))).unwrap();
-    c.start_controller().unwrap();
-    c.start_agent_with_controller(0).unwrap();
-    c.start_agent_with_controller(1).unwrap();
-    c.enroll(&client).unwrap();
-    c.serve(&server, 8080).unwrap();
+    let (client, server) = controller_pair_before_server_enrolls(&mut c);
     wait_for("the client's certificate", || c.ready_status(0) == 200);
 
     c.signal_controller(libc::SIGSTOP).unwrap();
