@@ -5,6 +5,7 @@ pub mod app;
 pub mod cluster;
 pub mod demo;
 pub mod fakeapi;
+pub mod hbone_peer;
 pub mod otlp;
 pub mod probe;
 pub mod sniff;

@@ -126,13 +126,13 @@ impl Pool {
         dst_identity: &Identity,
         authority: SocketAddr,
     ) -> Result<(H2Stream, StreamSlot), HboneError> {
-        let (response, send, slot) = self.connect(src, dst, dst_identity, authority, None).await?;
+        let (response, send, slot) = self.connect(src, dst, dst_identity, authority, false).await?;
         Ok((H2Stream::new(send, response.into_body()), slot))
     }
 
     /// Opens a way for the calling agent's requests (for an application speaking `protocol`) to the workload at
     /// `authority`: straight on the connection when the peer agent takes them so (it answers the offer, see
-    /// [`message::DIRECT_HEADER`]), or as agent-to-agent HTTP/2 inside a tunnel (see [`super::L7_HEADER`]).
+    /// [`message::DIRECT_HEADER`]), otherwise a plain tunnel to the workload for the application's own protocol.
     pub async fn open_l7(
         &self,
         src: &Source<'_>,
@@ -141,7 +141,7 @@ impl Pool {
         authority: SocketAddr,
         protocol: &'static str,
     ) -> Result<L7Channel, HboneError> {
-        let (response, mut send, slot) = self.connect(src, dst, dst_identity, authority, Some(protocol)).await?;
+        let (response, mut send, slot) = self.connect(src, dst, dst_identity, authority, true).await?;
         let direct = response.headers().contains_key(message::DIRECT_HEADER);
         src.metrics.hbone_l7_channels.with_label_values(&[if direct { "direct" } else { "tunnel" }]).inc();
         if direct {
@@ -149,7 +149,7 @@ impl Pool {
             let _ = send.send_data(Bytes::new(), true);
             return Ok(L7Channel::Direct(Channel { slot, authority, protocol }));
         }
-        Ok(L7Channel::Stream(H2Stream::new(send, response.into_body()), slot))
+        Ok(L7Channel::Tunnel(H2Stream::new(send, response.into_body()), slot))
     }
 
     /// Sends the CONNECT for `authority` on a pooled (or new) connection and waits for its 200.
@@ -159,7 +159,7 @@ impl Pool {
         dst: SocketAddr,
         dst_identity: &Identity,
         authority: SocketAddr,
-        l7: Option<&'static str>,
+        offer_direct: bool,
     ) -> Result<(http::Response<h2::RecvStream>, h2::SendStream<Bytes>, StreamSlot), HboneError> {
         let key = Key {
             netns_cookie: src.netns.cookie(),
@@ -186,7 +186,7 @@ impl Pool {
                     return Err(HboneError::H2(dst, e));
                 }
             };
-            match connect_stream(sender, dst, authority, l7).await {
+            match connect_stream(sender, dst, authority, offer_direct).await {
                 Ok((response, send)) => return Ok((response, send, slot)),
                 // The peer agent is draining (GOAWAY) or refused the stream unprocessed: the connection takes no
                 // more tunnels, and nothing reached the destination, so a fresh connection may carry this one.
@@ -342,11 +342,11 @@ async fn connect_stream(
     mut sender: SendRequest<Bytes>,
     dst: SocketAddr,
     authority: SocketAddr,
-    l7: Option<&'static str>,
+    offer_direct: bool,
 ) -> Result<(http::Response<h2::RecvStream>, h2::SendStream<Bytes>), HboneError> {
     let mut request = Request::builder().method(Method::CONNECT).uri(authority.to_string()).version(Version::HTTP_2);
-    if let Some(protocol) = l7 {
-        request = request.header(super::L7_HEADER, protocol).header(message::DIRECT_HEADER, "1");
+    if offer_direct {
+        request = request.header(message::DIRECT_HEADER, "1");
     }
     let request = request.body(()).map_err(|e| HboneError::Setup(e.to_string()))?;
     let (response, send) = sender.send_request(request, false).map_err(|e| HboneError::H2(dst, e))?;
@@ -361,8 +361,8 @@ async fn connect_stream(
 pub enum L7Channel {
     /// Each request is a stream of its own on the HBONE connection.
     Direct(Channel),
-    /// The requests travel as agent-to-agent HTTP/2 inside this tunnel.
-    Stream(H2Stream, StreamSlot),
+    /// The peer does not take them: a plain tunnel to the workload, for the application's own protocol.
+    Tunnel(H2Stream, StreamSlot),
 }
 
 /// Requests to one workload sent straight on a pooled HBONE connection. The connection counts it as one of its

@@ -21,9 +21,10 @@ use crate::body::{Body, BoxError};
 /// The receiving agent checks it is one of its pod's own addresses, like a CONNECT's authority.
 pub const TARGET_HEADER: &str = "nodemesh-target";
 
-/// On a CONNECT marked with [`super::L7_HEADER`], the calling agent offers to send its requests straight on the
-/// connection; an agent that takes them answers the 200 with the same header and expects nothing on the stream.
-/// Any other answer (an agent from before this, another HBONE server) leaves the stream to carry the requests.
+/// On a CONNECT, the calling agent offers to send its requests straight on the connection; an agent that takes
+/// them answers the 200 with the same header and expects nothing on the stream. Any other answer (an agent from
+/// before this or one told not to, ztunnel, another HBONE server) makes the stream a plain tunnel to the
+/// workload, in which the calling agent speaks the application's own protocol — what any HBONE server relays.
 pub const DIRECT_HEADER: &str = "nodemesh-l7-direct";
 
 /// A received HTTP/2 message body.

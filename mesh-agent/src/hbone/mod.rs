@@ -15,10 +15,11 @@ pub fn never_processed(e: &h2::Error) -> bool {
     e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM)
 }
 
-/// Set on a CONNECT between nodemesh agents whose stream carries the calling agent's HTTP/2 (many requests of one
-/// source workload) rather than the workload's own bytes, and on requests sent straight on the connection
-/// ([`message`]). The value is the protocol the destination application speaks (`http1` or `http2`), which the
-/// receiving agent uses towards it. Other HBONE peers never see it.
+/// On a request sent straight on the connection between nodemesh agents ([`message`]): the protocol the
+/// destination application speaks (`http1` or `http2`), which the receiving agent uses towards it. Also, from
+/// agents before direct requests, on a CONNECT whose stream carries the calling agent's HTTP/2 (many requests of
+/// one source workload) rather than the workload's own bytes; the server side still takes that form, so such
+/// agents keep working during a rolling upgrade. Other HBONE peers never see it.
 pub const L7_HEADER: &str = "nodemesh-l7";
 
 /// ALPN protocol of HBONE.

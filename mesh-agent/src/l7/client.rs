@@ -21,6 +21,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::detect::Protocol;
+use super::wire::for_protocol;
 use crate::body::Body;
 use crate::hbone::client::Channel;
 use crate::hbone::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
@@ -236,8 +237,9 @@ impl<K: Hash + Eq + Clone + Send + Unpin + 'static> HttpPool<K> {
         }
     }
 
-    /// Sends `req` on a pooled connection for `key`, or on a new one from `dial`. A pooled connection that turns
-    /// out to be dead before the request went out is replaced once, transparently.
+    /// Sends `req` on a pooled connection for `key`, or on a new one from `dial` (an HTTP connection of
+    /// `protocol` when the dial gives a byte stream), in the form that connection takes. A pooled connection
+    /// that turns out to be dead before the request went out is replaced once, transparently.
     pub async fn send<F, Fut>(
         &self,
         key: K,
@@ -274,6 +276,7 @@ impl<K: Hash + Eq + Clone + Send + Unpin + 'static> HttpPool<K> {
     }
 
     async fn try_send(&self, key: &K, sender: Sender, req: Request<Body>) -> Result<Response<Body>, Retryable> {
+        let req = for_protocol(req, if matches!(sender, Sender::H1(_)) { Protocol::Http1 } else { Protocol::Http2 });
         match sender {
             Sender::H2(mut s) => {
                 if s.ready().await.is_err() {

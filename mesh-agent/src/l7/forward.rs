@@ -286,7 +286,7 @@ fn finish(
     match result {
         Ok(response) => {
             let meshed = response.extensions().get::<upstream::Meshed>().is_some_and(|m| m.0);
-            let mut response = upstream::response_for_downstream(response);
+            let mut response = super::wire::response_for_downstream(response);
             response.extensions_mut().insert(Upstream { endpoint: target, backend: backend.clone(), meshed });
             response
         }

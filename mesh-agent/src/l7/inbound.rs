@@ -13,7 +13,7 @@ use mesh_common::policy::Request as PolicyRequest;
 use super::client::{Dialed, HttpPool, Io, io_error};
 use super::detect::{self, Hint, Protocol, Rewind};
 use super::local_reply::{Flag, reply};
-use super::{server, upgrade, upstream};
+use super::{server, upgrade, wire};
 use crate::body::{self, Body};
 use crate::dataplane::DataPlane;
 use crate::http_message::is_grpc;
@@ -112,13 +112,12 @@ pub async fn handle(s: &Session, req: Request<Body>) -> Response<Body> {
 }
 
 async fn to_app(s: &Session, grpc: bool, req: Request<Body>) -> Response<Body> {
-    let req = upstream::for_protocol(req, s.app);
     let dial = || async {
         let app = crate::socket::connect_to_app(s.dp.steering(), &s.pod, s.target, s.peer).await.map_err(io_error)?;
         Ok(Dialed::Io(Box::new(app), Box::new(())))
     };
     match s.app_conns.send((), s.app, req, dial).await {
-        Ok(response) => upstream::response_for_downstream(response),
+        Ok(response) => wire::response_for_downstream(response),
         Err(e) => {
             tracing::info!(target = %s.target, error = %e, "cannot reach the application");
             reply(

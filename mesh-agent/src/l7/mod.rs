@@ -3,8 +3,9 @@
 //! - `outbound`: a pod calls a Service → protocol detection → routing (Gateway API), filters, backends →
 //!   `forward`: faults, rate limit, circuit breaker, balancer, retries, timeouts, outlier detection, mirrors.
 //! - `inbound`: requests for a local pod → per-request authorization → the application, in its protocol.
-//! - Between agents a request travels as agent-to-agent HTTP/2 inside an HBONE stream (`upstream`), pooled per
-//!   source pod and endpoint, so many requests share one mTLS connection.
+//! - Between agents a request travels as an HTTP/2 stream of its own on the pooled mTLS HBONE connection
+//!   (`upstream`, `crate::hbone::message`); to an HBONE peer that does not take that, in the application's own
+//!   protocol inside a tunnel. `wire` puts a request in the form of the connection it goes on.
 //!
 //! Each concern is its own module with its own tests; the pipeline in `outbound`/`forward` calls them in order.
 
@@ -27,6 +28,7 @@ pub mod router;
 pub mod server;
 pub mod upgrade;
 pub mod upstream;
+pub mod wire;
 
 /// True for `percent` % of the calls (0–100): fault injection and mirroring decide per request with it.
 pub fn roll(percent: f64) -> bool {

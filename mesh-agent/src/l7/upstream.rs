@@ -1,13 +1,11 @@
-//! Reaching one endpoint from a local pod: through HBONE when the endpoint is a meshed workload (one
-//! agent-to-agent HTTP/2 connection per source pod and endpoint, inside an mTLS tunnel), in plaintext from the
-//! pod's netns otherwise. Also the header surgery between HTTP versions.
+//! Reaching one endpoint from a local pod: through HBONE when the endpoint is a meshed workload (requests
+//! straight on the pooled mTLS connection when the peer agent takes them, the application's own protocol in a
+//! tunnel otherwise), in plaintext from the pod's netns otherwise.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::header::{self, HOST};
-use http::uri::{Authority, PathAndQuery, Scheme, Uri};
-use http::{HeaderMap, HeaderValue, Request, Response, Version};
+use http::{Request, Response};
 use mesh_common::bpf::HBONE_PORT;
 
 use super::client::{Dialed, Guard, HttpPool, Io, UpstreamError, io_error};
@@ -23,8 +21,9 @@ use crate::snapshot::Snapshot;
 pub struct UpstreamKey {
     pub netns_cookie: u64,
     pub target: SocketAddr,
-    /// Meshed: agent-to-agent HTTP/2 carrying requests for an application speaking this protocol.
+    /// Meshed: through the endpoint's HBONE peer.
     pub mesh: bool,
+    /// What the application speaks.
     pub protocol: Protocol,
 }
 
@@ -103,7 +102,7 @@ async fn dial(
             .await?;
     Ok(match opened {
         L7Channel::Direct(channel) => Dialed::Mesh(channel, Box::new(())),
-        L7Channel::Stream(stream, slot) => Dialed::Io(Box::new(stream), Box::new(slot)),
+        L7Channel::Tunnel(stream, slot) => Dialed::Io(Box::new(stream), Box::new(slot)),
     })
 }
 
@@ -112,7 +111,8 @@ async fn dial(
 pub struct Meshed(pub bool);
 
 /// Sends a request to one endpoint over the node's pooled connections. `app` is the protocol the application
-/// speaks (the caller's); meshed endpoints are always reached over agent-to-agent HTTP/2.
+/// speaks (the caller's); it is also what travels in a tunnel to a meshed endpoint whose peer does not take
+/// requests directly.
 pub async fn send(
     dp: &DataPlane,
     pool: &HttpPool<UpstreamKey>,
@@ -123,73 +123,13 @@ pub async fn send(
     req: Request<Body>,
 ) -> Result<Response<Body>, UpstreamError> {
     let mesh = matches!(route, Route::Mesh { .. });
-    let wire = if mesh { Protocol::Http2 } else { app };
     let key = UpstreamKey { netns_cookie: pod.netns.cookie(), target, mesh, protocol: app };
-    let req = for_protocol(req, wire);
     let mut response = pool
-        .send(key, wire, req, || async move {
+        .send(key, app, req, || async move {
             let permit = connection_guard().ok_or(UpstreamError::Overflow)?;
             Ok(dial(dp, pod, &route, target, app).await?.holding(permit))
         })
         .await?;
     response.extensions_mut().insert(Meshed(mesh));
     Ok(response)
-}
-
-/// Connection-specific headers never cross a proxy (RFC 9110 §7.6.1); HTTP/2 forbids them outright.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<String> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
-        .collect();
-    for name in named {
-        headers.remove(name.as_str());
-    }
-    for h in [header::CONNECTION, header::TRANSFER_ENCODING, header::UPGRADE, header::PROXY_AUTHORIZATION] {
-        headers.remove(h);
-    }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
-    if headers.get(header::TE).is_some_and(|v| v != "trailers") {
-        headers.remove(header::TE);
-    }
-}
-
-/// Rewrites a request for the wire protocol: HTTP/2 wants an absolute URI (its `:authority`) and no Host,
-/// HTTP/1 an origin-form URI and a Host header.
-pub fn for_protocol(req: Request<Body>, wire: Protocol) -> Request<Body> {
-    let (mut parts, body) = req.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    let authority =
-        parts.uri.authority().cloned().or_else(|| {
-            parts.headers.get(HOST).and_then(|h| h.to_str().ok()).and_then(|h| Authority::try_from(h).ok())
-        });
-    let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-    if wire == Protocol::Http2 {
-        let mut uri = Uri::builder().scheme(parts.uri.scheme().cloned().unwrap_or(Scheme::HTTP)).path_and_query(path);
-        if let Some(a) = &authority {
-            uri = uri.authority(a.clone());
-        }
-        parts.uri = uri.build().unwrap_or_default();
-        parts.headers.remove(HOST);
-        parts.version = Version::HTTP_2;
-    } else {
-        parts.uri = Uri::from(path);
-        if let Some(v) = authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
-            parts.headers.insert(HOST, v);
-        }
-        parts.version = Version::HTTP_11;
-    }
-    Request::from_parts(parts, body)
-}
-
-/// A response from upstream, for the downstream side.
-pub fn response_for_downstream(response: Response<Body>) -> Response<Body> {
-    let (mut parts, body) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    // hyper's HTTP/2 server ignores the version; its HTTP/1 server needs one it can write.
-    parts.version = Version::HTTP_11;
-    Response::from_parts(parts, body)
 }

@@ -200,10 +200,17 @@ async fn stream(
             return status(&mut respond, code);
         }
     };
+    if request.headers().contains_key(message::DIRECT_HEADER) && dp.direct_l7() {
+        // The calling agent offers to send its requests straight on the connection (`hbone_requests`, each one
+        // authorized there): taken. Declined, the stream is a plain tunnel like any other.
+        let response = Response::builder().header(message::DIRECT_HEADER, "1").body(()).unwrap_or_default();
+        let _ = respond.send_response(response, true);
+        return;
+    }
     let principal = peer_svid.identity.to_string();
     let config = dp.config();
-    // Agent-to-agent HTTP/2 (the calling agent routed the requests), or policies that need each request: the
-    // decision moves from the tunnel to the requests inside it.
+    // Agent-to-agent HTTP/2 (from an agent before direct requests: it routed the requests), or policies that need
+    // each request: the decision moves from the tunnel to the requests inside it.
     let l7 = request.headers().get(crate::hbone::L7_HEADER).and_then(|v| v.to_str().ok()).and_then(Protocol::parse);
     let per_request = l7.is_some() || policy::needs_request(&config, &pod);
     if !per_request {
@@ -222,12 +229,6 @@ async fn stream(
         let Some(tunnel) = accept(respond, request) else { return };
         let flow = Flow::inbound(&config, &pod, peer.ip(), Some(&principal), target.port(), Security::MutualTls);
         return proxy::forward(&dp, &pod, flow, (peer, target), tunnel, app).await;
-    }
-    if l7.is_some() && request.headers().contains_key(message::DIRECT_HEADER) && dp.direct_l7() {
-        // The calling agent offers to send its requests straight on the connection (`hbone_requests`): taken.
-        let response = Response::builder().header(message::DIRECT_HEADER, "1").body(()).unwrap_or_default();
-        let _ = respond.send_response(response, true);
-        return;
     }
     let Some(tunnel) = accept(respond, request) else { return };
     let session = |app| Session::new(dp.clone(), pod.clone(), Some(principal.clone()), peer, target, app);

@@ -335,6 +335,22 @@ fn print_targets(targets: &[Target]) {
 const MTLS_HBONE: &str = "mTLS HBONE via agents";
 const MTLS_L4: &str = "mTLS L4 via agents";
 const MTLS_L7: &str = "mTLS L7 (route, retries)";
+const MTLS_L7_TUNNEL: &str = "mTLS L7, dest. at L4";
+
+/// Two agents with the bench's CA and L7 config (plus `args`), a client and a server pod enrolled.
+fn mtls_cluster(testbin: &str, args: &[&str]) -> Result<(Cluster, Pod, Pod)> {
+    let mut c = Cluster::new(2, testbin)?.context("the bench needs root, cgroup v2 and bpffs")?;
+    c.agent_log = "warn".into();
+    let (hc, hs) = pair(&mut c, "mtls")?;
+    let ca = c.init_ca()?;
+    let config = c.write_config(&[(&hc, "client"), (&hs, "server")], &l7_config(&hs))?;
+    let mut all = vec!["--ca-dir", ca.to_str().context("path")?, "--config", config.to_str().context("path")?];
+    all.extend_from_slice(args);
+    start_agents(&mut c, &all)?;
+    c.enroll(&hc)?;
+    c.enroll(&hs)?;
+    Ok((c, hc, hs))
+}
 
 /// Starts both agents (one worker thread each, `args` more) and moves them to [`AGENT_CPU`].
 fn start_agents(c: &mut Cluster, args: &[&str]) -> Result<()> {
@@ -373,20 +389,16 @@ fn main() -> Result<()> {
         http_suite(&c, "plaintext L4 via agents", &pc, &format!("http://{}:{HTTP_PORT}/", ps.ipv4), &mut http)?;
     }
     {
-        let mut c = Cluster::new(2, testbin)?.context("the bench needs root, cgroup v2 and bpffs")?;
-        c.agent_log = "warn".into();
-        let (hc, hs) = pair(&mut c, "mtls")?;
-        let ca = c.init_ca()?;
-        let config = c.write_config(&[(&hc, "client"), (&hs, "server")], &l7_config(&hs))?;
-        start_agents(
-            &mut c,
-            &["--ca-dir", ca.to_str().context("path")?, "--config", config.to_str().context("path")?],
-        )?;
-        c.enroll(&hc)?;
-        c.enroll(&hs)?;
+        let (c, hc, hs) = mtls_cluster(testbin, &[])?;
         results.push(measure(&c, MTLS_HBONE, &hc, &hs)?);
         http_suite(&c, MTLS_L4, &hc, &format!("http://{}:{HTTP_PORT}/", hs.ipv4), &mut http)?;
         http_suite(&c, MTLS_L7, &hc, &format!("http://{BENCH_SERVICE_IP}/"), &mut http)?;
+    }
+    {
+        // The destination agent declines requests straight on the connection (like any HBONE server that is
+        // not nodemesh): the client's HTTP travels inside a tunnel and is relayed there at L4.
+        let (c, hc, _) = mtls_cluster(testbin, &["--hbone-l7-direct=false"])?;
+        http_suite(&c, MTLS_L7_TUNNEL, &hc, &format!("http://{BENCH_SERVICE_IP}/"), &mut http)?;
     }
 
     let direct = &results[0];

@@ -15,6 +15,8 @@
 //! trailers. `ws ADDR PATH MSG`: a WebSocket handshake and one echoed frame.
 //! `connect ADDR AUTHORITY MSG`: an HTTP/1.1 CONNECT to AUTHORITY via ADDR, then MSG through the tunnel (the
 //! server echoes it prefixed with its name).
+//! `hbone-peer PORT CA_DIR TRUST_DOMAIN NAMESPACE SERVICE_ACCOUNT`: an HBONE server that is not a nodemesh agent
+//! (`mesh_tests::hbone_peer`), printing each CONNECT's headers.
 //! `load URL RATE SECONDS [-c C] [--h2]`: load for the benchmark. RATE > 0: open loop at RATE requests/s
 //! spread over C connections, latency measured from each request's scheduled time (no coordinated omission);
 //! RATE 0: as fast as C connections go. Reports achieved rate and latency percentiles in µs.
@@ -55,6 +57,7 @@ async fn main() {
         Some("grpc") => grpc_call(&args[1..]).await,
         Some("ws") => websocket(&args[1..]).await,
         Some("connect") => connect_tunnel(&args[1..]).await,
+        Some("hbone-peer") => hbone_peer(&args[1..]).await,
         _ => Err("usage: mesh-http serve|grpc-serve|get|grpc|ws ... (see the source's header)".into()),
     };
     match result {
@@ -64,6 +67,14 @@ async fn main() {
             std::process::exit(1);
         }
     }
+}
+
+/// `hbone-peer PORT CA_DIR TRUST_DOMAIN NAMESPACE SERVICE_ACCOUNT`: an HBONE server that is not a nodemesh agent.
+async fn hbone_peer(args: &[String]) -> Result<Value, Error> {
+    let listener = listen(&args[0]).await?;
+    let identity = mesh_agent::identity::Identity::new(&args[2], &args[3], &args[4]);
+    mesh_tests::hbone_peer::serve(listener, std::path::Path::new(&args[1]), &identity).await?;
+    Ok(Value::Null)
 }
 
 async fn listen(port: &str) -> Result<TcpListener, Error> {

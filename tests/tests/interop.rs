@@ -1,0 +1,116 @@
+//! nodemesh next to HBONE servers that are not nodemesh agents (Istio's ztunnel, or any other implementation):
+//! the pods on node 2 have no nodemesh agent, each runs `mesh_tests::hbone_peer` on its 15008 instead, with a
+//! certificate from the mesh's CA. The client pod on node 1 is enrolled in a nodemesh agent that routes its
+//! requests at L7.
+
+use std::path::Path;
+
+use mesh_tests::{Cluster, Pod, cluster, wait_for};
+use serde_json::Value;
+
+const HTTP: &str = env!("CARGO_BIN_EXE_mesh-http");
+const FRONT: &str = "10.96.7.1";
+
+/// A Service `web` whose HTTPRoute splits 3:1 between Services `web-a` and `web-b` and retries 503s; each of
+/// those has one endpoint, a pod on node 2.
+fn routes(c: &Cluster, a: &Pod, b: &Pod) -> String {
+    let node = &c.nodes[1].name;
+    let service = |name: &str, ip: &str, endpoint: Option<&Pod>| {
+        let endpoints = endpoint
+            .map(|p| format!("[{{ip: {}, workload: default/{}, node: {node}}}]", p.ipv4, p.name))
+            .unwrap_or_else(|| "[]".into());
+        format!(
+            "  - {{namespace: default, name: {name}, ips: [{ip}], ports: [{{name: http, port: 80, targetPort: 8080}}], \
+             endpoints: {endpoints}}}\n"
+        )
+    };
+    let mut yaml = String::from("services:\n");
+    yaml += &service("web", FRONT, None);
+    yaml += &service("web-a", "10.96.7.2", Some(a));
+    yaml += &service("web-b", "10.96.7.3", Some(b));
+    yaml += "routes:\n  - {namespace: default, name: web, kind: HTTPRoute, parents: [{namespace: default, name: web}],\n\
+             \x20    rules: [{backends: [{service: {namespace: default, name: web-a}, weight: 3}, \
+             {service: {namespace: default, name: web-b}, weight: 1}], retry: {attempts: 2, codes: [503]}}]}\n";
+    yaml
+}
+
+/// The client (enrolled, node 1) and two web pods on node 2, each an HTTP/1.1 + h2c server on 8080 behind a
+/// foreign HBONE server on 15008. Only node 1 runs an agent.
+fn foreign_peers(c: &mut Cluster) -> Pod {
+    let client = c.add_pod(0, "client").unwrap();
+    let a = c.add_pod(1, "web-a").unwrap();
+    let b = c.add_pod(1, "web-b").unwrap();
+    let ca = c.init_ca().unwrap();
+    let workloads = [(&client, "client-sa"), (&a, "web-a-sa"), (&b, "web-b-sa")];
+    let config = c.write_config(&workloads, &routes(c, &a, &b)).unwrap();
+    c.start_agent_with(0, &["--ca-dir", ca.to_str().unwrap(), "--config", config.to_str().unwrap()]).unwrap();
+    c.enroll(&client).unwrap();
+    for (pod, sa) in [(&a, "web-a-sa"), (&b, "web-b-sa")] {
+        c.start_server(pod, Path::new(HTTP), &["serve", "8080", &pod.name], &format!("http-{}", pod.name)).unwrap();
+        let ca = ca.to_str().unwrap();
+        let peer = ["hbone-peer", "15008", ca, "cluster.local", "default", sa];
+        c.start_server(pod, Path::new(HTTP), &peer, &format!("hbone-{}", pod.name)).unwrap();
+    }
+    wait_for("routes on node 1", || c.config_len(0, "routes") == 1);
+    client
+}
+
+fn get(c: &Cluster, client: &Pod, args: &[&str]) -> Value {
+    let mut all = vec!["get"];
+    all.extend(args);
+    c.run_in(client, Path::new(HTTP), &all).unwrap()
+}
+
+fn count(report: &Value, field: &str, key: &str) -> u64 {
+    report[field][key].as_u64().unwrap_or(0)
+}
+
+/// Every CONNECT the foreign servers took, as they printed them.
+fn connects(c: &Cluster) -> Vec<Value> {
+    c.log_lines("hbone-").iter().filter_map(|l| serde_json::from_str::<Value>(l).ok()).collect()
+}
+
+/// Requests routed at L7 to endpoints behind a foreign HBONE server arrive in the protocol the client spoke —
+/// HTTP/1.1 as HTTP/1.1 (before, the agent's own HTTP/2 arrived, and an HTTP/1.1-only server answered 505),
+/// h2c as HTTP/2 — split by the route's weights, retried on 503, with trace headers passed through and counted
+/// by the calling agent. The CONNECTs carry no nodemesh header the peer would have to understand beyond an
+/// offer it ignores.
+#[test]
+fn l7_requests_reach_endpoints_behind_an_hbone_server_that_is_not_a_nodemesh_agent() {
+    let mut c = cluster!(2);
+    let client = foreign_peers(&mut c);
+    let url = format!("http://{FRONT}/hello");
+    let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+    for (protocol, extra, version) in [("HTTP/1.1", &[][..], "HTTP/1.1"), ("h2c", &["--h2"][..], "HTTP/2.0")] {
+        let header = format!("traceparent: {traceparent}");
+        let args = [&[url.as_str(), "-n", "40", "-H", &header][..], extra].concat();
+        let r = get(&c, &client, &args);
+        assert_eq!(count(&r, "statuses", "200"), 40, "{protocol}: {r}");
+        let (on_a, on_b) = (count(&r, "names", "web-a"), count(&r, "names", "web-b"));
+        assert!(on_a > on_b && on_b > 0, "{protocol}: the 3:1 split: {r}");
+        let arrived = &r["last"]["body"];
+        assert_eq!(arrived["version"], version, "{protocol}: what the application received: {r}");
+        let forwarded = arrived["headers"]["traceparent"].as_str().unwrap_or_default();
+        assert!(forwarded.starts_with("00-0af7651916cd43dd8448eb211c80319c-"), "{protocol}: trace lost: {r}");
+    }
+
+    // Retries: the first try fails with 503 and the retry answers (whichever endpoint it lands on).
+    let retried = get(&c, &client, &[&url, "-H", "x-test-fail-first: 1", "-H", "x-test-key: r"]);
+    assert_eq!(count(&retried, "statuses", "200"), 1, "{retried}");
+
+    // The calling agent counts them as the source reporter, per destination workload.
+    let labels = |w| [("reporter", "source"), ("destination_workload", w), ("response_code", "200")];
+    let requests = |w| c.metric(0, "nodemesh_requests_total", &labels(w)).unwrap();
+    let (a, b) = (requests("web-a"), requests("web-b"));
+    assert!(a + b >= 81.0 && b > 0.0, "requests counted: web-a {a}, web-b {b}");
+    // The offer to send requests straight on the connection was not taken: the requests went in tunnels.
+    assert!(c.metric(0, "nodemesh_hbone_l7_channels_opened_total", &[("mode", "tunnel")]).unwrap() >= 2.0);
+    assert_eq!(c.metric(0, "nodemesh_hbone_l7_channels_opened_total", &[("mode", "direct")]).unwrap_or(0.0), 0.0);
+    let seen = connects(&c);
+    assert!(!seen.is_empty(), "the foreign servers printed their CONNECTs");
+    for connect in &seen {
+        let names: Vec<&str> = connect["headers"].as_object().unwrap().keys().map(String::as_str).collect();
+        assert!(!names.contains(&"nodemesh-l7"), "a CONNECT asked the peer for nodemesh's own framing: {connect}");
+    }
+}
