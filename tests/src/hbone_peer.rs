@@ -21,10 +21,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Serves HBONE on `listener` as `identity`, with a certificate signed by the CA in `ca_dir`, until the
-/// process ends.
-pub async fn serve(listener: TcpListener, ca_dir: &Path, identity: &Identity) -> Result<()> {
+/// process ends. Clients must chain to that CA's root, or with `refuse_clients` to a root nobody has (every
+/// client certificate is refused, as by a peer of another mesh).
+pub async fn serve(listener: TcpListener, ca_dir: &Path, identity: &Identity, refuse_clients: bool) -> Result<()> {
     let cert = crate::probe::from_ca(ca_dir, identity, |_| {})?;
-    let root = CertificateDer::from_pem_file(ca_dir.join("ca.crt")).context("reading the mesh root")?;
+    let root = if refuse_clients {
+        let (foreign, _) = mesh_agent::identity::ca::new_root("elsewhere.local", std::time::Duration::from_secs(3600))?;
+        foreign.der().clone()
+    } else {
+        CertificateDer::from_pem_file(ca_dir.join("ca.crt")).context("reading the mesh root")?
+    };
     let mut roots = rustls::RootCertStore::empty();
     roots.add(root)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());

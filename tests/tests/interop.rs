@@ -35,8 +35,8 @@ fn routes(c: &Cluster, a: &Pod, b: &Pod) -> String {
 }
 
 /// The client (enrolled, node 1) and two web pods on node 2, each an HTTP/1.1 + h2c server on 8080 behind a
-/// foreign HBONE server on 15008. Only node 1 runs an agent.
-fn foreign_peers(c: &mut Cluster) -> Pod {
+/// foreign HBONE server on 15008 (`mesh-http hbone-peer` with `peer_args` more). Only node 1 runs an agent.
+fn foreign_peers(c: &mut Cluster, peer_args: &[&str]) -> Pod {
     let client = c.add_pod(0, "client").unwrap();
     let a = c.add_pod(1, "web-a").unwrap();
     let b = c.add_pod(1, "web-b").unwrap();
@@ -48,7 +48,7 @@ fn foreign_peers(c: &mut Cluster) -> Pod {
     for (pod, sa) in [(&a, "web-a-sa"), (&b, "web-b-sa")] {
         c.start_server(pod, Path::new(HTTP), &["serve", "8080", &pod.name], &format!("http-{}", pod.name)).unwrap();
         let ca = ca.to_str().unwrap();
-        let peer = ["hbone-peer", "15008", ca, "cluster.local", "default", sa];
+        let peer = [&["hbone-peer", "15008", ca, "cluster.local", "default", sa][..], peer_args].concat();
         c.start_server(pod, Path::new(HTTP), &peer, &format!("hbone-{}", pod.name)).unwrap();
     }
     wait_for("routes on node 1", || c.config_len(0, "routes") == 1);
@@ -78,7 +78,7 @@ fn connects(c: &Cluster) -> Vec<Value> {
 #[test]
 fn l7_requests_reach_endpoints_behind_an_hbone_server_that_is_not_a_nodemesh_agent() {
     let mut c = cluster!(2);
-    let client = foreign_peers(&mut c);
+    let client = foreign_peers(&mut c, &[]);
     let url = format!("http://{FRONT}/hello");
     let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
 
@@ -113,4 +113,21 @@ fn l7_requests_reach_endpoints_behind_an_hbone_server_that_is_not_a_nodemesh_age
         let names: Vec<&str> = connect["headers"].as_object().unwrap().keys().map(String::as_str).collect();
         assert!(!names.contains(&"nodemesh-l7"), "a CONNECT asked the peer for nodemesh's own framing: {connect}");
     }
+}
+
+/// A foreign HBONE server that refuses the calling agent's certificate: the request fails at once with 503 and
+/// the agent counts a TLS failure. TLS 1.3 tells the client of the refusal only after its side of the handshake,
+/// as an alert read inside HTTP/2, which the agent used to count as `reason="http2"`.
+#[test]
+fn a_peer_that_refuses_the_agents_certificate_is_a_tls_failure() {
+    let mut c = cluster!(2);
+    let client = foreign_peers(&mut c, &["refuse-clients"]);
+    let r = get(&c, &client, &["http://10.96.7.2/"]);
+    assert_eq!(count(&r, "statuses", "503"), 1, "{r}");
+    assert!(r["max_ms"].as_f64().unwrap() < 2000.0, "refused at once: {r}");
+    let failures = |reason| {
+        c.metric(0, "nodemesh_hbone_failures_total", &[("direction", "outbound"), ("reason", reason)]).unwrap_or(0.0)
+    };
+    assert!(failures("tls") >= 1.0, "tls {}, http2 {}", failures("tls"), failures("http2"));
+    assert_eq!(failures("http2"), 0.0);
 }

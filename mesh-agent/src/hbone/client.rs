@@ -20,6 +20,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpSocket;
 use tokio_rustls::TlsConnector;
 
+use super::alert::AlertWatch;
 use super::{ALPN, CONNECTION_WINDOW, H2Stream, MAX_FRAME, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW, message};
 use crate::identity::verifier::SvidServerVerifier;
 use crate::identity::{Identity, SecretManager, WorkloadCert};
@@ -36,6 +37,9 @@ pub enum HboneError {
     Tls(SocketAddr, io::Error),
     #[error("HTTP/2 with {0}: {1}")]
     H2(SocketAddr, h2::Error),
+    /// The peer refused this side's certificate (its TLS alert, read after the handshake: see `alert`).
+    #[error("{0} refused the certificate (TLS alert): {1}")]
+    TlsRefused(SocketAddr, h2::Error),
     #[error("{0} refused the tunnel with HTTP {1}")]
     Refused(SocketAddr, u16),
     #[error("{0}")]
@@ -48,11 +52,19 @@ impl HboneError {
         match self {
             HboneError::Connect(..) => "connect",
             HboneError::Tls(..) => "tls",
+            HboneError::TlsRefused(..) => "tls",
             HboneError::H2(..) => "http2",
             HboneError::Refused(_, 401 | 403) => "denied",
             HboneError::Refused(..) => "refused",
             HboneError::Setup(_) => "setup",
         }
+    }
+}
+
+impl Conn {
+    /// `e` on this connection, as a certificate refusal when the peer's TLS alert caused it.
+    fn h2_error(&self, dst: SocketAddr, e: h2::Error) -> HboneError {
+        if self.alerted.load(Ordering::Acquire) { HboneError::TlsRefused(dst, e) } else { HboneError::H2(dst, e) }
     }
 }
 
@@ -70,6 +82,8 @@ struct Conn {
     serial: String,
     streams: AtomicUsize,
     closed: Arc<AtomicBool>,
+    /// The peer sent a TLS alert: its failures are about the certificate.
+    alerted: Arc<AtomicBool>,
     /// When the last stream ended.
     idle_since: Mutex<Instant>,
 }
@@ -152,8 +166,26 @@ impl Pool {
         Ok(L7Channel::Tunnel(H2Stream::new(send, response.into_body()), slot))
     }
 
-    /// Sends the CONNECT for `authority` on a pooled (or new) connection and waits for its 200.
+    /// Sends the CONNECT for `authority` on a pooled (or new) connection and waits for its 200. A failure of the
+    /// connection itself (not the peer's answer to the CONNECT) is counted by reason.
     async fn connect(
+        &self,
+        src: &Source<'_>,
+        dst: SocketAddr,
+        dst_identity: &Identity,
+        authority: SocketAddr,
+        offer_direct: bool,
+    ) -> Result<(http::Response<h2::RecvStream>, h2::SendStream<Bytes>, StreamSlot), HboneError> {
+        let result = self.try_connect(src, dst, dst_identity, authority, offer_direct).await;
+        if let Err(e) = &result
+            && !matches!(e, HboneError::Refused(..))
+        {
+            src.metrics.hbone_failed(crate::metrics::Direction::Outbound, e.reason());
+        }
+        result
+    }
+
+    async fn try_connect(
         &self,
         src: &Source<'_>,
         dst: SocketAddr,
@@ -183,7 +215,7 @@ impl Pool {
                     if attempt == 0 {
                         continue;
                     }
-                    return Err(HboneError::H2(dst, e));
+                    return Err(conn.h2_error(dst, e));
                 }
             };
             match connect_stream(sender, dst, authority, offer_direct).await {
@@ -194,6 +226,7 @@ impl Pool {
                     conn.closed.store(true, Ordering::Release);
                     continue;
                 }
+                Err(HboneError::H2(_, e)) => return Err(conn.h2_error(dst, e)),
                 Err(e) => return Err(e),
             }
         }
@@ -294,12 +327,13 @@ impl Pool {
             .connect(ServerName::IpAddress(dst.ip().into()), tcp)
             .await
             .map_err(|e| HboneError::Tls(dst, e))?;
+        let (watched, alerted) = AlertWatch::new(tls);
 
         let (sender, connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
-            .handshake::<_, Bytes>(tls)
+            .handshake::<_, Bytes>(watched)
             .await
             .map_err(|e| HboneError::H2(dst, e))?;
         src.metrics.hbone_connections.with_label_values(&[crate::metrics::Direction::Outbound.as_str()]).inc();
@@ -325,6 +359,7 @@ impl Pool {
             serial: src.cert.svid.serial.clone(),
             streams: AtomicUsize::new(1),
             closed,
+            alerted,
             idle_since: Mutex::new(Instant::now()),
         });
         self.conns.lock().unwrap_or_else(|p| p.into_inner()).entry(key.clone()).or_default().push(conn.clone());

@@ -15,7 +15,7 @@
 //! trailers. `ws ADDR PATH MSG`: a WebSocket handshake and one echoed frame.
 //! `connect ADDR AUTHORITY MSG`: an HTTP/1.1 CONNECT to AUTHORITY via ADDR, then MSG through the tunnel (the
 //! server echoes it prefixed with its name).
-//! `hbone-peer PORT CA_DIR TRUST_DOMAIN NAMESPACE SERVICE_ACCOUNT`: an HBONE server that is not a nodemesh agent
+//! `hbone-peer PORT CA_DIR TRUST_DOMAIN NAMESPACE SERVICE_ACCOUNT [refuse-clients]`: an HBONE server that is not a nodemesh agent
 //! (`mesh_tests::hbone_peer`), printing each CONNECT's headers.
 //! `load URL RATE SECONDS [-c C] [--h2]`: load for the benchmark. RATE > 0: open loop at RATE requests/s
 //! spread over C connections, latency measured from each request's scheduled time (no coordinated omission);
@@ -69,11 +69,13 @@ async fn main() {
     }
 }
 
-/// `hbone-peer PORT CA_DIR TRUST_DOMAIN NAMESPACE SERVICE_ACCOUNT`: an HBONE server that is not a nodemesh agent.
+/// `hbone-peer PORT CA_DIR TRUST_DOMAIN NAMESPACE SERVICE_ACCOUNT [refuse-clients]`: an HBONE server that is not
+/// a nodemesh agent.
 async fn hbone_peer(args: &[String]) -> Result<Value, Error> {
     let listener = listen(&args[0]).await?;
     let identity = mesh_agent::identity::Identity::new(&args[2], &args[3], &args[4]);
-    mesh_tests::hbone_peer::serve(listener, std::path::Path::new(&args[1]), &identity).await?;
+    let refuse = args.get(5).map(String::as_str) == Some("refuse-clients");
+    mesh_tests::hbone_peer::serve(listener, std::path::Path::new(&args[1]), &identity, refuse).await?;
     Ok(Value::Null)
 }
 
