@@ -22,6 +22,7 @@ pub mod l7;
 pub mod limits;
 pub mod logging;
 pub mod metrics;
+pub mod names;
 pub mod netns;
 pub mod node;
 pub mod pod;

@@ -10,6 +10,8 @@ use std::ops::Deref;
 
 use mesh_common::config::{NodeConfig, Service, ServicePort, Workload};
 
+use crate::names::{DestinationService, Peer};
+
 /// A config with its lookups indexed. Each index keeps the first entry in config order, as the list scans did.
 #[derive(Debug, Default)]
 pub struct Snapshot {
@@ -22,6 +24,11 @@ pub struct Snapshot {
     service_by_name: HashMap<String, HashMap<String, usize>>,
     /// Every Service address and endpoint address: destinations the mesh knows besides workloads.
     service_ips: HashSet<IpAddr>,
+    /// Endpoint address → the Services listing it, in config order.
+    services_by_endpoint: HashMap<IpAddr, Vec<usize>>,
+    /// Telemetry's names of each workload and Service, by the same index as the config's lists.
+    peers: Vec<Peer>,
+    service_names: Vec<DestinationService>,
 }
 
 impl Snapshot {
@@ -41,7 +48,16 @@ impl Snapshot {
             }
             s.service_by_name.entry(svc.namespace.clone()).or_default().entry(svc.name.clone()).or_insert(i);
             s.service_ips.extend(svc.ips.iter().copied().chain(svc.endpoints.iter().map(|e| e.ip)));
+            for e in &svc.endpoints {
+                let listed = s.services_by_endpoint.entry(e.ip.to_canonical()).or_default();
+                if listed.last() != Some(&i) {
+                    listed.push(i);
+                }
+            }
         }
+        s.peers = s.config.workloads.iter().map(|w| Peer::of(w, &s.config.trust_domain)).collect();
+        s.service_names =
+            s.config.services.iter().map(|svc| DestinationService::of(&svc.namespace, &svc.name)).collect();
         s
     }
 
@@ -67,6 +83,29 @@ impl Snapshot {
 
     pub fn service(&self, namespace: &str, name: &str) -> Option<&Service> {
         self.service_by_name.get(namespace)?.get(name).map(|&i| &self.config.services[i])
+    }
+
+    /// Telemetry's names of the workload that owns `ip`.
+    pub fn peer_by_ip(&self, ip: IpAddr) -> Option<&Peer> {
+        self.workload_by_ip.get(&ip.to_canonical()).map(|&i| &self.peers[i])
+    }
+
+    /// Telemetry's names of the workload `namespace/name`.
+    pub fn peer(&self, namespace: &str, name: &str) -> Option<&Peer> {
+        self.workload_by_name.get(namespace)?.get(name).map(|&i| &self.peers[i])
+    }
+
+    /// Telemetry's names of the Service `namespace/name`.
+    pub fn service_names(&self, namespace: &str, name: &str) -> Option<&DestinationService> {
+        self.service_by_name.get(namespace)?.get(name).map(|&i| &self.service_names[i])
+    }
+
+    /// The first Service (in config order) with an endpoint at one of `ips` and a port leading to `port`: the
+    /// one a connection to a local pod's `port` arrived for, as the destination side sees it.
+    pub fn service_serving(&self, ips: &[IpAddr], port: u16) -> Option<&DestinationService> {
+        let candidates = ips.iter().filter_map(|ip| self.services_by_endpoint.get(&ip.to_canonical())).flatten();
+        let serves = |&&i: &&usize| self.config.services[i].ports.iter().any(|p| p.endpoint_port() == port);
+        candidates.filter(serves).min().map(|&i| &self.service_names[i])
     }
 
     /// Whether `ip` belongs to a workload or a Service (address or endpoint) the config knows.
@@ -112,6 +151,7 @@ services:
     name: cart-shadow
     ips: [10.96.0.1]
     ports: [{port: 80}, {port: 81}]
+    endpoints: [{ip: 10.0.0.7}, {ip: 10.0.0.2}]
 "#;
 
     /// The answers the config's own list scans give, for every address and port the test asks about.
@@ -122,6 +162,14 @@ services:
         let by_scan = c.service_by_address(ip, port).map(|(svc, p)| (&svc.name, p.target_port));
         assert_eq!(by_index, by_scan, "{ip}:{port}");
         assert_eq!(s.knows_destination(ip), c.knows_destination(ip), "{ip}");
+        let peer = c.workload_by_ip(ip).map(|w| Peer::of(w, &c.trust_domain));
+        assert_eq!(s.peer_by_ip(ip), peer.as_ref(), "{ip}");
+        let serves = |svc: &&Service| {
+            svc.endpoints.iter().any(|e| e.ip == ip.to_canonical())
+                && svc.ports.iter().any(|p| p.endpoint_port() == port)
+        };
+        let by_scan = c.services.iter().find(serves).map(|svc| DestinationService::of(&svc.namespace, &svc.name));
+        assert_eq!(s.service_serving(&[ip], port), by_scan.as_ref(), "{ip}:{port}");
     }
 
     #[test]
@@ -137,6 +185,12 @@ services:
         assert_eq!(snapshot.workload("shop", "cart-1").unwrap().service_account, "cart");
         assert!(snapshot.workload("shop", "cart-3").is_none());
         assert_eq!(snapshot.service("shop", "cart-shadow").unwrap().ports.len(), 2);
+        assert_eq!(&*snapshot.peer("shop", "cart-2").unwrap().principal, "spiffe://cluster.local/ns/shop/sa/cart");
+        assert_eq!(&*snapshot.service_names("shop", "cart").unwrap().host, "cart.shop.svc.cluster.local");
+        // 10.0.0.7 is an endpoint of both: port 81 leads only to the second, 8080 only to the first.
+        let serving = |port| snapshot.service_serving(&["10.0.0.7".parse().unwrap()], port).map(|s| s.name.to_string());
+        assert_eq!(serving(8080).as_deref(), Some("cart"));
+        assert_eq!(serving(81).as_deref(), Some("cart-shadow"));
         // v4-mapped callers find the IPv4 workload, as the scan does.
         assert_eq!(snapshot.workload_by_ip("::ffff:10.0.0.1".parse().unwrap()).unwrap().name, "cart-1");
         // The rest of the config reads through.

@@ -210,16 +210,17 @@ fn flow(call: &Call, config: &Snapshot, response: &Response<Body>) -> Flow {
     match response.extensions().get::<Upstream>() {
         Some(u) => {
             let ip = u.endpoint.ip();
-            let principal = u.meshed.then(|| config.workload_by_ip(ip).map(|w| w.spiffe_id(&config.trust_domain)));
+            // The tunnel proved the identity the config gives the address (the pool expects exactly that one).
+            let principal = u.meshed.then(|| config.peer_by_ip(ip).map(|p| &*p.principal)).flatten();
             let security = if u.meshed { Security::MutualTls } else { Security::None };
-            let service = DestinationService::of(&u.backend.namespace, &u.backend.name);
-            Flow::outbound(config, &call.pod, ip, principal.flatten().as_deref(), service, security)
+            let service = DestinationService::named(config, &u.backend.namespace, &u.backend.name);
+            Flow::outbound(config, &call.pod, ip, principal, service, security)
         }
         None => Flow {
             reporter: Reporter::Source,
             source: Peer::local(config, &call.pod),
             destination: Peer::unknown(),
-            service: DestinationService::of(&call.service.namespace, &call.service.name),
+            service: DestinationService::named(config, &call.service.namespace, &call.service.name),
             security: Security::None,
         },
     }

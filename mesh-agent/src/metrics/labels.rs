@@ -5,16 +5,12 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use mesh_common::config::{Service, Workload};
 use serde::Serialize;
 
 use crate::pod::PodContext;
 use crate::snapshot::Snapshot;
 
-/// Istio's value for a label the reporter cannot know.
-pub const UNKNOWN: &str = "unknown";
-/// Kubernetes' default cluster domain, for `destination_service` host names.
-pub const CLUSTER_DOMAIN: &str = "cluster.local";
+pub use crate::names::{CLUSTER_DOMAIN, DestinationService, Peer, UNKNOWN};
 
 /// Which side reports a metric: the caller's agent (`source`) or the callee's (`destination`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -51,49 +47,11 @@ impl Security {
     }
 }
 
-/// One end of a connection or request, as the labels name it.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Peer {
-    pub workload: Arc<str>,
-    pub namespace: Arc<str>,
-    pub principal: Arc<str>,
-    pub app: Arc<str>,
-    pub version: Arc<str>,
-    pub canonical_service: Arc<str>,
-    pub canonical_revision: Arc<str>,
-}
-
 impl Peer {
-    pub fn unknown() -> Peer {
-        let u: Arc<str> = Arc::from(UNKNOWN);
-        Peer {
-            workload: u.clone(),
-            namespace: u.clone(),
-            principal: u.clone(),
-            app: u.clone(),
-            version: u.clone(),
-            canonical_service: u.clone(),
-            canonical_revision: u,
-        }
-    }
-
-    pub fn of(w: &Workload, trust_domain: &str) -> Peer {
-        Peer {
-            workload: w.workload_name().into(),
-            namespace: w.namespace.as_str().into(),
-            principal: w.spiffe_id(trust_domain).into(),
-            app: w.app().unwrap_or(UNKNOWN).into(),
-            version: w.version().unwrap_or(UNKNOWN).into(),
-            canonical_service: w.canonical_service().into(),
-            canonical_revision: w.canonical_revision().into(),
-        }
-    }
-
     /// A local pod: from config when it lists the pod, else from what enrollment knows (namespace and name).
     pub fn local(config: &Snapshot, pod: &PodContext) -> Peer {
-        match config.workload(&pod.net.namespace, &pod.net.name) {
-            Some(w) => Peer::of(w, &config.trust_domain),
+        match config.peer(&pod.net.namespace, &pod.net.name) {
+            Some(peer) => peer.clone(),
             None => Peer {
                 workload: pod.net.name.as_str().into(),
                 namespace: pod.net.namespace.as_str().into(),
@@ -106,9 +64,10 @@ impl Peer {
 
     /// A remote end known by address (and, for mTLS, by its verified SPIFFE ID, which wins over config).
     pub fn remote(config: &Snapshot, ip: IpAddr, principal: Option<&str>) -> Peer {
-        let mut peer =
-            config.workload_by_ip(ip).map(|w| Peer::of(w, &config.trust_domain)).unwrap_or_else(Peer::unknown);
+        let mut peer = config.peer_by_ip(ip).cloned().unwrap_or_else(Peer::unknown);
         match principal {
+            // The config's principal for the address is what the certificate says, as a rule: nothing to build.
+            Some(principal) if *peer.principal == *principal => {}
             Some(principal) => {
                 peer.principal = principal.into();
                 if &*peer.namespace == UNKNOWN {
@@ -118,48 +77,28 @@ impl Peer {
                 }
             }
             // Plaintext: nothing proves who is on the other end.
-            None => peer.principal = UNKNOWN.into(),
+            None => peer.principal = crate::names::unknown(),
         }
         peer
     }
 }
 
-/// `destination_service*` labels.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
-pub struct DestinationService {
-    /// `name.namespace.svc.cluster.local`
-    pub host: Arc<str>,
-    pub name: Arc<str>,
-    pub namespace: Arc<str>,
-}
-
 impl DestinationService {
-    pub fn unknown() -> Self {
-        let u: Arc<str> = Arc::from(UNKNOWN);
-        DestinationService { host: u.clone(), name: u.clone(), namespace: u }
-    }
-
-    pub fn of(namespace: &str, name: &str) -> Self {
-        DestinationService {
-            host: format!("{name}.{namespace}.svc.{CLUSTER_DOMAIN}").into(),
-            name: name.into(),
-            namespace: namespace.into(),
-        }
-    }
-
     /// The Service a connection to a local pod's `port` arrived for, as the destination side sees it: one
     /// whose endpoints include the pod and whose ports lead to `port`.
     pub fn serving(config: &Snapshot, pod_ips: &[IpAddr], port: u16) -> Self {
-        let serves = |s: &&Service| {
-            s.endpoints.iter().any(|e| pod_ips.contains(&e.ip)) && s.ports.iter().any(|p| p.endpoint_port() == port)
-        };
-        config.services.iter().find(serves).map(|s| Self::of(&s.namespace, &s.name)).unwrap_or_else(Self::unknown)
+        config.service_serving(pod_ips, port).cloned().unwrap_or_else(Self::unknown)
+    }
+
+    /// The Service `namespace/name`: its names from the snapshot when it lists it (no allocation).
+    pub fn named(config: &Snapshot, namespace: &str, name: &str) -> Self {
+        config.service_names(namespace, name).cloned().unwrap_or_else(|| Self::of(namespace, name))
     }
 
     /// Which Service a destination address belongs to, as the caller's side sees it.
     pub fn for_address(config: &Snapshot, ip: IpAddr, port: u16) -> Self {
         match config.service_by_address(ip, port) {
-            Some((s, _)) => Self::of(&s.namespace, &s.name),
+            Some((s, _)) => Self::named(config, &s.namespace, &s.name),
             None => Self::serving(config, &[ip.to_canonical()], port),
         }
     }

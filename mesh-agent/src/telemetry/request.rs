@@ -79,12 +79,13 @@ pub fn start(
     let request_id = context::ensure_request_id(&mut parts.headers);
     let request_bytes = Arc::new(AtomicU64::new(0));
     let counted = body::boxed(Counting { inner: body, bytes: request_bytes.clone(), on_end: None });
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.to_string())
-        .or_else(|| parts.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).map(String::from))
-        .unwrap_or_default();
+    // Path, authority and user agent go only into access-log lines and spans: not copied for metrics alone.
+    let detail = settings.access_logging || span.sampled;
+    let authority = match (detail, parts.uri.authority()) {
+        (false, _) => String::new(),
+        (true, Some(a)) => a.to_string(),
+        (true, None) => parts.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("").to_string(),
+    };
     let observation = Observation {
         sinks: sinks.clone(),
         pod: pod.clone(),
@@ -96,9 +97,14 @@ pub fn start(
         span,
         request_id,
         method: parts.method.clone(),
-        path: parts.uri.path().to_string(),
+        path: if detail { parts.uri.path().to_string() } else { String::new() },
         authority,
-        user_agent: parts.headers.get(http::header::USER_AGENT).and_then(|v| v.to_str().ok()).map(String::from),
+        user_agent: parts
+            .headers
+            .get(http::header::USER_AGENT)
+            .filter(|_| detail)
+            .and_then(|v| v.to_str().ok())
+            .map(String::from),
         grpc: crate::http_message::is_grpc(&parts.headers),
         request_bytes,
     };
