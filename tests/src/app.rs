@@ -98,3 +98,8 @@ pub fn get(c: &Cluster, http: &Path, client: &Pod, args: &[&str]) -> Value {
     all.extend(args);
     c.run_in(client, http, &all).unwrap()
 }
+
+/// How many requests of a `mesh-http get` report had `key` under `field` (`statuses`, `names`, `flags`).
+pub fn count(report: &Value, field: &str, key: &str) -> u64 {
+    report[field][key].as_u64().unwrap_or(0)
+}

@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use mesh_tests::app::{self, count};
 use mesh_tests::{Cluster, Pod, cluster, wait_for};
 use serde_json::Value;
 
@@ -56,13 +57,7 @@ fn foreign_peers(c: &mut Cluster, peer_args: &[&str]) -> Pod {
 }
 
 fn get(c: &Cluster, client: &Pod, args: &[&str]) -> Value {
-    let mut all = vec!["get"];
-    all.extend(args);
-    c.run_in(client, Path::new(HTTP), &all).unwrap()
-}
-
-fn count(report: &Value, field: &str, key: &str) -> u64 {
-    report[field][key].as_u64().unwrap_or(0)
+    app::get(c, Path::new(HTTP), client, args)
 }
 
 /// Every CONNECT the foreign servers took, as they printed them.

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use mesh_tests::app::{self, Server, service};
+use mesh_tests::app::{self, Server, count, service};
 use mesh_tests::{Cluster, Pod, cluster, wait_for};
 use serde_json::Value;
 
@@ -16,10 +16,6 @@ fn mesh(c: &mut Cluster, servers: &[Server<'_>], objects: &str, routes: usize) -
 
 fn get(c: &Cluster, client: &Pod, args: &[&str]) -> Value {
     app::get(c, Path::new(HTTP), client, args)
-}
-
-fn count(report: &Value, field: &str, key: &str) -> u64 {
-    report[field][key].as_u64().unwrap_or(0)
 }
 
 fn server_count(c: &Cluster, client: &Pod, url: &str) -> u64 {

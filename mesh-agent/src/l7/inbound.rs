@@ -1,4 +1,5 @@
-//! The receiving side of L7: HTTP arriving for a local pod — agent-to-agent HTTP/2 in an HBONE stream, or the
+//! The receiving side of L7: HTTP arriving for a local pod — a calling agent's request straight on an HBONE
+//! connection (`proxy::hbone_requests`), agent-to-agent HTTP/2 in an HBONE stream from agents before that, or the
 //! client's own HTTP when the pod's AuthorizationPolicies look at requests — is authorized request by request
 //! (403, gRPC PERMISSION_DENIED, with the connection staying up for the next request) and forwarded to the
 //! application in its own protocol over connections that carry the caller's address.

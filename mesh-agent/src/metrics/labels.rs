@@ -157,8 +157,8 @@ impl Flow {
     /// Principals only where mTLS proves them, as Istio reports them.
     fn proven(mut self) -> Flow {
         if self.security == Security::None {
-            self.source.principal = UNKNOWN.into();
-            self.destination.principal = UNKNOWN.into();
+            self.source.principal = crate::names::unknown();
+            self.destination.principal = crate::names::unknown();
         }
         self
     }
