@@ -17,10 +17,10 @@ use mesh_common::bpf::OUTBOUND_MARK;
 use rustls::pki_types::ServerName;
 use rustls::sign::CertifiedKey;
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::AsyncBufReadExt;
 use tokio::net::TcpSocket;
 use tokio_rustls::TlsConnector;
 
-use super::alert::AlertWatch;
 use super::{ALPN, CONNECTION_WINDOW, H2Stream, MAX_FRAME, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW, message};
 use crate::identity::verifier::SvidServerVerifier;
 use crate::identity::{Identity, SecretManager, WorkloadCert};
@@ -37,9 +37,6 @@ pub enum HboneError {
     Tls(SocketAddr, io::Error),
     #[error("HTTP/2 with {0}: {1}")]
     H2(SocketAddr, h2::Error),
-    /// The peer refused this side's certificate (its TLS alert, read after the handshake: see `alert`).
-    #[error("{0} refused the certificate (TLS alert): {1}")]
-    TlsRefused(SocketAddr, h2::Error),
     #[error("{0} refused the tunnel with HTTP {1}")]
     Refused(SocketAddr, u16),
     #[error("{0}")]
@@ -52,19 +49,11 @@ impl HboneError {
         match self {
             HboneError::Connect(..) => "connect",
             HboneError::Tls(..) => "tls",
-            HboneError::TlsRefused(..) => "tls",
             HboneError::H2(..) => "http2",
             HboneError::Refused(_, 401 | 403) => "denied",
             HboneError::Refused(..) => "refused",
             HboneError::Setup(_) => "setup",
         }
-    }
-}
-
-impl Conn {
-    /// `e` on this connection, as a certificate refusal when the peer's TLS alert caused it.
-    fn h2_error(&self, dst: SocketAddr, e: h2::Error) -> HboneError {
-        if self.alerted.load(Ordering::Acquire) { HboneError::TlsRefused(dst, e) } else { HboneError::H2(dst, e) }
     }
 }
 
@@ -82,8 +71,6 @@ struct Conn {
     serial: String,
     streams: AtomicUsize,
     closed: Arc<AtomicBool>,
-    /// The peer sent a TLS alert: its failures are about the certificate.
-    alerted: Arc<AtomicBool>,
     /// When the last stream ended.
     idle_since: Mutex<Instant>,
 }
@@ -215,7 +202,7 @@ impl Pool {
                     if attempt == 0 {
                         continue;
                     }
-                    return Err(conn.h2_error(dst, e));
+                    return Err(HboneError::H2(dst, e));
                 }
             };
             match connect_stream(sender, dst, authority, offer_direct).await {
@@ -226,7 +213,6 @@ impl Pool {
                     conn.closed.store(true, Ordering::Release);
                     continue;
                 }
-                Err(HboneError::H2(_, e)) => return Err(conn.h2_error(dst, e)),
                 Err(e) => return Err(e),
             }
         }
@@ -327,13 +313,24 @@ impl Pool {
             .connect(ServerName::IpAddress(dst.ip().into()), tcp)
             .await
             .map_err(|e| HboneError::Tls(dst, e))?;
-        let (watched, alerted) = AlertWatch::new(tls);
+        // TLS 1.3 ends the client's handshake before the server has checked this side's certificate; a server
+        // that refuses it sends an alert and closes. Written to in the meantime, it resets instead and the alert
+        // is lost (the refusal looked like a broken HTTP/2 connection). So wait for its first bytes — every
+        // HTTP/2 server opens with SETTINGS — before writing: one round trip per new connection, and a refusal
+        // reads as what it is. They stay buffered for h2.
+        let mut tls = tls;
+        match tokio::time::timeout(CONNECT_TIMEOUT, tls.fill_buf()).await {
+            Ok(Ok(first)) if !first.is_empty() => {}
+            Ok(Ok(_)) => return Err(HboneError::Tls(dst, io::ErrorKind::UnexpectedEof.into())),
+            Ok(Err(e)) => return Err(HboneError::Tls(dst, e)),
+            Err(_) => return Err(HboneError::Tls(dst, io::ErrorKind::TimedOut.into())),
+        }
 
         let (sender, connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
-            .handshake::<_, Bytes>(watched)
+            .handshake::<_, Bytes>(tls)
             .await
             .map_err(|e| HboneError::H2(dst, e))?;
         src.metrics.hbone_connections.with_label_values(&[crate::metrics::Direction::Outbound.as_str()]).inc();
@@ -359,7 +356,6 @@ impl Pool {
             serial: src.cert.svid.serial.clone(),
             streams: AtomicUsize::new(1),
             closed,
-            alerted,
             idle_since: Mutex::new(Instant::now()),
         });
         self.conns.lock().unwrap_or_else(|p| p.into_inner()).entry(key.clone()).or_default().push(conn.clone());
