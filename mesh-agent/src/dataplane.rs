@@ -5,7 +5,7 @@
 //! `DataPlane` on a fake snapshot without loading eBPF programs.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use crate::hbone::client::Pool;
 use crate::identity::SecretManager;
@@ -38,7 +38,8 @@ pub struct Handles {
 
 struct Shared {
     handles: Handles,
-    config: RwLock<Arc<Snapshot>>,
+    /// A watch, so connections admitted under one config can be checked again under the next (`proxy::forward`).
+    config: tokio::sync::watch::Sender<Arc<Snapshot>>,
     /// False while the agent has no config at all: enrolled pods' connections are then refused, since nothing
     /// tells what is meshed.
     has_config: AtomicBool,
@@ -61,7 +62,7 @@ impl DataPlane {
     pub fn new(handles: Handles, config: Snapshot) -> Self {
         let shared = Shared {
             handles,
-            config: RwLock::new(Arc::new(config)),
+            config: tokio::sync::watch::Sender::new(Arc::new(config)),
             has_config: AtomicBool::new(true),
             direct_l7: AtomicBool::new(true),
             active: Default::default(),
@@ -71,12 +72,17 @@ impl DataPlane {
 
     /// The config in force, compiled (`crate::snapshot`): take it once and use it to the end of the work at hand.
     pub fn config(&self) -> Arc<Snapshot> {
-        self.inner.config.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.inner.config.borrow().clone()
+    }
+
+    /// Resolves each time a new config is swapped in.
+    pub fn config_changes(&self) -> tokio::sync::watch::Receiver<Arc<Snapshot>> {
+        self.inner.config.subscribe()
     }
 
     /// Swaps in the next config (the agent state does, after the kernel side has what it needs of it).
     pub fn replace_config(&self, config: Snapshot) {
-        *self.inner.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+        self.inner.config.send_replace(Arc::new(config));
     }
 
     /// Whether the agent has any config to decide by.

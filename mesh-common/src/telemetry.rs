@@ -1,5 +1,5 @@
-//! Telemetry: access logging and tracing for a namespace or selected workloads, like Istio's Telemetry API
-//! trimmed to what the agent does. The same types are the CRD's schema (`nodemesh.io/v1alpha1` Telemetry, in
+//! Telemetry: access logging, tracing and who reports request metrics, for a namespace or selected workloads,
+//! like Istio's Telemetry API trimmed to what the agent does. The same types are the CRD's schema (`nodemesh.io/v1alpha1` Telemetry, in
 //! mesh-controller) and what the agent receives. A Telemetry in the mesh's root namespace applies to every
 //! workload; one in a namespace overrides it there, one with a selector overrides both for its workloads.
 
@@ -30,6 +30,31 @@ pub struct TelemetrySettings {
     pub access_logging: Option<AccessLogging>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracing: Option<Tracing>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<RequestMetrics>,
+}
+
+/// Which agents report a workload's HTTP requests: Istio's `metrics` overrides by mode, reduced to the one choice
+/// that changes what the data path does.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RequestMetrics {
+    #[serde(default)]
+    pub reporters: Reporters,
+}
+
+/// `source`: only the calling agent reports requests to this workload (as ambient's single L7 hop does); its own
+/// agent then relays calls from other agents at L4 — the cheaper path — unless its AuthorizationPolicy, access
+/// logging or tracing needs each request there.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub enum Reporters {
+    /// Both agents report, like a sidecar mesh (`reporter="source"` and `reporter="destination"`).
+    #[default]
+    SourceAndDestination,
+    Source,
 }
 
 /// JSON access logs on the agent's stdout: one line per HTTP request and per TCP connection.
@@ -65,6 +90,7 @@ fn default_sampling() -> f64 {
 pub struct Effective {
     pub access_logging: bool,
     pub tracing: Option<Tracing>,
+    pub reporters: Reporters,
 }
 
 /// The settings for a workload in `namespace` with `labels`: selector matches in its namespace, over
@@ -90,6 +116,9 @@ pub fn effective(all: &[Telemetry], namespace: &str, labels: &BTreeMap<String, S
         if let Some(tr) = &t.settings.tracing {
             out.tracing = Some(tr.clone());
         }
+        if let Some(m) = &t.settings.metrics {
+            out.reporters = m.reporters;
+        }
     }
     out
 }
@@ -106,6 +135,7 @@ mod tests {
             settings: TelemetrySettings {
                 access_logging: log.map(|enabled| AccessLogging { enabled }),
                 tracing: sampling.map(|p| Tracing { collector: None, sampling_percentage: p }),
+                metrics: None,
             },
         }
     }
@@ -125,5 +155,21 @@ mod tests {
         assert_eq!(other.tracing.unwrap().sampling_percentage, 1.0, "inherited from the root namespace");
         assert!(effective(&all, "web", &BTreeMap::new()).access_logging);
         assert_eq!(effective(&[], "web", &BTreeMap::new()), Effective::default(), "off by default");
+    }
+
+    #[test]
+    fn request_reporters_default_to_both_and_are_inherited() {
+        let mut source_only = t("shop", "ns", None, None, None);
+        source_only.settings.metrics = Some(RequestMetrics { reporters: Reporters::Source });
+        let mut both_for_cart = t("shop", "cart", Some(("app", "cart")), None, None);
+        both_for_cart.settings.metrics = Some(RequestMetrics::default());
+        let all = vec![source_only, both_for_cart];
+        let cart: BTreeMap<String, String> = [("app".to_string(), "cart".to_string())].into();
+        assert_eq!(effective(&all, "shop", &BTreeMap::new()).reporters, Reporters::Source);
+        assert_eq!(effective(&all, "shop", &cart).reporters, Reporters::SourceAndDestination);
+        assert_eq!(effective(&all, "web", &BTreeMap::new()).reporters, Reporters::SourceAndDestination);
+        let parsed: TelemetrySettings = serde_json::from_str(r#"{"metrics": {"reporters": "source"}}"#).unwrap();
+        assert_eq!(parsed.metrics.unwrap().reporters, Reporters::Source);
+        assert!(serde_json::from_str::<TelemetrySettings>(r#"{"metrics": {"reporters": "server"}}"#).is_err());
     }
 }

@@ -504,3 +504,64 @@ fn authorization_per_request() {
     let denied = rpc(&["repeat", "hi", "2"]);
     assert_eq!(denied["code"], 7, "PERMISSION_DENIED expected: {denied}");
 }
+
+const SITE: [Server<'static>; 1] = [Server { node: 1, name: "site", labels: "{app: site}", args: &[], owner: None }];
+
+const SITE_REPORTED_BY_CALLERS: &str = "\
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: site, namespace: shop}
+spec:
+  parentRefs: [{group: '', kind: Service, name: site, port: 80}]
+  rules: [{backendRefs: [{name: site, port: 80}]}]
+---
+apiVersion: nodemesh.io/v1alpha1
+kind: Telemetry
+metadata: {name: callers-report, namespace: shop}
+spec: {metrics: {reporters: source}}
+";
+
+/// With Telemetry `metrics: {reporters: source}` on the called workload, its agent declines calling agents'
+/// requests one by one: they come in a tunnel it relays at L4 (L7 done once, by the caller) and only the caller
+/// reports them. A policy written later that decides per request ends those tunnels, so it holds for the pooled
+/// connection opened before it: the caller's next requests are taken and authorized one by one.
+#[test]
+fn a_workload_its_callers_alone_report_is_relayed_at_l4_until_its_policy_needs_requests() {
+    let mut c = cluster!(2);
+    let objects = [service("site", "10.96.4.1", "{app: site}", ""), SITE_REPORTED_BY_CALLERS.to_string()].concat();
+    let client = mesh(&mut c, &SITE, &objects, 1);
+    wait_for("Telemetry on node 2", || c.config_len(1, "telemetry") == 1);
+    let channels = |mode| c.metric(0, "nodemesh_hbone_l7_channels_opened_total", &[("mode", mode)]).unwrap_or(0.0);
+    let requests = |node, reporter| {
+        let labels = [("reporter", reporter), ("destination_workload", "site")];
+        c.metric(node, "nodemesh_requests_total", &labels).unwrap_or(0.0)
+    };
+
+    let before = get(&c, &client, &["http://10.96.4.1/admin", "-n", "3"]);
+    assert_eq!(count(&before, "statuses", "200"), 3, "{before}");
+    assert_eq!((channels("tunnel"), channels("direct")), (1.0, 0.0), "declined: one tunnel, kept in the pool");
+    assert_eq!(requests(0, "source"), 3.0);
+    assert_eq!(requests(1, "destination"), 0.0, "the called workload's agent relays bytes");
+
+    let deny_admin = "\
+---
+apiVersion: nodemesh.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: shop}
+spec:
+  selector: {matchLabels: {app: site}}
+  action: DENY
+  rules: [{to: [{paths: [/admin]}]}]
+";
+    c.write_objects("policy.yaml", Some(deny_admin)).unwrap();
+    let cut = || c.metric(1, "nodemesh_connections_cut_total", &[("reason", "policy_changed")]).unwrap_or(0.0);
+    wait_for("the pooled tunnel ended by the policy", || cut() == 1.0);
+    let after = get(&c, &client, &["http://10.96.4.1/admin", "-n", "3"]);
+    assert_eq!(count(&after, "statuses", "403"), 3, "{after}");
+    assert_eq!(count(&after, "flags", "RBAC"), 3, "{after}");
+    let public = get(&c, &client, &["http://10.96.4.1/public"]);
+    assert_eq!(count(&public, "statuses", "200"), 1, "{public}");
+    assert_eq!(channels("direct"), 1.0, "taken one by one now that the policy needs them");
+    assert_eq!(requests(1, "destination"), 4.0, "and reported by its agent too");
+}

@@ -410,3 +410,54 @@ fn a_claimed_pod_name_gets_no_identity_the_control_plane_does_not_confirm() {
     assert!(!out.exit_ok, "{}", out.stdout);
     assert!(out.stdout.contains("is not configured in its network namespace"), "{}", out.stdout);
 }
+
+/// A connection admitted under one config is decided again under the next, as ztunnel does: a DENY for one
+/// principal and STRICT, written while meshed and plaintext connections stream, end those they refuse with a reset
+/// (counted as cut) and leave the others streaming, their bytes intact.
+#[test]
+fn a_policy_written_later_ends_the_open_connections_it_refuses() {
+    let mut c = cluster!(2);
+    let server = c.add_pod(1, "server").unwrap();
+    let (denied, allowed) = (c.add_pod(0, "denied").unwrap(), c.add_pod(0, "allowed").unwrap());
+    let plain = c.add_pod(0, "plain").unwrap();
+    let ca = c.init_ca().unwrap();
+    let workloads = [(&server, "server-sa"), (&denied, "denied-sa"), (&allowed, "allowed-sa")];
+    let config = c.write_config(&workloads, "").unwrap();
+    start_mesh(&mut c, &ca, &config, &[]);
+    for pod in [&server, &denied, &allowed] {
+        c.enroll(pod).unwrap();
+    }
+    c.serve(&server, 8080).unwrap();
+    let target = addr(server.ipv4, 8080).to_string();
+    let streams = |pod: &Pod| c.testbin_start(pod, &["streams", &target, "2", "6"]).unwrap();
+    let (from_denied, from_allowed, from_plain) = (streams(&denied), streams(&allowed), streams(&plain));
+    let open = || c.metric(1, "nodemesh_tcp_connections_opened_total", &[("reporter", "destination")]).unwrap_or(0.0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while open() < 6.0 {
+        assert!(Instant::now() < deadline, "the six connections did not open");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let policies = "\
+peerAuthentications: [{namespace: default, name: strict, mode: STRICT}]
+authorizationPolicies:
+  - {namespace: default, name: no-denied, action: DENY, rules: [{from: [{principals: [cluster.local/ns/default/sa/denied-sa]}]}]}
+";
+    c.write_config(&workloads, policies).unwrap();
+    c.signal_agent(1, libc::SIGHUP).unwrap();
+
+    let (denied_report, allowed_report, plain_report) =
+        (from_denied.wait().unwrap(), from_allowed.wait().unwrap(), from_plain.wait().unwrap());
+    assert_eq!(denied_report.json["ok"], 0, "the DENY ends both: {:?}", denied_report.json);
+    assert_eq!(plain_report.json["ok"], 0, "STRICT ends plaintext: {:?}", plain_report.json);
+    assert_eq!(allowed_report.json["ok"], 2, "the others stream on: {:?}", allowed_report.json);
+    for report in [&denied_report, &plain_report] {
+        let failures = report.json["failures"].as_array().unwrap();
+        assert!(failures.iter().all(|f| f.as_str().unwrap().contains("reset")), "ended by a reset: {failures:?}");
+    }
+    let cut = c.metric(1, "nodemesh_connections_cut_total", &[("reason", "policy_changed")]).unwrap();
+    assert_eq!(cut, 4.0, "two meshed and two plaintext connections cut");
+    let log = c.log_of("agent-n2");
+    assert!(log.contains("the config now in force does not admit it"), "logged");
+    assert!(!c.client(&denied, addr(server.ipv4, 8080), 4 * KIB, 1).unwrap().success, "new ones refused too");
+}

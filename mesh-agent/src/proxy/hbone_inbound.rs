@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
+use mesh_common::telemetry::Reporters;
 use http::{Method, Request, Response, StatusCode};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -26,7 +27,9 @@ use crate::metrics::{Flow, Security};
 use crate::pod::PodContext;
 use crate::policy;
 use crate::proxy;
+use crate::proxy::admission::Admitted;
 use crate::proxy::hbone_requests::{self, Requests};
+use crate::snapshot::Snapshot;
 use crate::socket;
 use crate::tunnels::TunnelView;
 
@@ -200,7 +203,8 @@ async fn stream(
             return status(&mut respond, code);
         }
     };
-    if request.headers().contains_key(message::DIRECT_HEADER) && dp.direct_l7() {
+    let config = dp.config();
+    if request.headers().contains_key(message::DIRECT_HEADER) && dp.direct_l7() && takes_requests(&config, &pod) {
         // The calling agent offers to send its requests straight on the connection (`hbone_requests`, each one
         // authorized there): taken. Declined, the stream is a plain tunnel like any other.
         let response = Response::builder().header(message::DIRECT_HEADER, "1").body(()).unwrap_or_default();
@@ -208,11 +212,17 @@ async fn stream(
         return;
     }
     let principal = peer_svid.identity.to_string();
-    let config = dp.config();
     // Agent-to-agent HTTP/2 (from an agent before direct requests: it routed the requests), or policies that need
     // each request: the decision moves from the tunnel to the requests inside it.
     let l7 = request.headers().get(crate::hbone::L7_HEADER).and_then(|v| v.to_str().ok()).and_then(Protocol::parse);
     let per_request = l7.is_some() || policy::needs_request(&config, &pod);
+    let admitted = |config, principal| Admitted {
+        under: Some(config),
+        principal: Some(principal),
+        source_ip: peer.ip(),
+        port: target.port(),
+        looked_for_http: per_request,
+    };
     if !per_request {
         if let Err(refusal) = policy::check_inbound(&config, &pod, Some(&principal), peer.ip(), target.port()) {
             refusal.record(dp.metrics(), &config, &pod, Some(&principal), peer);
@@ -228,7 +238,8 @@ async fn stream(
         };
         let Some(tunnel) = accept(respond, request) else { return };
         let flow = Flow::inbound(&config, &pod, peer.ip(), Some(&principal), target.port(), Security::MutualTls);
-        return proxy::forward(&dp, &pod, flow, (peer, target), tunnel, app).await;
+        let admitted = admitted(config, principal);
+        return proxy::forward(&dp, &pod, flow, (peer, target), (tunnel, app), Some(admitted)).await;
     }
     let Some(tunnel) = accept(respond, request) else { return };
     let session = |app| Session::new(dp.clone(), pod.clone(), Some(principal.clone()), peer, target, app);
@@ -245,10 +256,25 @@ async fn stream(
     match socket::connect_to_app(dp.steering(), &pod, target, peer).await {
         Ok(app) => {
             let flow = Flow::inbound(&config, &pod, peer.ip(), Some(&principal), target.port(), Security::MutualTls);
-            proxy::forward(&dp, &pod, flow, (peer, target), io, app).await
+            let admitted = admitted(config, principal);
+            proxy::forward(&dp, &pod, flow, (peer, target), (io, app), Some(admitted)).await
         }
         Err(e) => proxy::app_unreachable(&dp, &pod, target, &e),
     }
+}
+
+/// Whether the pod's agent takes calling agents' requests one by one (`hbone_requests`): when its policy decides
+/// per request, or its Telemetry has its own agent report, log or export spans of them. Otherwise a calling
+/// agent's requests come inside a tunnel relayed at L4 — L7 done once, by the caller, the cheaper path; a policy
+/// that later decides per request ends such tunnels (`proxy::admission`), and the caller's next ones are taken.
+pub fn takes_requests(config: &Snapshot, pod: &PodContext) -> bool {
+    if policy::needs_request(config, pod) {
+        return true;
+    }
+    let telemetry = crate::telemetry::settings(config, pod);
+    telemetry.reporters == Reporters::SourceAndDestination
+        || telemetry.access_logging
+        || telemetry.tracing.is_some_and(|t| t.collector.is_some())
 }
 
 /// Where a tunnel request wants to go: it must be a `CONNECT` (405 otherwise) to `ip:port` of one of the pod's

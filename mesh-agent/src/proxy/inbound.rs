@@ -8,6 +8,7 @@ use std::sync::Arc;
 use mesh_common::bpf::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use tokio::net::TcpStream;
 
+use super::admission::Admitted;
 use super::forward;
 use crate::dataplane::DataPlane;
 use crate::l7::{self, detect::Rewind, inbound::Session};
@@ -38,7 +39,8 @@ pub async fn handle(conn: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, dp:
         return reset(conn);
     }
     // Policies that look at requests: serve HTTP here and decide per request.
-    let conn = if policy::needs_request(&config, &pod) {
+    let looked_for_http = policy::needs_request(&config, &pod);
+    let conn = if looked_for_http {
         let session = |app| Session::new(dp.clone(), pod.clone(), None, peer, target, app);
         // Boxed, so L4 connections do not carry room for the L7 pipeline's state.
         match Box::pin(l7::inbound::serve_if_http(conn, session)).await {
@@ -55,7 +57,9 @@ pub async fn handle(conn: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, dp:
     match socket::connect_to_app(dp.steering(), &pod, target, peer).await {
         Ok(app) => {
             let flow = Flow::inbound(&config, &pod, peer.ip(), None, target.port(), Security::None);
-            forward(&dp, &pod, flow, (peer, target), conn, app).await
+            let (source_ip, port) = (peer.ip(), target.port());
+            let admitted = Admitted { under: Some(config), principal: None, source_ip, port, looked_for_http };
+            forward(&dp, &pod, flow, (peer, target), (conn, app), Some(admitted)).await
         }
         Err(e) => {
             super::app_unreachable(&dp, &pod, target, &e);

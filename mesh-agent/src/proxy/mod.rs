@@ -2,6 +2,7 @@
 //! passthrough otherwise), `inbound` plaintext arriving at the pod, `hbone_inbound` tunnelled arrivals (the HBONE server on 15008).
 //! All of them end in [`forward`], one copy loop with one set of metrics.
 
+pub mod admission;
 pub mod hbone_inbound;
 pub mod hbone_requests;
 pub mod inbound;
@@ -20,6 +21,7 @@ use tokio::net::TcpListener;
 use tracing::Instrument;
 
 use crate::abort::Abort;
+use admission::Admitted;
 use crate::dataplane::DataPlane;
 use crate::metrics::{Direction, Flow};
 use crate::pod::PodContext;
@@ -80,14 +82,15 @@ pub async fn serve(listener: TcpListener, direction: Direction, pod: Arc<PodCont
 /// Copies both ways with half-close until both sides are done, and accounts for it (metrics with `flow`'s
 /// labels, `/connections`, the access log). `downstream` is the side that opened the connection, from `client`
 /// to `server`. When the copy fails (one side reset or broke), both sides are aborted, so the failure reaches
-/// the other end as a reset instead of a clean close.
+/// the other end as a reset instead of a clean close. An inbound connection comes with what it was `admitted`
+/// as, and ends (reset) when a later config does not admit it ([`admission`]).
 pub async fn forward<D, U>(
     dp: &DataPlane,
     pod: &PodContext,
     flow: Flow,
     (client, server): (SocketAddr, SocketAddr),
-    downstream: D,
-    upstream: U,
+    (downstream, upstream): (D, U),
+    admitted: Option<Admitted>,
 ) where
     D: AsyncRead + AsyncWrite + Unpin + Abort,
     U: AsyncRead + AsyncWrite + Unpin + Abort,
@@ -96,11 +99,13 @@ pub async fn forward<D, U>(
     let open = dp.metrics().traffic.open(flow, client, server);
     let bytes = open.bytes().clone();
     let (mut downstream, mut upstream) = (downstream, upstream);
-    let result = crate::copy::bidirectional(
-        &mut Counted::new(&mut downstream, &bytes.received),
-        &mut Counted::new(&mut upstream, &bytes.sent),
-    )
-    .await;
+    let (mut down, mut up) =
+        (Counted::new(&mut downstream, &bytes.received), Counted::new(&mut upstream, &bytes.sent));
+    let copy = crate::copy::bidirectional(&mut down, &mut up);
+    let result = match admitted {
+        Some(admitted) => admission::while_admitted(dp, pod, admitted, copy).await,
+        None => copy.await,
+    };
     if result.is_err() {
         downstream.abort();
         upstream.abort();

@@ -92,7 +92,7 @@ pub async fn to_endpoint(conn: Rewind<TcpStream>, target: SocketAddr, pod: Arc<P
             reset(conn.into_inner());
         }
         Route::Passthrough => match socket::connect_from_pod(&pod, target).await {
-            Ok(upstream) => forward(&dp, &pod, flow(None, Security::None), (client, target), conn, upstream).await,
+            Ok(upstream) => forward(&dp, &pod, flow(None, Security::None), (client, target), (conn, upstream), None).await,
             Err(e) => {
                 dp.metrics().failed(&pod, Direction::Outbound, "connect");
                 tracing::info!(%target, error = %e, "upstream connect failed");
@@ -115,7 +115,7 @@ pub async fn to_endpoint(conn: Rewind<TcpStream>, target: SocketAddr, pod: Arc<P
             match dp.pool().open(&source, gateway, &dst, target).await {
                 Ok((stream, _slot)) => {
                     let flow = flow(Some(dst.to_string()), Security::MutualTls);
-                    forward(&dp, &pod, flow, (client, target), conn, stream).await
+                    forward(&dp, &pod, flow, (client, target), (conn, stream), None).await
                 }
                 Err(e) => {
                     dp.metrics().failed(&pod, Direction::Outbound, e.reason());
