@@ -4,8 +4,8 @@
 //! the admin API keep the whole `AgentState`; the data path does not import it, and a unit test can build a
 //! `DataPlane` on a fake snapshot without loading eBPF programs.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crate::hbone::client::Pool;
 use crate::identity::SecretManager;

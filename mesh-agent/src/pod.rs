@@ -70,7 +70,7 @@ impl PodContext {
 
     /// The pod's SPIFFE identity, once config confirms the pod (see [`PodContext::workload`]).
     pub fn identity(&self, config: &Snapshot) -> Option<Identity> {
-        self.workload(config).map(|w| Identity::new(&config.trust_domain, &w.namespace, &w.service_account))
+        self.workload(config).map(|w| config.identity_of(w))
     }
 
     pub fn identity_string(&self, config: &Snapshot) -> Option<String> {

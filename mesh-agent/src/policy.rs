@@ -97,6 +97,10 @@ pub fn check_inbound(
 }
 
 fn authorize(config: &Snapshot, pod: &PodContext, conn: Connection<'_>) -> Result<(), Refusal> {
+    // A peer of an aliased trust domain is matched as the mesh's own (the policies were folded alike, `snapshot`).
+    let folded =
+        conn.principal.and_then(|p| model::fold_trust_domain(p, &config.trust_domain, &config.trust_domain_aliases));
+    let conn = Connection { principal: folded.as_deref().or(conn.principal), ..conn };
     let empty = Default::default();
     let labels = labels(config, pod).unwrap_or(&empty);
     match model::authorize(&config.authorization_policies, &pod.net.namespace, labels, &conn) {

@@ -10,6 +10,7 @@ use std::ops::Deref;
 
 use mesh_common::config::{NodeConfig, Service, ServicePort, Workload};
 
+use crate::identity::Identity;
 use crate::names::{DestinationService, Peer};
 
 /// A config with its lookups indexed. Each index keeps the first entry in config order, as the list scans did.
@@ -31,9 +32,27 @@ pub struct Snapshot {
     service_names: Vec<DestinationService>,
 }
 
+/// Principals in AuthorizationPolicies written with an aliased trust domain, moved into the mesh's own (peers'
+/// principals are folded the same way when checked, `crate::policy`): either name matches peers of both.
+fn fold_policy_trust_domains(mut config: NodeConfig) -> NodeConfig {
+    if config.trust_domain_aliases.is_empty() {
+        return config;
+    }
+    let (mesh, aliases) = (config.trust_domain.clone(), config.trust_domain_aliases.clone());
+    let sources = config.authorization_policies.iter_mut().flat_map(|p| &mut p.rules).flat_map(|r| &mut r.from);
+    for source in sources {
+        for pattern in source.principals.iter_mut().chain(&mut source.not_principals) {
+            if let Some(folded) = mesh_common::policy::fold_trust_domain(pattern, &mesh, &aliases) {
+                *pattern = folded;
+            }
+        }
+    }
+    config
+}
+
 impl Snapshot {
     pub fn new(config: NodeConfig) -> Self {
-        let mut s = Snapshot { config, ..Default::default() };
+        let mut s = Snapshot { config: fold_policy_trust_domains(config), ..Default::default() };
         for (i, w) in s.config.workloads.iter().enumerate() {
             for ip in &w.ips {
                 s.workload_by_ip.entry(*ip).or_insert(i);
@@ -63,6 +82,11 @@ impl Snapshot {
 
     pub fn config(&self) -> &NodeConfig {
         &self.config
+    }
+
+    /// The SPIFFE identity a workload proves: its service account, in its own trust domain or the mesh's.
+    pub fn identity_of(&self, w: &Workload) -> Identity {
+        Identity::new(w.trust_domain(&self.config.trust_domain), &w.namespace, &w.service_account)
     }
 
     /// The workload that owns `ip`, if the mesh knows one.

@@ -150,6 +150,10 @@ impl AgentState {
     /// (`inpod::reconcile_on_config_change`).
     pub fn set_config(&self, config: NodeConfig) -> Result<(), crate::capture::CaptureError> {
         self.capture().set_exclusions(&config.capture)?;
+        if let Some(secrets) = self.secrets() {
+            let domains = std::iter::once(&config.trust_domain).chain(&config.trust_domain_aliases).cloned().collect();
+            secrets.bundle().set_trust_domains(domains);
+        }
         self.inner.dp.replace_config(Snapshot::new(config));
         self.sync_identities();
         self.inner.config_changed.notify_one();

@@ -25,6 +25,11 @@ pub struct NodeConfig {
     /// SPIFFE trust domain; default `cluster.local`.
     #[serde(default = "default_trust_domain")]
     pub trust_domain: String,
+    /// Other trust domains whose peers count as this mesh's (Istio's `trustDomainAliases`): admitted, reached,
+    /// and matched by AuthorizationPolicy principals written with any of these or `trust_domain`. Peers of any
+    /// other trust domain are refused, whatever root they chain to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trust_domain_aliases: Vec<String>,
     /// Namespaces whose pods are captured on enrollment. Unset: every pod the CNI plugin reports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mesh_namespaces: Option<Vec<String>>,
@@ -86,6 +91,11 @@ pub enum OutboundTrafficPolicy {
     RegistryOnly,
 }
 
+/// SPIFFE's rule for a trust domain name: lowercase letters, digits, `.`, `-`, `_`.
+fn is_trust_domain_name(td: &str) -> bool {
+    !td.is_empty() && td.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+}
+
 fn default_trust_domain() -> String {
     DEFAULT_TRUST_DOMAIN.to_string()
 }
@@ -111,6 +121,10 @@ pub struct Workload {
     /// pod stands alone and its own name is used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload_name: Option<String>,
+    /// Its SPIFFE trust domain when not the mesh's (one of `trustDomainAliases`: a workload of another cluster
+    /// or mesh, behind Istio's ztunnel say); absent: the mesh's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_domain: Option<String>,
 }
 
 fn default_service_account() -> String {
@@ -118,9 +132,15 @@ fn default_service_account() -> String {
 }
 
 impl Workload {
-    /// The workload's SPIFFE identity: its Kubernetes service account.
-    pub fn spiffe_id(&self, trust_domain: &str) -> String {
-        spiffe_id(trust_domain, &self.namespace, &self.service_account)
+    /// The workload's SPIFFE identity: its Kubernetes service account, in its own trust domain or else the
+    /// mesh's.
+    pub fn spiffe_id(&self, mesh_trust_domain: &str) -> String {
+        spiffe_id(self.trust_domain(mesh_trust_domain), &self.namespace, &self.service_account)
+    }
+
+    /// Its own trust domain, or else the mesh's.
+    pub fn trust_domain<'a>(&'a self, mesh_trust_domain: &'a str) -> &'a str {
+        self.trust_domain.as_deref().unwrap_or(mesh_trust_domain)
     }
 
     /// The owning workload's name (Istio's `*_workload` metric label).
@@ -249,13 +269,21 @@ impl NodeConfig {
     /// Semantic checks serde cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |msg: String| Err(ConfigError::Invalid(msg));
-        if self.trust_domain.is_empty() || self.trust_domain.contains(['/', ':']) {
-            return bad(format!("trustDomain {:?} is not a SPIFFE trust domain name", self.trust_domain));
+        for td in std::iter::once(&self.trust_domain).chain(&self.trust_domain_aliases) {
+            if !is_trust_domain_name(td) {
+                return bad(format!("trust domain {td:?} is not a SPIFFE trust domain name"));
+            }
         }
         let mut seen = std::collections::HashSet::new();
         for w in &self.workloads {
             if w.namespace.is_empty() || w.name.is_empty() {
                 return bad("every workload needs a namespace and a name".into());
+            }
+            if let Some(td) = w.trust_domain.as_deref().filter(|td| !self.accepts_trust_domain(td)) {
+                return bad(format!(
+                    "workload {}/{} is in trust domain {td:?}, neither trustDomain nor one of trustDomainAliases",
+                    w.namespace, w.name
+                ));
             }
             if !seen.insert((&w.namespace, &w.name)) {
                 return bad(format!("workload {}/{} is listed twice", w.namespace, w.name));
@@ -277,6 +305,11 @@ impl NodeConfig {
             }
         }
         Ok(())
+    }
+
+    /// Whether peers of trust domain `td` belong to this mesh: its own or one of its aliases.
+    pub fn accepts_trust_domain(&self, td: &str) -> bool {
+        td == self.trust_domain || self.trust_domain_aliases.iter().any(|a| a == td)
     }
 
     /// Whether a pod in `namespace` is captured when the CNI plugin reports it.
@@ -364,6 +397,23 @@ capture:
         let c = NodeConfig::from_yaml(yaml).unwrap_or_else(|e| panic!("docs/node-config.md example: {e}"));
         assert_eq!(c.routes[0].rules[0].backends[0].weight, 5);
         assert!(c.traffic_policies[0].settings.rate_limit.is_some());
+    }
+
+    #[test]
+    fn workloads_of_aliased_trust_domains_and_nothing_else() {
+        let yaml = "trustDomain: nodemesh.local\ntrustDomainAliases: [cluster.local]\n\
+                    workloads: [{namespace: a, name: b, serviceAccount: s, trustDomain: cluster.local}, {namespace: a, name: c}]";
+        let c = NodeConfig::from_yaml(yaml).unwrap();
+        assert_eq!(c.workload("a", "b").unwrap().spiffe_id(&c.trust_domain), "spiffe://cluster.local/ns/a/sa/s");
+        assert_eq!(c.workload("a", "c").unwrap().spiffe_id(&c.trust_domain), "spiffe://nodemesh.local/ns/a/sa/default");
+        assert!(c.accepts_trust_domain("cluster.local") && c.accepts_trust_domain("nodemesh.local"));
+        assert!(!c.accepts_trust_domain("evil.example"));
+        let e = NodeConfig::from_yaml("workloads: [{namespace: a, name: b, trustDomain: other.example}]").unwrap_err();
+        assert!(e.to_string().contains("neither trustDomain nor one of trustDomainAliases"), "{e}");
+        for bad in ["trustDomain: Upper.Case", "trustDomainAliases: ['a/b']", "trustDomainAliases: ['']"] {
+            let e = NodeConfig::from_yaml(bad).unwrap_err().to_string();
+            assert!(e.contains("not a SPIFFE trust domain name"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -228,6 +228,18 @@ fn principal_name(p: &str) -> &str {
     p.strip_prefix("spiffe://").unwrap_or(p)
 }
 
+/// `principal` (or a policy's pattern for one) with an aliased trust domain moved into the mesh's own, so that
+/// the mesh's trust domain and its aliases name the same peers (Istio's `trustDomainAliases`); `None` when it
+/// has no alias to fold (wildcard trust domains stay as written).
+pub fn fold_trust_domain(principal: &str, mesh: &str, aliases: &[String]) -> Option<String> {
+    let (scheme, name) = match principal.strip_prefix("spiffe://") {
+        Some(name) => ("spiffe://", name),
+        None => ("", principal),
+    };
+    let (td, rest) = name.split_once('/')?;
+    aliases.iter().any(|a| a == td).then(|| format!("{scheme}{mesh}/{rest}"))
+}
+
 fn principal_matches(pattern: &str, principal: Option<&str>) -> bool {
     let Some(principal) = principal.map(principal_name) else { return false };
     wildcard_matches(principal_name(pattern), principal)
@@ -409,6 +421,17 @@ mod tests {
         assert_eq!(mtls_mode(&p, MtlsMode::Permissive, "shop", &legacy), MtlsMode::Permissive);
         assert_eq!(mtls_mode(&p, MtlsMode::Permissive, "shop", &labels(&[("app", "cart")])), MtlsMode::Strict);
         assert_eq!(mtls_mode(&p, MtlsMode::Strict, "other", &legacy), MtlsMode::Strict);
+    }
+
+    #[test]
+    fn aliased_trust_domains_fold_into_the_mesh_one() {
+        let aliases = ["old.td".to_string()];
+        let fold = |p| fold_trust_domain(p, "new.td", &aliases);
+        assert_eq!(fold("spiffe://old.td/ns/a/sa/b").as_deref(), Some("spiffe://new.td/ns/a/sa/b"));
+        assert_eq!(fold("old.td/ns/a/sa/*").as_deref(), Some("new.td/ns/a/sa/*"));
+        for unchanged in ["new.td/ns/a/sa/b", "spiffe://other.td/ns/a/sa/b", "*/sa/b", "*", "old.td"] {
+            assert_eq!(fold(unchanged), None, "{unchanged}");
+        }
     }
 
     #[test]

@@ -22,6 +22,9 @@ pub const SETTINGS: &str = "settings";
 struct Settings {
     version: String,
     trust_domain: String,
+    /// Absent from controllers before aliases.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    trust_domain_aliases: Vec<String>,
     mesh_namespaces: Option<Vec<String>>,
     #[serde(default)]
     excluded_pods: Vec<String>,
@@ -70,6 +73,7 @@ pub fn split(config: &NodeConfig) -> BTreeMap<Key, Vec<u8>> {
     let settings = Settings {
         version: String::new(),
         trust_domain: config.trust_domain.clone(),
+        trust_domain_aliases: config.trust_domain_aliases.clone(),
         mesh_namespaces: config.mesh_namespaces.clone(),
         excluded_pods: config.excluded_pods.clone(),
         capture: config.capture.clone(),
@@ -155,6 +159,7 @@ fn build(resources: &BTreeMap<Key, Vec<u8>>, version: &str) -> Result<NodeConfig
             SETTINGS => {
                 let s: Settings = serde_json::from_slice(json).map_err(bad)?;
                 config.trust_domain = s.trust_domain;
+                config.trust_domain_aliases = s.trust_domain_aliases;
                 config.mesh_namespaces = s.mesh_namespaces;
                 config.excluded_pods = s.excluded_pods;
                 config.capture = s.capture;
@@ -176,7 +181,8 @@ mod tests {
     #[test]
     fn split_and_assemble_round_trip_with_deltas() {
         let config = NodeConfig::from_yaml(
-            "workloads: [{namespace: a, name: p1, serviceAccount: s, ips: [10.0.0.1]}, {namespace: a, name: p2}]\n\
+            "trustDomainAliases: [old.td]\n\
+             workloads: [{namespace: a, name: p1, serviceAccount: s, ips: [10.0.0.1]}, {namespace: a, name: p2, trustDomain: old.td}]\n\
              authorizationPolicies: [{namespace: a, name: deny, action: DENY}]\n\
              routes: [{namespace: a, name: r, kind: GRPCRoute, parents: [{namespace: a, name: svc}], rules: [{matches: [{path: {type: PathPrefix, value: /pkg.Svc/}}], backends: [{service: {namespace: a, name: svc-v2, port: 80}, weight: 1}]}]}]\n\
              trafficPolicies: [{namespace: a, name: tp, service: svc, settings: {rateLimit: {requestsPerSecond: 10}}}]\n\

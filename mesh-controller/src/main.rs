@@ -54,6 +54,10 @@ struct ServeArgs {
     token_file: Option<PathBuf>,
     #[arg(long, env = "NODEMESH_TRUST_DOMAIN", default_value = mesh_common::config::DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
+    /// Other trust domains whose workloads belong to the mesh (Istio's `trustDomainAliases`): agents admit their
+    /// peers and match policy principals across all of them. Repeat or separate with commas.
+    #[arg(long = "trust-domain-alias", env = "NODEMESH_TRUST_DOMAIN_ALIASES", value_delimiter = ',')]
+    trust_domain_aliases: Vec<String>,
     /// Prometheus metrics (`/metrics`).
     #[arg(long, env = "NODEMESH_METRICS", default_value = "0.0.0.0:15014")]
     metrics: SocketAddr,
@@ -141,7 +145,14 @@ async fn run(cli: ServeArgs) -> anyhow::Result<()> {
         Arc::new(move |req| mesh_agent::admin::metrics_reply(req, metrics_route.encode()));
     tokio::spawn(mesh_agent::admin::serve_http(listener, routes));
     let ca = Arc::new(ca);
-    let controller = Controller::new(snapshots, ca.clone(), cli.trust_domain, auth, metrics);
+    let names = mesh_common::config::NodeConfig {
+        trust_domain: cli.trust_domain.clone(),
+        trust_domain_aliases: cli.trust_domain_aliases.clone(),
+        ..Default::default()
+    };
+    names.validate().context("--trust-domain / --trust-domain-alias")?;
+    let controller = Controller::new(snapshots, ca.clone(), cli.trust_domain, auth, metrics)
+        .with_trust_domain_aliases(cli.trust_domain_aliases);
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };

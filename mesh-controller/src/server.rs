@@ -37,6 +37,8 @@ pub struct Controller {
     snapshots: Snapshots,
     ca: Arc<dyn CertificateAuthority>,
     trust_domain: String,
+    /// Trust domains whose peers the agents admit as the mesh's (`--trust-domain-alias`).
+    trust_domain_aliases: Vec<String>,
     /// One counter for every update sent: versions are unique and increase.
     versions: Arc<AtomicU64>,
     shared: Arc<Mutex<SharedCache>>,
@@ -89,11 +91,18 @@ impl Controller {
             snapshots,
             ca,
             trust_domain,
+            trust_domain_aliases: Vec::new(),
             versions: Arc::new(AtomicU64::new(0)),
             shared: Default::default(),
             auth: Arc::new(auth),
             metrics,
         }
+    }
+
+    /// Peers of these trust domains are the mesh's too (Istio's `trustDomainAliases`).
+    pub fn with_trust_domain_aliases(mut self, aliases: Vec<String>) -> Self {
+        self.trust_domain_aliases = aliases;
+        self
     }
 
     fn shared_for(&self, mesh: &Arc<Mesh>) -> Arc<Shared> {
@@ -224,7 +233,9 @@ fn next_update(
     sent: &Option<(Arc<Shared>, Resources)>,
 ) -> (Option<ConfigUpdate>, (Arc<Shared>, Resources)) {
     let shared = controller.shared_for(mesh);
-    let local = resources::split(&mesh.local_config(&agent.node, &controller.trust_domain));
+    let mut local = mesh.local_config(&agent.node, &controller.trust_domain);
+    local.trust_domain_aliases.clone_from(&controller.trust_domain_aliases);
+    let local = resources::split(&local);
     let update = match sent {
         None if agent.packed => Some(ConfigUpdate {
             full: true,

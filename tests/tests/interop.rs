@@ -36,24 +36,40 @@ fn routes(c: &Cluster, a: &Pod, b: &Pod) -> String {
 }
 
 /// The client (enrolled, node 1) and two web pods on node 2, each an HTTP/1.1 + h2c server on 8080 behind a
-/// foreign HBONE server on 15008 (`mesh-http hbone-peer` with `peer_args` more). Only node 1 runs an agent.
-fn foreign_peers(c: &mut Cluster, peer_args: &[&str]) -> Pod {
+/// foreign HBONE server on 15008 (`mesh-http hbone-peer` with `peer_args` more); web-b's certificate is in
+/// trust domain `b_trust_domain`. Only node 1 runs an agent.
+fn foreign_peers(c: &mut Cluster, peer_args: &[&str], b_trust_domain: &str) -> (Pod, Pod, Pod) {
     let client = c.add_pod(0, "client").unwrap();
     let a = c.add_pod(1, "web-a").unwrap();
     let b = c.add_pod(1, "web-b").unwrap();
     let ca = c.init_ca().unwrap();
-    let workloads = [(&client, "client-sa"), (&a, "web-a-sa"), (&b, "web-b-sa")];
-    let config = c.write_config(&workloads, &routes(c, &a, &b)).unwrap();
+    let config = write_config(c, (&client, &a, &b), "").unwrap();
     c.start_agent_with(0, &["--ca-dir", ca.to_str().unwrap(), "--config", config.to_str().unwrap()]).unwrap();
     c.enroll(&client).unwrap();
-    for (pod, sa) in [(&a, "web-a-sa"), (&b, "web-b-sa")] {
+    for (pod, sa, td) in [(&a, "web-a-sa", "cluster.local"), (&b, "web-b-sa", b_trust_domain)] {
         c.start_server(pod, Path::new(HTTP), &["serve", "8080", &pod.name], &format!("http-{}", pod.name)).unwrap();
         let ca = ca.to_str().unwrap();
-        let peer = [&["hbone-peer", "15008", ca, "cluster.local", "default", sa][..], peer_args].concat();
+        let peer = [&["hbone-peer", "15008", ca, td, "default", sa][..], peer_args].concat();
         c.start_server(pod, Path::new(HTTP), &peer, &format!("hbone-{}", pod.name)).unwrap();
     }
     wait_for("routes on node 1", || c.config_len(0, "routes") == 1);
-    client
+    (client, a, b)
+}
+
+/// The agent's config: the three workloads (web-b's service account `b_account`, which may carry more of its
+/// fields) and the routes, plus `extra`.
+fn write_config(c: &Cluster, (client, a, b): (&Pod, &Pod, &Pod), extra: &str) -> std::io::Result<std::path::PathBuf> {
+    write_config_with(c, (client, a, b), "web-b-sa", extra)
+}
+
+fn write_config_with(
+    c: &Cluster,
+    (client, a, b): (&Pod, &Pod, &Pod),
+    b_account: &str,
+    extra: &str,
+) -> std::io::Result<std::path::PathBuf> {
+    let workloads = [(client, "client-sa"), (a, "web-a-sa"), (b, b_account)];
+    c.write_config(&workloads, &(routes(c, a, b) + extra)).map_err(std::io::Error::other)
 }
 
 fn get(c: &Cluster, client: &Pod, args: &[&str]) -> Value {
@@ -73,7 +89,7 @@ fn connects(c: &Cluster) -> Vec<Value> {
 #[test]
 fn l7_requests_reach_endpoints_behind_an_hbone_server_that_is_not_a_nodemesh_agent() {
     let mut c = cluster!(2);
-    let client = foreign_peers(&mut c, &[]);
+    let (client, ..) = foreign_peers(&mut c, &[], "cluster.local");
     let url = format!("http://{FRONT}/hello");
     let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
 
@@ -116,7 +132,7 @@ fn l7_requests_reach_endpoints_behind_an_hbone_server_that_is_not_a_nodemesh_age
 #[test]
 fn a_peer_that_refuses_the_agents_certificate_is_a_tls_failure() {
     let mut c = cluster!(2);
-    let client = foreign_peers(&mut c, &["refuse-clients"]);
+    let (client, ..) = foreign_peers(&mut c, &["refuse-clients"], "cluster.local");
     let r = get(&c, &client, &["http://10.96.7.2/"]);
     assert_eq!(count(&r, "statuses", "503"), 1, "{r}");
     assert!(r["max_ms"].as_f64().unwrap() < 2000.0, "refused at once: {r}");
@@ -125,4 +141,31 @@ fn a_peer_that_refuses_the_agents_certificate_is_a_tls_failure() {
     };
     assert!(failures("tls") >= 1.0, "tls {}, http2 {}", failures("tls"), failures("http2"));
     assert_eq!(failures("http2"), 0.0);
+}
+
+/// An endpoint whose certificate is in another trust domain (a cluster or mesh behind its own ztunnel, sharing
+/// the root): refused while that trust domain is not the mesh's, as a foreign-trust-domain failure; reached once
+/// the config lists it as an alias and the workload in it, the agent expecting the peer's own identity there.
+#[test]
+fn an_endpoint_of_another_trust_domain_is_reached_only_once_aliased() {
+    let mut c = cluster!(2);
+    let (client, a, b) = foreign_peers(&mut c, &[], "other.td");
+    let refused = get(&c, &client, &["http://10.96.7.3/"]);
+    assert_eq!(count(&refused, "statuses", "503"), 1, "{refused}");
+    let failures = |reason| {
+        c.metric(0, "nodemesh_hbone_failures_total", &[("direction", "outbound"), ("reason", reason)]).unwrap_or(0.0)
+    };
+    assert!(failures("foreign_trust_domain") >= 1.0, "tls {}", failures("tls"));
+
+    // web-b's entry names its trust domain (one more field in its flow map), which the mesh now aliases.
+    write_config_with(&c, (&client, &a, &b), "web-b-sa, trustDomain: other.td", "trustDomainAliases: [other.td]\n")
+        .unwrap();
+    c.signal_agent(0, libc::SIGHUP).unwrap();
+    wait_for("the alias on node 1", || c.config_len(0, "trustDomainAliases") == 1);
+    let reached = get(&c, &client, &["http://10.96.7.3/", "-n", "3"]);
+    assert_eq!(count(&reached, "names", "web-b"), 3, "{reached}");
+    let labels = [("reporter", "source"), ("destination_workload", "web-b"), ("response_code", "200")];
+    let principal = c.metrics(0).unwrap();
+    assert!(principal.contains("destination_principal=\"spiffe://other.td/ns/default/sa/web-b-sa\""), "labelled");
+    assert_eq!(c.metric(0, "nodemesh_requests_total", &labels).unwrap(), 3.0);
 }

@@ -461,3 +461,44 @@ authorizationPolicies:
     assert!(log.contains("the config now in force does not admit it"), "logged");
     assert!(!c.client(&denied, addr(server.ipv4, 8080), 4 * KIB, 1).unwrap().success, "new ones refused too");
 }
+
+/// A client certificate from the mesh's own root but another trust domain is refused on the HBONE listener (a
+/// root may sign for several trust domains: chaining to it is not membership), counted by reason and logged.
+/// Once that trust domain is an alias its peers are admitted, and a policy principal written with the mesh's
+/// trust domain matches them too (Istio's `trustDomainAliases`).
+#[test]
+fn peers_of_other_trust_domains_are_refused_unless_aliased() {
+    let mut c = cluster!(1);
+    let server = c.add_pod(0, "server").unwrap();
+    let prober = c.add_pod(0, "prober").unwrap();
+    let ca = c.init_ca().unwrap();
+    let policy = "authorizationPolicies:\n  - {namespace: default, name: only-prober, selector: {app: server}, \
+                  rules: [{from: [{principals: [cluster.local/ns/default/sa/prober]}]}]}\n";
+    let config = c.write_config(&[(&server, "server-sa")], policy).unwrap();
+    start_mesh(&mut c, &ca, &config, &[]);
+    c.enroll(&server).unwrap();
+    c.serve(&server, 8080).unwrap();
+    let (gateway, target) = (addr(server.ipv4, 15008), addr(server.ipv4, 8080));
+    let connect = |td: &str, sa: &str| {
+        let cert = probe::from_ca(&ca, &Identity::new(td, "default", sa), |_| {}).unwrap();
+        probe::connect(&prober.netns, gateway, target, cert).map(|(status, _)| status)
+    };
+
+    let foreign = connect("other.td", "prober");
+    assert!(foreign.is_err(), "a peer of another trust domain got past the handshake: {foreign:?}");
+    let reason = [("direction", "inbound"), ("reason", "foreign_trust_domain")];
+    assert_eq!(c.metric(0, "nodemesh_hbone_failures_total", &reason).unwrap(), 1.0);
+    assert!(c.log_of("agent-n1").contains("spiffe://other.td/ns/default/sa/prober"), "the refusal names the peer");
+    assert_eq!(connect("cluster.local", "prober").unwrap(), 200, "the mesh's own trust domain is admitted");
+
+    c.write_config(&[(&server, "server-sa")], &format!("{policy}trustDomainAliases: [other.td]\n")).unwrap();
+    c.signal_agent(0, libc::SIGHUP).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.config_len(0, "trustDomainAliases") != 1 {
+        assert!(Instant::now() < deadline, "config was not reloaded");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(connect("other.td", "prober").unwrap(), 200, "aliased, and the policy's principal matches it");
+    assert_eq!(connect("other.td", "stranger").unwrap(), 401, "the policy still decides");
+    assert!(connect("third.td", "prober").is_err(), "only the aliases");
+}

@@ -22,7 +22,7 @@ use tokio::net::TcpSocket;
 use tokio_rustls::TlsConnector;
 
 use super::{ALPN, CONNECTION_WINDOW, H2Stream, MAX_FRAME, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW, message};
-use crate::identity::verifier::SvidServerVerifier;
+use crate::identity::verifier::{ForeignTrustDomain, SvidServerVerifier};
 use crate::identity::{Identity, SecretManager, WorkloadCert};
 use crate::netns::NetNs;
 use crate::tunnels::{TunnelGuard, TunnelView};
@@ -48,6 +48,7 @@ impl HboneError {
     pub fn reason(&self) -> &'static str {
         match self {
             HboneError::Connect(..) => "connect",
+            HboneError::Tls(_, e) if ForeignTrustDomain::cause_of(e).is_some() => "foreign_trust_domain",
             HboneError::Tls(..) => "tls",
             HboneError::H2(..) => "http2",
             HboneError::Refused(_, 401 | 403) => "denied",

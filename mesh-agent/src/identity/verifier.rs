@@ -1,5 +1,7 @@
 //! rustls certificate verifiers for SPIFFE peers: chain validation against the trust bundle (rustls-webpki),
-//! then the X.509-SVID rules, then — for a server — that the peer is the workload we meant to reach. Peer
+//! then the X.509-SVID rules, then that the peer's trust domain is one of the mesh's (a root may sign for several
+//! trust domains; chaining to it is not membership), then — for a server — that the peer is the workload we
+//! meant to reach. Peer
 //! certificates carry no DNS names, so rustls' hostname-based verifier does not apply.
 
 use std::fmt;
@@ -14,9 +16,12 @@ use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, 
 use super::Identity;
 use super::svid::{self, Svid};
 
-/// The roots peers must chain to. Shared by every verifier and replaceable at run time.
+/// The roots peers must chain to, and the trust domains their SVIDs may name. Shared by every verifier and
+/// replaceable at run time.
 pub struct TrustBundle {
     anchors: RwLock<Arc<Vec<TrustAnchor<'static>>>>,
+    /// None until the first config names them: until then every peer is refused.
+    trust_domains: RwLock<Arc<Vec<String>>>,
 }
 
 impl fmt::Debug for TrustBundle {
@@ -27,7 +32,7 @@ impl fmt::Debug for TrustBundle {
 
 impl TrustBundle {
     pub fn new(roots: &[CertificateDer<'_>]) -> Result<Self, webpki::Error> {
-        let bundle = TrustBundle { anchors: RwLock::new(Arc::new(Vec::new())) };
+        let bundle = TrustBundle { anchors: RwLock::new(Arc::new(Vec::new())), trust_domains: Default::default() };
         bundle.set(roots)?;
         Ok(bundle)
     }
@@ -40,6 +45,15 @@ impl TrustBundle {
             .collect::<Result<Vec<_>, _>>()?;
         *self.anchors.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(anchors);
         Ok(())
+    }
+
+    /// The mesh's trust domain and its aliases (from the config in force); the next handshakes check them.
+    pub fn set_trust_domains(&self, domains: Vec<String>) {
+        *self.trust_domains.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(domains);
+    }
+
+    fn accepts(&self, trust_domain: &str) -> bool {
+        self.trust_domains.read().unwrap_or_else(|p| p.into_inner()).iter().any(|d| d == trust_domain)
     }
 
     fn anchors(&self) -> Arc<Vec<TrustAnchor<'static>>> {
@@ -67,7 +81,32 @@ impl TrustBundle {
             None,
         )
         .map_err(pki_error)?;
-        svid::check(end_entity).map_err(|e| Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e)))))
+        let svid = svid::check(end_entity).map_err(other)?;
+        if !self.accepts(&svid.identity.trust_domain) {
+            return Err(other(ForeignTrustDomain { identity: svid.identity }));
+        }
+        Ok(svid)
+    }
+}
+
+fn other(e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+}
+
+/// A peer whose SVID is in none of the mesh's trust domains.
+#[derive(Debug, thiserror::Error)]
+#[error("peer {identity} is outside the mesh's trust domains")]
+pub struct ForeignTrustDomain {
+    pub identity: Identity,
+}
+
+impl ForeignTrustDomain {
+    /// The refusal inside a failed handshake's error, when that is why it failed (this side refused the peer).
+    pub fn cause_of(e: &std::io::Error) -> Option<&ForeignTrustDomain> {
+        match e.get_ref()?.downcast_ref::<Error>()? {
+            Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) => inner.downcast_ref(),
+            _ => None,
+        }
     }
 }
 
@@ -118,10 +157,7 @@ impl ServerCertVerifier for SvidServerVerifier {
             self.bundle.verify(&self.provider, end_entity, intermediates, now, webpki::KeyUsage::server_auth())?;
         match &self.expected {
             Some(expected) if *expected != svid.identity => {
-                Err(Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(WrongPeer {
-                    expected: expected.clone(),
-                    got: svid.identity,
-                })))))
+                Err(other(WrongPeer { expected: expected.clone(), got: svid.identity }))
             }
             _ => Ok(ServerCertVerified::assertion()),
         }

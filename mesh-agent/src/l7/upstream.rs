@@ -40,9 +40,7 @@ pub enum Route {
 /// Decided on the request's config snapshot, with `mtls` when the agent has a CA to tunnel with.
 pub fn route_to(config: &Snapshot, mtls: bool, pod: &PodContext, target: SocketAddr) -> Route {
     match (config.workload_by_ip(target.ip()), pod.identity(config), mtls) {
-        (Some(w), Some(src), true) => {
-            Route::Mesh { src, dst: Identity::new(&config.trust_domain, &w.namespace, &w.service_account) }
-        }
+        (Some(w), Some(src), true) => Route::Mesh { src, dst: config.identity_of(w) },
         _ => Route::Plain,
     }
 }

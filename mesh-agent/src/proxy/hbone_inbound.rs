@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
-use mesh_common::telemetry::Reporters;
 use http::{Method, Request, Response, StatusCode};
+use mesh_common::telemetry::Reporters;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio::net::{TcpListener, TcpStream};
@@ -19,7 +19,7 @@ use tracing::Instrument;
 use crate::dataplane::DataPlane;
 use crate::hbone::{ALPN, CONNECTION_WINDOW, H2Stream, MAX_FRAME, STREAM_WINDOW, message};
 use crate::identity::svid::{self, Svid};
-use crate::identity::verifier::SvidClientVerifier;
+use crate::identity::verifier::{ForeignTrustDomain, SvidClientVerifier};
 use crate::l7::detect::Protocol;
 use crate::l7::inbound::{self as l7_inbound, Session};
 use crate::metrics::Direction;
@@ -102,6 +102,11 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, pod
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
+            if let Some(foreign) = ForeignTrustDomain::cause_of(&e) {
+                metrics.hbone_failed(Direction::Inbound, "foreign_trust_domain");
+                tracing::info!(peer_identity = %foreign.identity, "mTLS handshake refused: the peer's trust domain is not the mesh's nor one of its aliases");
+                return;
+            }
             metrics.hbone_failed(Direction::Inbound, "tls");
             tracing::info!(error = %e, "mTLS handshake refused");
             return;

@@ -21,11 +21,11 @@ use tokio::net::TcpListener;
 use tracing::Instrument;
 
 use crate::abort::Abort;
-use admission::Admitted;
 use crate::dataplane::DataPlane;
 use crate::metrics::{Direction, Flow};
 use crate::pod::PodContext;
 use crate::socket::reset;
+use admission::Admitted;
 
 /// Accepts connections on one of a pod's capture listeners until the pod is unenrolled (task aborted).
 pub async fn serve(listener: TcpListener, direction: Direction, pod: Arc<PodContext>, dp: DataPlane) {
@@ -99,8 +99,7 @@ pub async fn forward<D, U>(
     let open = dp.metrics().traffic.open(flow, client, server);
     let bytes = open.bytes().clone();
     let (mut downstream, mut upstream) = (downstream, upstream);
-    let (mut down, mut up) =
-        (Counted::new(&mut downstream, &bytes.received), Counted::new(&mut upstream, &bytes.sent));
+    let (mut down, mut up) = (Counted::new(&mut downstream, &bytes.received), Counted::new(&mut upstream, &bytes.sent));
     let copy = crate::copy::bidirectional(&mut down, &mut up);
     let result = match admitted {
         Some(admitted) => admission::while_admitted(dp, pod, admitted, copy).await,

@@ -42,9 +42,7 @@ fn route(config: &Snapshot, dp: &DataPlane, pod: &PodContext, target: SocketAddr
         };
     };
     match (dp.secrets(), pod.identity(config)) {
-        (Some(_), Some(src)) => {
-            Route::Hbone { src, dst: Identity::new(&config.trust_domain, &dst.namespace, &dst.service_account) }
-        }
+        (Some(_), Some(src)) => Route::Hbone { src, dst: config.identity_of(dst) },
         (None, _) => Route::Passthrough,
         // The config does not list the calling pod (yet): it has no certificate, and plaintext to a meshed
         // workload is exactly the leak the mesh exists to prevent.
@@ -92,7 +90,9 @@ pub async fn to_endpoint(conn: Rewind<TcpStream>, target: SocketAddr, pod: Arc<P
             reset(conn.into_inner());
         }
         Route::Passthrough => match socket::connect_from_pod(&pod, target).await {
-            Ok(upstream) => forward(&dp, &pod, flow(None, Security::None), (client, target), (conn, upstream), None).await,
+            Ok(upstream) => {
+                forward(&dp, &pod, flow(None, Security::None), (client, target), (conn, upstream), None).await
+            }
             Err(e) => {
                 dp.metrics().failed(&pod, Direction::Outbound, "connect");
                 tracing::info!(%target, error = %e, "upstream connect failed");

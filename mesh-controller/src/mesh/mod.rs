@@ -216,6 +216,8 @@ impl Mesh {
                     ips: p.ips.clone(),
                     node: p.node.clone(),
                     workload_name: p.workload.clone(),
+                    // Pods of this cluster are in the controller's trust domain.
+                    trust_domain: None,
                 })
                 .collect(),
             services: self.services.iter().map(|(svc, selector)| self.with_endpoints(svc, selector, &meshed)).collect(),
