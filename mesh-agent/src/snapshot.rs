@@ -29,6 +29,8 @@ pub struct Snapshot {
     services_by_endpoint: HashMap<IpAddr, Vec<usize>>,
     /// Telemetry's names of each workload and Service, by the same index as the config's lists.
     peers: Vec<Peer>,
+    /// Each workload's `baggage` for the CONNECTs it opens (`hbone::baggage`), by the same index.
+    baggage: Vec<Option<http::HeaderValue>>,
     service_names: Vec<DestinationService>,
 }
 
@@ -75,6 +77,8 @@ impl Snapshot {
             }
         }
         s.peers = s.config.workloads.iter().map(|w| Peer::of(w, &s.config.trust_domain)).collect();
+        s.baggage =
+            s.config.workloads.iter().zip(&s.peers).map(|(w, p)| crate::hbone::baggage::of(p, &w.name)).collect();
         s.service_names =
             s.config.services.iter().map(|svc| DestinationService::of(&svc.namespace, &svc.name)).collect();
         s
@@ -117,6 +121,11 @@ impl Snapshot {
     /// Telemetry's names of the workload `namespace/name`.
     pub fn peer(&self, namespace: &str, name: &str) -> Option<&Peer> {
         self.workload_by_name.get(namespace)?.get(name).map(|&i| &self.peers[i])
+    }
+
+    /// What the workload `namespace/name` tells the peers it opens tunnels to about itself.
+    pub fn baggage(&self, namespace: &str, name: &str) -> Option<http::HeaderValue> {
+        self.workload_by_name.get(namespace)?.get(name).and_then(|&i| self.baggage[i].clone())
     }
 
     /// Telemetry's names of the Service `namespace/name`.

@@ -49,6 +49,26 @@ pub fn from_foreign_ca(identity: &Identity) -> Result<ProbeCert> {
 /// Opens an HBONE stream to `gateway` (a pod's 15008) for `authority`, from inside `netns`, presenting `cert`.
 /// Returns the CONNECT status and, for 200, the first line the application sent back.
 pub fn connect(netns: &str, gateway: SocketAddr, authority: SocketAddr, cert: ProbeCert) -> Result<(u16, String)> {
+    connect_with(netns, gateway, authority, cert, &[]).map(|answer| (answer.status, answer.first_line))
+}
+
+/// What the server answered a probe's CONNECT.
+pub struct Answer {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    /// For 200, the first line the application sent back.
+    pub first_line: String,
+}
+
+/// [`connect`] with `headers` on the CONNECT (what ztunnel sends: `baggage`, ...), returning the answer's headers.
+pub fn connect_with(
+    netns: &str,
+    gateway: SocketAddr,
+    authority: SocketAddr,
+    cert: ProbeCert,
+    headers: &[(&'static str, &str)],
+) -> Result<Answer> {
+    let headers: Vec<(&'static str, String)> = headers.iter().map(|(k, v)| (*k, v.to_string())).collect();
     let tcp =
         crate::sys::in_netns(netns, move || std::net::TcpStream::connect_timeout(&gateway, Duration::from_secs(5)))??;
     tcp.set_nonblocking(true)?;
@@ -70,20 +90,23 @@ pub fn connect(netns: &str, gateway: SocketAddr, authority: SocketAddr, cert: Pr
             let (sender, connection) = h2::client::handshake(tls).await.context("HTTP/2 handshake")?;
             tokio::spawn(connection);
             let mut sender = sender.ready().await.context("HTTP/2 ready")?;
-            let request = Request::builder()
-                .method(Method::CONNECT)
-                .uri(authority.to_string())
-                .version(Version::HTTP_2)
-                .body(())?;
+            let mut request =
+                Request::builder().method(Method::CONNECT).uri(authority.to_string()).version(Version::HTTP_2);
+            for (name, value) in &headers {
+                request = request.header(*name, value);
+            }
+            let request = request.body(())?;
             let (response, _send) = sender.send_request(request, false).context("CONNECT")?;
             let response = response.await.context("CONNECT response")?;
             let status = response.status().as_u16();
+            let headers = response.headers().clone();
             if status != 200 {
-                return Ok((status, String::new()));
+                return Ok(Answer { status, headers, first_line: String::new() });
             }
             let mut body = response.into_body();
             let first = body.data().await.context("tunnel closed")?.context("tunnel data")?;
-            Ok((status, String::from_utf8_lossy(&first).lines().next().unwrap_or("").to_string()))
+            let first_line = String::from_utf8_lossy(&first).lines().next().unwrap_or("").to_string();
+            Ok(Answer { status, headers, first_line })
         })
         .await
         .unwrap_or_else(|_| bail!("probe timed out"))

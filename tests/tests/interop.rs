@@ -123,6 +123,16 @@ fn l7_requests_reach_endpoints_behind_an_hbone_server_that_is_not_a_nodemesh_age
     for connect in &seen {
         let names: Vec<&str> = connect["headers"].as_object().unwrap().keys().map(String::as_str).collect();
         assert!(!names.contains(&"nodemesh-l7"), "a CONNECT asked the peer for nodemesh's own framing: {connect}");
+        // What ztunnel sends on its CONNECTs: the source's metadata, the original client, a trace context.
+        let header = |name: &str| connect["headers"][name].as_str().unwrap_or_default().to_string();
+        assert_eq!(
+            header("baggage"),
+            "k8s.namespace.name=default,k8s.pod.name=client,service.name=client,service.version=latest",
+            "{connect}"
+        );
+        assert_eq!(header("forwarded"), format!("for={}", client.ipv4), "{connect}");
+        let traceparent = header("traceparent");
+        assert!(traceparent.len() == 55 && traceparent.starts_with("00-") && traceparent.ends_with("-00"), "{connect}");
     }
 }
 

@@ -502,3 +502,35 @@ fn peers_of_other_trust_domains_are_refused_unless_aliased() {
     assert_eq!(connect("other.td", "stranger").unwrap(), 401, "the policy still decides");
     assert!(connect("third.td", "prober").is_err(), "only the aliases");
 }
+
+/// A caller the config does not know (a workload of another cluster behind its ztunnel) is labelled from the
+/// `baggage` on its CONNECT — its namespace still the one its certificate proves — and the 200 carries the
+/// destination pod's own baggage, as ztunnel's answer does.
+#[test]
+fn a_caller_the_config_does_not_know_is_labelled_from_its_baggage() {
+    let mut c = cluster!(1);
+    let server = c.add_pod(0, "server").unwrap();
+    let prober = c.add_pod(0, "prober").unwrap();
+    let ca = c.init_ca().unwrap();
+    let config = c.write_config(&[(&server, "server-sa")], "").unwrap();
+    start_mesh(&mut c, &ca, &config, &[]);
+    c.enroll(&server).unwrap();
+    c.serve(&server, 8080).unwrap();
+    let cert = probe::from_ca(&ca, &Identity::new("cluster.local", "remote", "prober-sa"), |_| {}).unwrap();
+    let baggage = "k8s.cluster.name=east,k8s.namespace.name=claimed,k8s.deployment.name=prober-app,\
+                   service.name=prober,service.version=v9";
+    let (gateway, target) = (addr(server.ipv4, 15008), addr(server.ipv4, 8080));
+    let answer = probe::connect_with(&prober.netns, gateway, target, cert, &[("baggage", baggage)]).unwrap();
+    assert_eq!(answer.status, 200);
+    let theirs = answer.headers.get("baggage").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    assert_eq!(theirs, "k8s.namespace.name=default,k8s.pod.name=server,service.name=server,service.version=latest");
+    let labels = [
+        ("reporter", "destination"),
+        ("source_workload", "prober-app"),
+        ("source_workload_namespace", "remote"),
+        ("source_canonical_service", "prober"),
+        ("source_version", "v9"),
+        ("source_principal", "spiffe://cluster.local/ns/remote/sa/prober-sa"),
+    ];
+    assert_eq!(c.metric(0, "nodemesh_tcp_connections_opened_total", &labels).unwrap(), 1.0);
+}

@@ -5,14 +5,14 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
-use http::{Method, Request, StatusCode, Version};
+use http::{HeaderValue, Method, Request, StatusCode, Version};
 use mesh_common::bpf::OUTBOUND_MARK;
 use rustls::pki_types::ServerName;
 use rustls::sign::CertifiedKey;
@@ -21,7 +21,9 @@ use tokio::io::AsyncBufReadExt;
 use tokio::net::TcpSocket;
 use tokio_rustls::TlsConnector;
 
-use super::{ALPN, CONNECTION_WINDOW, H2Stream, MAX_FRAME, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW, message};
+use super::{
+    ALPN, CONNECTION_WINDOW, H2Stream, MAX_FRAME, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW, baggage, message,
+};
 use crate::identity::verifier::{ForeignTrustDomain, SvidServerVerifier};
 use crate::identity::{Identity, SecretManager, WorkloadCert};
 use crate::netns::NetNs;
@@ -116,6 +118,9 @@ pub struct Source<'a> {
     pub cert: &'a WorkloadCert,
     pub secrets: &'a SecretManager,
     pub pod: &'a str,
+    /// The pod's metadata for its CONNECTs (`baggage`), and the address it connects from (`forwarded`).
+    pub baggage: Option<HeaderValue>,
+    pub client: IpAddr,
 }
 
 impl Pool {
@@ -206,7 +211,7 @@ impl Pool {
                     return Err(HboneError::H2(dst, e));
                 }
             };
-            match connect_stream(sender, dst, authority, offer_direct).await {
+            match connect_stream(sender, src, dst, authority, offer_direct).await {
                 Ok((response, send)) => return Ok((response, send, slot)),
                 // The peer agent is draining (GOAWAY) or refused the stream unprocessed: the connection takes no
                 // more tunnels, and nothing reached the destination, so a fresh connection may carry this one.
@@ -370,8 +375,12 @@ impl Pool {
     }
 }
 
+/// Sends the CONNECT with what ztunnel sends on one (`baggage`): the source's metadata, `forwarded` the original
+/// client, and a `traceparent` of a new trace the tunnel itself does not sample (requests inside it carry their
+/// own context).
 async fn connect_stream(
     mut sender: SendRequest<Bytes>,
+    src: &Source<'_>,
     dst: SocketAddr,
     authority: SocketAddr,
     offer_direct: bool,
@@ -380,7 +389,13 @@ async fn connect_stream(
     if offer_direct {
         request = request.header(message::DIRECT_HEADER, "1");
     }
-    let request = request.body(()).map_err(|e| HboneError::Setup(e.to_string()))?;
+    let mut request = request.body(()).map_err(|e| HboneError::Setup(e.to_string()))?;
+    let headers = request.headers_mut();
+    if let Some(baggage) = &src.baggage {
+        headers.insert(baggage::BAGGAGE, baggage.clone());
+    }
+    headers.insert(baggage::FORWARDED, baggage::forwarded_for(src.client));
+    crate::telemetry::context::Span::start(None, 0.0).inject(headers);
     let (response, send) = sender.send_request(request, false).map_err(|e| HboneError::H2(dst, e))?;
     let response = response.await.map_err(|e| HboneError::H2(dst, e))?;
     if response.status() != StatusCode::OK {

@@ -29,10 +29,11 @@ pub struct UpstreamKey {
 
 /// How a request reaches `target` from `pod`.
 pub enum Route {
-    /// HBONE to the endpoint's agent, presenting `src` and expecting `dst`.
+    /// HBONE to the endpoint's agent, presenting `src` and expecting `dst`; the source's `baggage` on the CONNECT.
     Mesh {
         src: Identity,
         dst: Identity,
+        baggage: Option<http::HeaderValue>,
     },
     Plain,
 }
@@ -40,22 +41,29 @@ pub enum Route {
 /// Decided on the request's config snapshot, with `mtls` when the agent has a CA to tunnel with.
 pub fn route_to(config: &Snapshot, mtls: bool, pod: &PodContext, target: SocketAddr) -> Route {
     match (config.workload_by_ip(target.ip()), pod.identity(config), mtls) {
-        (Some(w), Some(src), true) => Route::Mesh { src, dst: config.identity_of(w) },
+        (Some(w), Some(src), true) => {
+            let baggage = config.baggage(&pod.net.namespace, &pod.net.name);
+            Route::Mesh { src, dst: config.identity_of(w), baggage }
+        }
         _ => Route::Plain,
     }
 }
 
-/// A pod's source for HBONE: its certificate for `src`, fetched (or issued) on first use.
+/// A pod's source for HBONE to `target`: its certificate for `src`, fetched (or issued) on first use, its
+/// `baggage`, and its own address of `target`'s family (the `forwarded` client).
 async fn with_source<T>(
     dp: &DataPlane,
     pod: &PodContext,
-    src: &Identity,
+    (src, baggage, target): (&Identity, &Option<http::HeaderValue>, SocketAddr),
     open: impl AsyncFnOnce(&Source<'_>) -> Result<T, crate::hbone::client::HboneError>,
 ) -> Result<T, UpstreamError> {
     let secrets = dp.secrets().ok_or_else(|| UpstreamError::Connect("no certificate authority".into()))?;
     let cert = secrets.fetch(src).await.map_err(|e| UpstreamError::Connect(e.to_string()))?;
     let (metrics, tunnels) = (dp.metrics(), dp.tunnels());
-    let source = Source { metrics, tunnels, netns: &pod.netns, cert: &cert, secrets, pod: &pod.name() };
+    let client = pod.net.ips.iter().copied().find(|ip| ip.is_ipv4() == target.is_ipv4());
+    let client = client.unwrap_or(target.ip());
+    let (pod_name, baggage) = (pod.name(), baggage.clone());
+    let source = Source { metrics, tunnels, netns: &pod.netns, cert: &cert, secrets, pod: &pod_name, baggage, client };
     open(&source).await.map_err(|e| UpstreamError::Connect(e.to_string()))
 }
 
@@ -67,10 +75,10 @@ pub async fn connect(
     target: SocketAddr,
 ) -> Result<(Box<dyn Io>, Guard), UpstreamError> {
     match route {
-        Route::Mesh { src, dst } => {
+        Route::Mesh { src, dst, baggage } => {
             let gateway = SocketAddr::new(target.ip(), HBONE_PORT);
-            let (stream, slot) =
-                with_source(dp, pod, src, async |source| dp.pool().open(source, gateway, dst, target).await).await?;
+            let open = async |source: &Source<'_>| dp.pool().open(source, gateway, dst, target).await;
+            let (stream, slot) = with_source(dp, pod, (src, baggage, target), open).await?;
             Ok((Box::new(stream), Box::new(slot)))
         }
         Route::Plain => {
@@ -90,14 +98,13 @@ async fn dial(
     target: SocketAddr,
     app: Protocol,
 ) -> Result<Dialed, UpstreamError> {
-    let Route::Mesh { src, dst } = route else {
+    let Route::Mesh { src, dst, baggage } = route else {
         let (io, guard) = connect(dp, pod, route, target).await?;
         return Ok(Dialed::Io(io, guard));
     };
     let gateway = SocketAddr::new(target.ip(), HBONE_PORT);
-    let opened =
-        with_source(dp, pod, src, async |source| dp.pool().open_l7(source, gateway, dst, target, app.as_str()).await)
-            .await?;
+    let open = async |source: &Source<'_>| dp.pool().open_l7(source, gateway, dst, target, app.as_str()).await;
+    let opened = with_source(dp, pod, (src, baggage, target), open).await?;
     Ok(match opened {
         L7Channel::Direct(channel) => Dialed::Mesh(channel, Box::new(())),
         L7Channel::Tunnel(stream, slot) => Dialed::Io(Box::new(stream), Box::new(slot)),

@@ -17,7 +17,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 use crate::dataplane::DataPlane;
-use crate::hbone::{ALPN, CONNECTION_WINDOW, H2Stream, MAX_FRAME, STREAM_WINDOW, message};
+use crate::hbone::{ALPN, CONNECTION_WINDOW, H2Stream, MAX_FRAME, STREAM_WINDOW, baggage, message};
 use crate::identity::svid::{self, Svid};
 use crate::identity::verifier::{ForeignTrustDomain, SvidClientVerifier};
 use crate::l7::detect::Protocol;
@@ -217,6 +217,14 @@ async fn stream(
         return;
     }
     let principal = peer_svid.identity.to_string();
+    // A caller the config does not know (a workload behind another cluster's ztunnel) says who it is.
+    let sent = baggage::parse(request.headers());
+    let inbound_flow = |config: &Snapshot| {
+        let mut flow = Flow::inbound(config, &pod, peer.ip(), Some(&principal), target.port(), Security::MutualTls);
+        sent.label(&mut flow.source);
+        flow
+    };
+    let ours = config.baggage(&pod.net.namespace, &pod.net.name);
     // Agent-to-agent HTTP/2 (from an agent before direct requests: it routed the requests), or policies that need
     // each request: the decision moves from the tunnel to the requests inside it.
     let l7 = request.headers().get(crate::hbone::L7_HEADER).and_then(|v| v.to_str().ok()).and_then(Protocol::parse);
@@ -241,12 +249,12 @@ async fn stream(
                 return status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
             }
         };
-        let Some(tunnel) = accept(respond, request) else { return };
-        let flow = Flow::inbound(&config, &pod, peer.ip(), Some(&principal), target.port(), Security::MutualTls);
+        let Some(tunnel) = accept(respond, request, ours) else { return };
+        let flow = inbound_flow(&config);
         let admitted = admitted(config, principal);
         return proxy::forward(&dp, &pod, flow, (peer, target), (tunnel, app), Some(admitted)).await;
     }
-    let Some(tunnel) = accept(respond, request) else { return };
+    let Some(tunnel) = accept(respond, request, ours) else { return };
     let session = |app| Session::new(dp.clone(), pod.clone(), Some(principal.clone()), peer, target, app);
     // Boxed, so L4 streams do not carry room for the L7 pipeline's state (hyper's connection, the drain).
     if let Some(app) = l7 {
@@ -260,7 +268,7 @@ async fn stream(
     }
     match socket::connect_to_app(dp.steering(), &pod, target, peer).await {
         Ok(app) => {
-            let flow = Flow::inbound(&config, &pod, peer.ip(), Some(&principal), target.port(), Security::MutualTls);
+            let flow = inbound_flow(&config);
             let admitted = admitted(config, principal);
             proxy::forward(&dp, &pod, flow, (peer, target), (io, app), Some(admitted)).await
         }
@@ -295,9 +303,18 @@ pub fn connect_target(
     crate::pod::own_address(authority, pod_ips).ok_or(StatusCode::BAD_REQUEST)
 }
 
-/// Answers 200 to the CONNECT: from here on the stream is the tunnel.
-fn accept(mut respond: SendResponse<Bytes>, request: Request<h2::RecvStream>) -> Option<H2Stream> {
-    match respond.send_response(Response::new(()), false) {
+/// Answers 200 to the CONNECT, with the pod's `baggage` as ztunnel's answer carries its workload's: from here on
+/// the stream is the tunnel.
+fn accept(
+    mut respond: SendResponse<Bytes>,
+    request: Request<h2::RecvStream>,
+    baggage: Option<http::HeaderValue>,
+) -> Option<H2Stream> {
+    let mut response = Response::new(());
+    if let Some(baggage) = baggage {
+        response.headers_mut().insert(baggage::BAGGAGE, baggage);
+    }
+    match respond.send_response(response, false) {
         Ok(send) => Some(H2Stream::new(send, request.into_body())),
         Err(e) => {
             tracing::debug!(error = %e, "peer went away before the tunnel opened");

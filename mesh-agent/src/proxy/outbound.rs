@@ -111,7 +111,18 @@ pub async fn to_endpoint(conn: Rewind<TcpStream>, target: SocketAddr, pod: Arc<P
             };
             let gateway = SocketAddr::new(target.ip(), HBONE_PORT);
             let (metrics, tunnels) = (dp.metrics(), dp.tunnels());
-            let source = Source { metrics, tunnels, netns: &pod.netns, cert: &cert, secrets, pod: &pod.name() };
+            let baggage = config.baggage(&pod.net.namespace, &pod.net.name);
+            let pod_name = pod.name();
+            let source = Source {
+                metrics,
+                tunnels,
+                netns: &pod.netns,
+                cert: &cert,
+                secrets,
+                pod: &pod_name,
+                baggage,
+                client: client.ip(),
+            };
             match dp.pool().open(&source, gateway, &dst, target).await {
                 Ok((stream, _slot)) => {
                     let flow = flow(Some(dst.to_string()), Security::MutualTls);
