@@ -4,6 +4,7 @@
 pub mod abort;
 pub mod admin;
 pub mod allocator;
+pub mod baggage;
 pub mod body;
 pub mod capture;
 pub mod cni_install;

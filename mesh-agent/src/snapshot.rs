@@ -77,8 +77,7 @@ impl Snapshot {
             }
         }
         s.peers = s.config.workloads.iter().map(|w| Peer::of(w, &s.config.trust_domain)).collect();
-        s.baggage =
-            s.config.workloads.iter().zip(&s.peers).map(|(w, p)| crate::hbone::baggage::of(p, &w.name)).collect();
+        s.baggage = s.config.workloads.iter().zip(&s.peers).map(|(w, p)| crate::baggage::of(p, &w.name)).collect();
         s.service_names =
             s.config.services.iter().map(|svc| DestinationService::of(&svc.namespace, &svc.name)).collect();
         s

@@ -21,9 +21,8 @@ use tokio::io::AsyncBufReadExt;
 use tokio::net::TcpSocket;
 use tokio_rustls::TlsConnector;
 
-use super::{
-    ALPN, CONNECTION_WINDOW, H2Stream, MAX_FRAME, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW, baggage, message,
-};
+use super::{ALPN, CONNECTION_WINDOW, H2Stream, MAX_FRAME, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW, message};
+use crate::baggage;
 use crate::identity::verifier::{ForeignTrustDomain, SvidServerVerifier};
 use crate::identity::{Identity, SecretManager, WorkloadCert};
 use crate::netns::NetNs;
@@ -395,7 +394,7 @@ async fn connect_stream(
         headers.insert(baggage::BAGGAGE, baggage.clone());
     }
     headers.insert(baggage::FORWARDED, baggage::forwarded_for(src.client));
-    crate::telemetry::context::Span::start(None, 0.0).inject(headers);
+    headers.insert(baggage::TRACEPARENT, baggage::unsampled_traceparent());
     let (response, send) = sender.send_request(request, false).map_err(|e| HboneError::H2(dst, e))?;
     let response = response.await.map_err(|e| HboneError::H2(dst, e))?;
     if response.status() != StatusCode::OK {

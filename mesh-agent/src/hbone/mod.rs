@@ -3,7 +3,6 @@
 //! authorization refuses, `400` for a destination the server does not own, `503` when the application cannot be
 //! reached).
 
-pub mod baggage;
 pub mod client;
 pub mod message;
 mod stream;

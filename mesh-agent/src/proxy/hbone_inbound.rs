@@ -16,8 +16,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
+use crate::baggage;
 use crate::dataplane::DataPlane;
-use crate::hbone::{ALPN, CONNECTION_WINDOW, H2Stream, MAX_FRAME, STREAM_WINDOW, baggage, message};
+use crate::hbone::{ALPN, CONNECTION_WINDOW, H2Stream, MAX_FRAME, STREAM_WINDOW, message};
 use crate::identity::svid::{self, Svid};
 use crate::identity::verifier::{ForeignTrustDomain, SvidClientVerifier};
 use crate::l7::detect::Protocol;
