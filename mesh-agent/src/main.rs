@@ -141,6 +141,14 @@ struct RunArgs {
     /// Lifetime of workload certificates; they are renewed at half of it.
     #[arg(long, env = "NODEMESH_CERT_LIFETIME", default_value = "24h", value_parser = humantime::parse_duration)]
     cert_lifetime: std::time::Duration,
+    /// The TLS library of HBONE: aws-lc-rs (post-quantum key exchange X25519MLKEM768 offered first) or ring
+    /// (classical key exchange only).
+    #[arg(long, env = "NODEMESH_TLS_PROVIDER", value_enum, default_value = "aws-lc-rs")]
+    tls_provider: mesh_agent::identity::crypto::Provider,
+    /// Only post-quantum key exchange on HBONE (X25519MLKEM768): peers that cannot do it are refused, as with
+    /// ztunnel's COMPLIANCE_POLICY=pqc.
+    #[arg(long, env = "NODEMESH_REQUIRE_PQC")]
+    require_pqc: bool,
     /// Proxy worker threads; default: one per CPU. Fewer threads mean fewer cross-thread hand-offs per request,
     /// more mean more parallel connections.
     #[arg(long, env = "NODEMESH_WORKER_THREADS")]
@@ -261,15 +269,22 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let tls = mesh_agent::identity::crypto::TlsPolicy { provider: args.tls_provider, require_pqc: args.require_pqc };
+    let provider = tls.crypto_provider()?;
     let secrets = match (&controller, &args.ca_dir) {
         (Some(client), _) => {
             let store = CertStore::open(&args.paths.state_dir.join("certs"))
                 .with_context(|| format!("certificate store under {}", args.paths.state_dir.display()))?;
-            Some(SecretManager::with_store(std::sync::Arc::new(client.clone()), args.cert_lifetime, Some(store))?)
+            Some(SecretManager::with_store(
+                std::sync::Arc::new(client.clone()),
+                args.cert_lifetime,
+                Some(store),
+                provider,
+            )?)
         }
         (None, Some(dir)) => {
             let ca = LocalCa::load(dir).context("loading the CA (create one with `mesh-agent ca init DIR`)")?;
-            Some(SecretManager::new(std::sync::Arc::new(ca), args.cert_lifetime)?)
+            Some(SecretManager::with_store(std::sync::Arc::new(ca), args.cert_lifetime, None, provider)?)
         }
         (None, None) => {
             tracing::warn!("no --controller or --ca-dir: no workload identities, meshed traffic stays plaintext");

@@ -4,8 +4,8 @@
 //! the dial fails), then the stream's bytes relayed both ways unchanged. It knows nothing of nodemesh's own
 //! headers, so a calling agent that needs it to understand them fails visibly.
 //!
-//! Each CONNECT's request headers are printed as one JSON line (`{"connect": AUTHORITY, "headers": {..}}`) so a
-//! test can see what travelled on it.
+//! Each CONNECT's request headers are printed as one JSON line (`{"connect": AUTHORITY, "headers": {..},
+//! "keyExchange": GROUP}`, the TLS key exchange group of its connection) so a test can see what travelled on it.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -20,12 +20,31 @@ use rustls::pki_types::pem::PemObject;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// How the peer behaves beyond plain HBONE.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Behaviour {
+    /// Every client certificate is refused (clients must chain to a root nobody has), as by a peer of another mesh.
+    pub refuse_clients: bool,
+    pub key_exchange: KeyExchange,
+}
+
+/// The key exchange groups the peer accepts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KeyExchange {
+    /// rustls' defaults (aws-lc-rs: X25519MLKEM768 first, classical after).
+    #[default]
+    Any,
+    /// X25519MLKEM768 only, as ztunnel with `COMPLIANCE_POLICY=pqc`.
+    PostQuantumOnly,
+    /// No post-quantum group (ring), as an older peer.
+    ClassicalOnly,
+}
+
 /// Serves HBONE on `listener` as `identity`, with a certificate signed by the CA in `ca_dir`, until the
-/// process ends. Clients must chain to that CA's root, or with `refuse_clients` to a root nobody has (every
-/// client certificate is refused, as by a peer of another mesh).
-pub async fn serve(listener: TcpListener, ca_dir: &Path, identity: &Identity, refuse_clients: bool) -> Result<()> {
+/// process ends. Clients must chain to that CA's root (see [`Behaviour`]).
+pub async fn serve(listener: TcpListener, ca_dir: &Path, identity: &Identity, behaviour: Behaviour) -> Result<()> {
     let cert = crate::probe::from_ca(ca_dir, identity, |_| {})?;
-    let root = if refuse_clients {
+    let root = if behaviour.refuse_clients {
         let (foreign, _) = mesh_agent::identity::ca::new_root("elsewhere.local", std::time::Duration::from_secs(3600))?;
         foreign.der().clone()
     } else {
@@ -33,7 +52,14 @@ pub async fn serve(listener: TcpListener, ca_dir: &Path, identity: &Identity, re
     };
     let mut roots = rustls::RootCertStore::empty();
     roots.add(root)?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(match behaviour.key_exchange {
+        KeyExchange::Any => rustls::crypto::aws_lc_rs::default_provider(),
+        KeyExchange::PostQuantumOnly => rustls::crypto::CryptoProvider {
+            kx_groups: vec![rustls::crypto::aws_lc_rs::kx_group::X25519MLKEM768],
+            ..rustls::crypto::aws_lc_rs::default_provider()
+        },
+        KeyExchange::ClassicalOnly => rustls::crypto::ring::default_provider(),
+    });
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .context("client verifier")?;
@@ -56,11 +82,14 @@ pub async fn serve(listener: TcpListener, ca_dir: &Path, identity: &Identity, re
 
 async fn connection(acceptor: tokio_rustls::TlsAcceptor, tcp: TcpStream) -> Result<()> {
     let tls = acceptor.accept(tcp).await.context("TLS")?;
+    let group = tls.get_ref().1.negotiated_key_exchange_group().map(|g| format!("{:?}", g.name()));
+    let group: Arc<str> = group.unwrap_or_default().into();
     let mut conn = h2::server::handshake(tls).await.context("HTTP/2 handshake")?;
     while let Some(stream) = conn.accept().await {
         let (request, respond) = stream.context("HTTP/2")?;
+        let group = group.clone();
         tokio::spawn(async move {
-            if let Err(e) = tunnel(request, respond).await {
+            if let Err(e) = tunnel(request, respond, &group).await {
                 eprintln!("hbone-peer: tunnel: {e:#}");
             }
         });
@@ -68,11 +97,15 @@ async fn connection(acceptor: tokio_rustls::TlsAcceptor, tcp: TcpStream) -> Resu
     Ok(())
 }
 
-async fn tunnel(request: http::Request<h2::RecvStream>, mut respond: h2::server::SendResponse<Bytes>) -> Result<()> {
+async fn tunnel(
+    request: http::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    key_exchange: &str,
+) -> Result<()> {
     let headers: serde_json::Map<String, serde_json::Value> =
         request.headers().iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").into())).collect();
     let authority = request.uri().authority().map(|a| a.to_string()).unwrap_or_default();
-    println!("{}", serde_json::json!({"connect": authority, "headers": headers}));
+    println!("{}", serde_json::json!({"connect": authority, "headers": headers, "keyExchange": key_exchange}));
     let target: Option<SocketAddr> = authority.parse().ok();
     let app = match (request.method() == Method::CONNECT, target) {
         (true, Some(target)) => TcpStream::connect(target).await.ok(),

@@ -39,12 +39,23 @@ fn routes(c: &Cluster, a: &Pod, b: &Pod) -> String {
 /// foreign HBONE server on 15008 (`mesh-http hbone-peer` with `peer_args` more); web-b's certificate is in
 /// trust domain `b_trust_domain`. Only node 1 runs an agent.
 fn foreign_peers(c: &mut Cluster, peer_args: &[&str], b_trust_domain: &str) -> (Pod, Pod, Pod) {
+    foreign_peers_for(c, &[], peer_args, b_trust_domain)
+}
+
+/// [`foreign_peers`] with `agent_args` more for the agent.
+fn foreign_peers_for(
+    c: &mut Cluster,
+    agent_args: &[&str],
+    peer_args: &[&str],
+    b_trust_domain: &str,
+) -> (Pod, Pod, Pod) {
     let client = c.add_pod(0, "client").unwrap();
     let a = c.add_pod(1, "web-a").unwrap();
     let b = c.add_pod(1, "web-b").unwrap();
     let ca = c.init_ca().unwrap();
     let config = write_config(c, (&client, &a, &b), "").unwrap();
-    c.start_agent_with(0, &["--ca-dir", ca.to_str().unwrap(), "--config", config.to_str().unwrap()]).unwrap();
+    let args = [&["--ca-dir", ca.to_str().unwrap(), "--config", config.to_str().unwrap()][..], agent_args].concat();
+    c.start_agent_with(0, &args).unwrap();
     c.enroll(&client).unwrap();
     for (pod, sa, td) in [(&a, "web-a-sa", "cluster.local"), (&b, "web-b-sa", b_trust_domain)] {
         c.start_server(pod, Path::new(HTTP), &["serve", "8080", &pod.name], &format!("http-{}", pod.name)).unwrap();
@@ -178,4 +189,32 @@ fn an_endpoint_of_another_trust_domain_is_reached_only_once_aliased() {
     let principal = c.metrics(0).unwrap();
     assert!(principal.contains("destination_principal=\"spiffe://other.td/ns/default/sa/web-b-sa\""), "labelled");
     assert_eq!(c.metric(0, "nodemesh_requests_total", &labels).unwrap(), 3.0);
+}
+
+/// Post-quantum key exchange: the agent offers X25519MLKEM768 first, so a peer that accepts nothing else (as
+/// ztunnel under `COMPLIANCE_POLICY=pqc`) handshakes with it, and so does one that accepts anything. With
+/// `--require-pqc` a classical-only peer is refused; on the ring provider (no ML-KEM) a PQC-only one is.
+#[test]
+fn post_quantum_key_exchange_with_peers_that_require_it_or_lack_it() {
+    let tls_failures = |c: &Cluster| {
+        let labels = [("direction", "outbound"), ("reason", "tls")];
+        c.metric(0, "nodemesh_hbone_failures_total", &labels).unwrap_or(0.0)
+    };
+    for (agent, peer) in [(&[][..], &[][..]), (&[][..], &["pqc-only"][..])] {
+        let mut c = cluster!(2);
+        let (client, ..) = foreign_peers_for(&mut c, agent, peer, "cluster.local");
+        let r = get(&c, &client, &["http://10.96.7.2/", "-n", "2"]);
+        assert_eq!(count(&r, "statuses", "200"), 2, "peer {peer:?}: {r}");
+        let groups: Vec<Value> = connects(&c).iter().map(|connect| connect["keyExchange"].clone()).collect();
+        assert!(!groups.is_empty() && groups.iter().all(|g| g == "X25519MLKEM768"), "peer {peer:?}: {groups:?}");
+    }
+    for (agent, peer) in
+        [(&["--require-pqc"][..], &["classical-only"][..]), (&["--tls-provider", "ring"], &["pqc-only"])]
+    {
+        let mut c = cluster!(2);
+        let (client, ..) = foreign_peers_for(&mut c, agent, peer, "cluster.local");
+        let r = get(&c, &client, &["http://10.96.7.2/"]);
+        assert_eq!(count(&r, "statuses", "503"), 1, "agent {agent:?}, peer {peer:?}: {r}");
+        assert!(tls_failures(&c) >= 1.0, "agent {agent:?}, peer {peer:?}: a TLS failure");
+    }
 }

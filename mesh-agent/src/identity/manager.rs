@@ -73,21 +73,23 @@ pub enum CertError {
 
 impl SecretManager {
     pub fn new(ca: Arc<dyn CertificateAuthority>, lifetime: Duration) -> Result<Self, CertError> {
-        Self::with_store(ca, lifetime, None)
+        Self::with_store(ca, lifetime, None, super::crypto_provider())
     }
 
-    /// A manager that keeps its certificates in `store` too, and takes valid ones back from it.
+    /// A manager that keeps its certificates in `store` too, and takes valid ones back from it; HBONE's TLS
+    /// uses `provider` (`identity::crypto`).
     pub fn with_store(
         ca: Arc<dyn CertificateAuthority>,
         lifetime: Duration,
         store: Option<CertStore>,
+        provider: Arc<CryptoProvider>,
     ) -> Result<Self, CertError> {
         let bundle = TrustBundle::new(&ca.trust_bundle()).map_err(|e| CertError::Bundle(e.to_string()))?;
         Ok(SecretManager {
             inner: Arc::new(Inner {
                 ca,
                 lifetime,
-                provider: super::crypto_provider(),
+                provider,
                 bundle: Arc::new(bundle),
                 entries: Mutex::new(HashMap::new()),
                 store,
@@ -348,7 +350,13 @@ mod tests {
             (Identity::new("cluster.local", "shop", "cart"), Identity::new("cluster.local", "shop", "pay"));
         let users = HashMap::from([(id.clone(), 1), (other.clone(), 1)]);
 
-        let first = SecretManager::with_store(ca.clone(), Duration::from_secs(3600), store()).unwrap();
+        let first = SecretManager::with_store(
+            ca.clone(),
+            Duration::from_secs(3600),
+            store(),
+            crate::identity::crypto_provider(),
+        )
+        .unwrap();
         first.set_users(&users);
         let issued = first.fetch(&id).await.unwrap();
         first.fetch(&other).await.unwrap();
@@ -357,7 +365,13 @@ mod tests {
             |i: &Identity| base.join("certs").join(format!("cluster.local_ns_shop_sa_{}.pem", i.service_account));
         std::fs::copy(path(&id), path(&other)).unwrap();
 
-        let restarted = SecretManager::with_store(Arc::new(Unreachable), Duration::from_secs(3600), store()).unwrap();
+        let restarted = SecretManager::with_store(
+            Arc::new(Unreachable),
+            Duration::from_secs(3600),
+            store(),
+            crate::identity::crypto_provider(),
+        )
+        .unwrap();
         restarted.set_users(&users);
         let restored = restarted.fetch(&id).await.unwrap();
         assert_eq!(restored.svid.serial, issued.svid.serial);

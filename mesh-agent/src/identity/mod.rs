@@ -6,6 +6,7 @@
 //! only (docs/identity.md says why).
 
 pub mod ca;
+pub mod crypto;
 pub mod manager;
 pub mod store;
 pub mod svid;
@@ -65,9 +66,9 @@ fn valid_segment(s: &str) -> bool {
     !s.is_empty() && s != "." && s != ".." && s.bytes().all(|b| b.is_ascii_alphanumeric() || b".-_".contains(&b))
 }
 
-/// The one crypto provider nodemesh uses.
+/// The crypto provider of TLS outside HBONE (the controller channel): the default of [`crypto`].
 pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    crypto::default_provider()
 }
 
 #[cfg(test)]

@@ -333,18 +333,21 @@ fn print_targets(targets: &[Target]) {
 }
 
 const MTLS_HBONE: &str = "mTLS HBONE via agents";
+const MTLS_HBONE_RING: &str = "mTLS HBONE, ring provider";
 const MTLS_L4: &str = "mTLS L4 via agents";
 const MTLS_L7: &str = "mTLS L7 (route, retries)";
 const MTLS_L7_TUNNEL: &str = "mTLS L7, dest. at L4";
 
-/// Two agents with the bench's CA and L7 config (plus `extra_config`), a client and a server pod enrolled.
-fn mtls_cluster(testbin: &str, extra_config: &str) -> Result<(Cluster, Pod, Pod)> {
+/// Two agents with the bench's CA and L7 config (plus `extra_config`, and `args` for the agents), a client and a
+/// server pod enrolled.
+fn mtls_cluster(testbin: &str, extra_config: &str, args: &[&str]) -> Result<(Cluster, Pod, Pod)> {
     let mut c = Cluster::new(2, testbin)?.context("the bench needs root, cgroup v2 and bpffs")?;
     c.agent_log = "warn".into();
     let (hc, hs) = pair(&mut c, "mtls")?;
     let ca = c.init_ca()?;
     let config = c.write_config(&[(&hc, "client"), (&hs, "server")], &(l7_config(&hs) + extra_config))?;
-    let all = ["--ca-dir", ca.to_str().context("path")?, "--config", config.to_str().context("path")?];
+    let mut all = vec!["--ca-dir", ca.to_str().context("path")?, "--config", config.to_str().context("path")?];
+    all.extend_from_slice(args);
     start_agents(&mut c, &all)?;
     c.enroll(&hc)?;
     c.enroll(&hs)?;
@@ -388,7 +391,7 @@ fn main() -> Result<()> {
         http_suite(&c, "plaintext L4 via agents", &pc, &format!("http://{}:{HTTP_PORT}/", ps.ipv4), &mut http)?;
     }
     {
-        let (c, hc, hs) = mtls_cluster(testbin, "")?;
+        let (c, hc, hs) = mtls_cluster(testbin, "", &[])?;
         results.push(measure(&c, MTLS_HBONE, &hc, &hs)?);
         http_suite(&c, MTLS_L4, &hc, &format!("http://{}:{HTTP_PORT}/", hs.ipv4), &mut http)?;
         http_suite(&c, MTLS_L7, &hc, &format!("http://{BENCH_SERVICE_IP}/"), &mut http)?;
@@ -398,8 +401,13 @@ fn main() -> Result<()> {
         // agent declines them one by one, the client's HTTP travels inside a tunnel and is relayed there at L4.
         let callers_report =
             "telemetry: [{namespace: default, name: callers-report, settings: {metrics: {reporters: source}}}]\n";
-        let (c, hc, _) = mtls_cluster(testbin, callers_report)?;
+        let (c, hc, _) = mtls_cluster(testbin, callers_report, &[])?;
         http_suite(&c, MTLS_L7_TUNNEL, &hc, &format!("http://{BENCH_SERVICE_IP}/"), &mut http)?;
+    }
+    {
+        // What the TLS provider costs: the default (aws-lc-rs, X25519MLKEM768) against ring (X25519).
+        let (c, hc, hs) = mtls_cluster(testbin, "", &["--tls-provider", "ring"])?;
+        results.push(measure(&c, MTLS_HBONE_RING, &hc, &hs)?);
     }
 
     let direct = &results[0];

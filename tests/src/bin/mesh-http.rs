@@ -15,7 +15,7 @@
 //! trailers. `ws ADDR PATH MSG`: a WebSocket handshake and one echoed frame.
 //! `connect ADDR AUTHORITY MSG`: an HTTP/1.1 CONNECT to AUTHORITY via ADDR, then MSG through the tunnel (the
 //! server echoes it prefixed with its name).
-//! `hbone-peer PORT CA_DIR TRUST_DOMAIN NAMESPACE SERVICE_ACCOUNT [refuse-clients]`: an HBONE server that is not a nodemesh agent
+//! `hbone-peer PORT CA_DIR TRUST_DOMAIN NAMESPACE SERVICE_ACCOUNT [refuse-clients] [pqc-only|classical-only]`: an HBONE server that is not a nodemesh agent
 //! (`mesh_tests::hbone_peer`), printing each CONNECT's headers.
 //! `load URL RATE SECONDS [-c C] [--h2]`: load for the benchmark. RATE > 0: open loop at RATE requests/s
 //! spread over C connections, latency measured from each request's scheduled time (no coordinated omission);
@@ -69,13 +69,22 @@ async fn main() {
     }
 }
 
-/// `hbone-peer PORT CA_DIR TRUST_DOMAIN NAMESPACE SERVICE_ACCOUNT [refuse-clients]`: an HBONE server that is not
-/// a nodemesh agent.
+/// `hbone-peer PORT CA_DIR TRUST_DOMAIN NAMESPACE SERVICE_ACCOUNT [refuse-clients] [pqc-only|classical-only]`:
+/// an HBONE server that is not a nodemesh agent.
 async fn hbone_peer(args: &[String]) -> Result<Value, Error> {
+    use mesh_tests::hbone_peer::{Behaviour, KeyExchange};
     let listener = listen(&args[0]).await?;
     let identity = mesh_agent::identity::Identity::new(&args[2], &args[3], &args[4]);
-    let refuse = args.get(5).map(String::as_str) == Some("refuse-clients");
-    mesh_tests::hbone_peer::serve(listener, std::path::Path::new(&args[1]), &identity, refuse).await?;
+    let mut behaviour = Behaviour::default();
+    for option in &args[5..] {
+        match option.as_str() {
+            "refuse-clients" => behaviour.refuse_clients = true,
+            "pqc-only" => behaviour.key_exchange = KeyExchange::PostQuantumOnly,
+            "classical-only" => behaviour.key_exchange = KeyExchange::ClassicalOnly,
+            other => return Err(format!("unknown hbone-peer option {other}").into()),
+        }
+    }
+    mesh_tests::hbone_peer::serve(listener, std::path::Path::new(&args[1]), &identity, behaviour).await?;
     Ok(Value::Null)
 }
 
