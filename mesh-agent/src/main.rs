@@ -194,6 +194,7 @@ enum MetricsCompat {
 }
 
 fn main() -> anyhow::Result<()> {
+    mesh_agent::identity::crypto::install_process_default();
     mesh_agent::logging::init();
     let cli = Cli::parse();
     match cli.command {

@@ -80,6 +80,7 @@ struct ServeArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    mesh_agent::identity::crypto::install_process_default();
     // Colour only on a terminal: `kubectl logs` and log collectors get plain text.
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))

@@ -15,6 +15,7 @@ use mesh_tests::fakeapi::FakeApi;
 use serde_json::json;
 
 async fn client(api: &FakeApi) -> Client {
+    mesh_agent::identity::crypto::install_process_default();
     let config = kube::Config::new(api.url.parse().expect("url"));
     Client::try_from(config).expect("client")
 }

@@ -31,7 +31,8 @@ fn routes(c: &Cluster, a: &Pod, b: &Pod) -> String {
     yaml += &service("web-b", "10.96.7.3", Some(b));
     yaml += "routes:\n  - {namespace: default, name: web, kind: HTTPRoute, parents: [{namespace: default, name: web}],\n\
              \x20    rules: [{backends: [{service: {namespace: default, name: web-a}, weight: 3}, \
-             {service: {namespace: default, name: web-b}, weight: 1}], retry: {attempts: 2, codes: [503]}}]}\n";
+             {service: {namespace: default, name: web-b}, weight: 1}], retry: {attempts: 2, codes: [503]}, \
+             timeouts: {requestMs: 1000}}]}\n";
     yaml
 }
 
@@ -94,7 +95,7 @@ fn connects(c: &Cluster) -> Vec<Value> {
 
 /// Requests routed at L7 to endpoints behind a foreign HBONE server arrive in the protocol the client spoke —
 /// HTTP/1.1 as HTTP/1.1 (before, the agent's own HTTP/2 arrived, and an HTTP/1.1-only server answered 505),
-/// h2c as HTTP/2 — split by the route's weights, retried on 503, with trace headers passed through and counted
+/// h2c as HTTP/2 — split by the route's weights, retried on 503, timed out by the route, with trace headers passed through and counted
 /// by the calling agent. The CONNECTs carry no nodemesh header the peer would have to understand beyond an
 /// offer it ignores.
 #[test]
@@ -120,6 +121,10 @@ fn l7_requests_reach_endpoints_behind_an_hbone_server_that_is_not_a_nodemesh_age
     // Retries: the first try fails with 503 and the retry answers (whichever endpoint it lands on).
     let retried = get(&c, &client, &[&url, "-H", "x-test-fail-first: 1", "-H", "x-test-key: r"]);
     assert_eq!(count(&retried, "statuses", "200"), 1, "{retried}");
+    // The route's request timeout: 504 after one second, not the application's three.
+    let timed_out = get(&c, &client, &[&url, "-H", "x-test-delay-ms: 3000"]);
+    assert_eq!(count(&timed_out, "statuses", "504"), 1, "{timed_out}");
+    assert!(timed_out["max_ms"].as_f64().unwrap() < 2500.0, "{timed_out}");
 
     // The calling agent counts them as the source reporter, per destination workload.
     let labels = |w| [("reporter", "source"), ("destination_workload", w), ("response_code", "200")];

@@ -44,6 +44,13 @@ pub fn default_provider() -> Arc<CryptoProvider> {
     Arc::new(aws_lc_rs(false))
 }
 
+/// Libraries that build their own TLS (the Kubernetes client, OTLP over gRPC) take rustls' process default,
+/// which rustls cannot pick with two providers built in: every binary installs the default one first.
+pub fn install_process_default() {
+    // Err only when one is installed already, which is as good.
+    let _ = aws_lc_rs(false).install_default();
+}
+
 fn aws_lc_rs(require_pqc: bool) -> CryptoProvider {
     use rustls::crypto::aws_lc_rs::kx_group::{SECP256R1, X25519, X25519MLKEM768};
     let kx_groups = if require_pqc { vec![X25519MLKEM768] } else { vec![X25519MLKEM768, X25519, SECP256R1] };

@@ -175,6 +175,7 @@ impl Drop for Controller {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    mesh_agent::identity::crypto::install_process_default();
     let nodes = env_usize("NODEMESH_CP_NODES", 1000);
     let pods = env_usize("NODEMESH_CP_PODS", 10000);
     let exe_dir = std::env::current_exe()?.parent().context("no bin dir")?.to_path_buf();

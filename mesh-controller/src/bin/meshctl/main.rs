@@ -60,6 +60,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    mesh_agent::identity::crypto::install_process_default();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
