@@ -1,6 +1,6 @@
 //! What travels on a `CONNECT` besides the authority, as Istio's ztunnel sends it: `baggage` with the sending
 //! workload's metadata (W3C Baggage members under OpenTelemetry/Istio key names), `forwarded` with the original
-//! client (RFC 7239 `for=`) and a `traceparent`; and `baggage` with the destination's metadata on the `200`. A
+//! client (RFC 7239 `for=`) and a `traceparent` (`telemetry::context::unsampled_trace`); and `baggage` with the destination's metadata on the `200`. A
 //! peer that is not in this agent's config (a workload of another cluster behind its ztunnel) is labelled from
 //! its baggage instead of `unknown` — the SPIFFE ID stays the one its certificate proves.
 
@@ -12,15 +12,6 @@ use crate::names::{Peer, UNKNOWN};
 
 pub const BAGGAGE: &str = "baggage";
 pub const FORWARDED: &str = "forwarded";
-pub const TRACEPARENT: &str = "traceparent";
-
-/// The W3C context of a new trace that is not sampled: what a tunnel carries (requests in it carry their own).
-pub fn unsampled_traceparent() -> HeaderValue {
-    let value = format!("00-{:032x}-{:016x}-00", fastrand::u128(1..), fastrand::u64(1..));
-    HeaderValue::from_str(&value)
-        .unwrap_or_else(|_| HeaderValue::from_static("00-00000000000000000000000000000001-0000000000000001-00"))
-}
-
 /// A workload's `baggage` value: namespace, workload (as `k8s.deployment.name` when it has an owner, else
 /// `k8s.pod.name` — the config does not know the owner's kind), canonical service and revision.
 pub fn of(peer: &Peer, pod_name: &str) -> Option<HeaderValue> {
@@ -146,9 +137,6 @@ mod tests {
         parse(&headers).label(&mut known);
         assert_eq!(&*known.workload, "from-config");
         assert_eq!(forwarded_for("10.0.0.1".parse().unwrap()), "for=10.0.0.1");
-        let trace = unsampled_traceparent();
-        let context = crate::telemetry::context::parse_traceparent(trace.to_str().unwrap());
-        assert!(context.is_some_and(|(_, _, flags)| flags == 0), "{trace:?}");
         assert_eq!(forwarded_for("fd00::1".parse().unwrap()), "for=\"[fd00::1]\"");
         assert_eq!(forwarded_for("::ffff:10.0.0.1".parse().unwrap()), "for=10.0.0.1");
     }

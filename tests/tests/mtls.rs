@@ -534,3 +534,31 @@ fn a_caller_the_config_does_not_know_is_labelled_from_its_baggage() {
     ];
     assert_eq!(c.metric(0, "nodemesh_tcp_connections_opened_total", &labels).unwrap(), 1.0);
 }
+
+/// Both agents' access log lines of one tunnelled connection carry the same trace id: the one the calling agent
+/// put on its CONNECT's `traceparent`, read back by the destination agent.
+#[test]
+fn both_sides_of_a_tunnel_log_the_trace_id_of_its_connect() {
+    let mut c = cluster!(2);
+    let logs = "telemetry: [{namespace: nodemesh-system, name: logs, settings: {accessLogging: {enabled: true}}}]\n";
+    let (client, server) = meshed_pair(&mut c, 0, 1, logs, &[]);
+    let r = c.client(&client, addr(server.ipv4, 8080), 4 * KIB, 1).unwrap();
+    assert!(r.success, "{:?} {}", r.json, r.stderr);
+    let trace_of = |agent: &str, reporter: &str| -> Option<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let line = c.log_lines(agent).into_iter().find_map(|l| {
+                let v: Value = serde_json::from_str(&l).ok()?;
+                (v["kind"] == "tcp" && v["reporter"] == reporter).then_some(v)
+            });
+            if let Some(v) = line {
+                return v["traceId"].as_str().map(String::from);
+            }
+            assert!(Instant::now() < deadline, "no tcp access log line from {agent}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let (sent, received) = (trace_of("agent-n1", "source"), trace_of("agent-n2", "destination"));
+    assert!(sent.as_ref().is_some_and(|t| t.len() == 32), "{sent:?}");
+    assert_eq!(sent, received);
+}

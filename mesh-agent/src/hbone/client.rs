@@ -117,9 +117,11 @@ pub struct Source<'a> {
     pub cert: &'a WorkloadCert,
     pub secrets: &'a SecretManager,
     pub pod: &'a str,
-    /// The pod's metadata for its CONNECTs (`baggage`), and the address it connects from (`forwarded`).
+    /// The pod's metadata for its CONNECTs (`baggage`), the address it connects from (`forwarded`), and the
+    /// trace context they carry (`traceparent`).
     pub baggage: Option<HeaderValue>,
     pub client: IpAddr,
+    pub traceparent: HeaderValue,
 }
 
 impl Pool {
@@ -374,9 +376,8 @@ impl Pool {
     }
 }
 
-/// Sends the CONNECT with what ztunnel sends on one (`baggage`): the source's metadata, `forwarded` the original
-/// client, and a `traceparent` of a new trace the tunnel itself does not sample (requests inside it carry their
-/// own context).
+/// Sends the CONNECT with what ztunnel sends on one: `baggage` (the source's metadata), `forwarded` (the original
+/// client) and the source's `traceparent`.
 async fn connect_stream(
     mut sender: SendRequest<Bytes>,
     src: &Source<'_>,
@@ -394,7 +395,7 @@ async fn connect_stream(
         headers.insert(baggage::BAGGAGE, baggage.clone());
     }
     headers.insert(baggage::FORWARDED, baggage::forwarded_for(src.client));
-    headers.insert(baggage::TRACEPARENT, baggage::unsampled_traceparent());
+    headers.insert(http::header::HeaderName::from_static("traceparent"), src.traceparent.clone());
     let (response, send) = sender.send_request(request, false).map_err(|e| HboneError::H2(dst, e))?;
     let response = response.await.map_err(|e| HboneError::H2(dst, e))?;
     if response.status() != StatusCode::OK {

@@ -63,7 +63,10 @@ async fn with_source<T>(
     let client = pod.net.ips.iter().copied().find(|ip| ip.is_ipv4() == target.is_ipv4());
     let client = client.unwrap_or(target.ip());
     let (pod_name, baggage) = (pod.name(), baggage.clone());
-    let source = Source { metrics, tunnels, netns: &pod.netns, cert: &cert, secrets, pod: &pod_name, baggage, client };
+    // Requests in the tunnel carry their own trace context; the tunnel's is a trace of its own.
+    let (_, traceparent) = crate::telemetry::context::unsampled_trace();
+    let netns = &pod.netns;
+    let source = Source { metrics, tunnels, netns, cert: &cert, secrets, pod: &pod_name, baggage, client, traceparent };
     open(&source).await.map_err(|e| UpstreamError::Connect(e.to_string()))
 }
 

@@ -126,6 +126,9 @@ pub struct ConnectionInfo {
     pub server: SocketAddr,
     /// Unix milliseconds.
     pub opened_at_ms: u64,
+    /// The trace of a tunnel's `CONNECT`, sent or received (both sides log the same id).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<Arc<str>>,
 }
 
 #[derive(Serialize)]
@@ -217,7 +220,12 @@ impl Default for Traffic {
 
 impl Traffic {
     /// Counts a connection as opened and lists it until the returned handle is dropped.
-    pub fn open(&self, flow: Flow, client: SocketAddr, server: SocketAddr) -> OpenConnection {
+    pub fn open(
+        &self,
+        flow: Flow,
+        (client, server): (SocketAddr, SocketAddr),
+        trace_id: Option<Arc<str>>,
+    ) -> OpenConnection {
         let mut store = lock(&self.store);
         let entry = store
             .tcp
@@ -228,7 +236,7 @@ impl Traffic {
         store.next_id += 1;
         let id = store.next_id;
         let bytes = Arc::new(ByteCounts::default());
-        let info = ConnectionInfo { flow, client, server, opened_at_ms: unix_ms() };
+        let info = ConnectionInfo { flow, client, server, opened_at_ms: unix_ms(), trace_id };
         store.live.insert(id, Live { info: info.clone(), bytes: bytes.clone() });
         OpenConnection { store: self.store.clone(), id, bytes, info }
     }
@@ -438,7 +446,7 @@ mod tests {
     fn live_bytes_count_at_scrape_and_departed_workloads_are_pruned_after_grace() {
         let t = Traffic::default();
         let addr: SocketAddr = "10.0.0.1:1".parse().unwrap();
-        let open = t.open(flow("gone"), addr, addr);
+        let open = t.open(flow("gone"), (addr, addr), None);
         open.bytes().received.fetch_add(100, Ordering::Relaxed);
         let received = |t: &Traffic| {
             t.families(Naming::Native)

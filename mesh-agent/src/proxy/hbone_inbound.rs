@@ -226,6 +226,8 @@ async fn stream(
         flow
     };
     let ours = config.baggage(&pod.net.namespace, &pod.net.name);
+    // The caller's trace of the tunnel, for the connection's access log (its own log has the same id).
+    let trace: Option<Arc<str>> = crate::telemetry::context::trace_id_of(request.headers()).map(Into::into);
     // Agent-to-agent HTTP/2 (from an agent before direct requests: it routed the requests), or policies that need
     // each request: the decision moves from the tunnel to the requests inside it.
     let l7 = request.headers().get(crate::hbone::L7_HEADER).and_then(|v| v.to_str().ok()).and_then(Protocol::parse);
@@ -253,7 +255,7 @@ async fn stream(
         let Some(tunnel) = accept(respond, request, ours) else { return };
         let flow = inbound_flow(&config);
         let admitted = admitted(config, principal);
-        return proxy::forward(&dp, &pod, flow, (peer, target), (tunnel, app), Some(admitted)).await;
+        return proxy::forward(&dp, &pod, (flow, trace), (peer, target), (tunnel, app), Some(admitted)).await;
     }
     let Some(tunnel) = accept(respond, request, ours) else { return };
     let session = |app| Session::new(dp.clone(), pod.clone(), Some(principal.clone()), peer, target, app);
@@ -271,7 +273,7 @@ async fn stream(
         Ok(app) => {
             let flow = inbound_flow(&config);
             let admitted = admitted(config, principal);
-            proxy::forward(&dp, &pod, flow, (peer, target), (io, app), Some(admitted)).await
+            proxy::forward(&dp, &pod, (flow, trace), (peer, target), (io, app), Some(admitted)).await
         }
         Err(e) => proxy::app_unreachable(&dp, &pod, target, &e),
     }

@@ -59,7 +59,7 @@ pub async fn handle(conn: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, dp:
             let flow = Flow::inbound(&config, &pod, peer.ip(), None, target.port(), Security::None);
             let (source_ip, port) = (peer.ip(), target.port());
             let admitted = Admitted { under: Some(config), principal: None, source_ip, port, looked_for_http };
-            forward(&dp, &pod, flow, (peer, target), (conn, app), Some(admitted)).await
+            forward(&dp, &pod, (flow, None), (peer, target), (conn, app), Some(admitted)).await
         }
         Err(e) => {
             super::app_unreachable(&dp, &pod, target, &e);

@@ -80,14 +80,14 @@ pub async fn serve(listener: TcpListener, direction: Direction, pod: Arc<PodCont
 }
 
 /// Copies both ways with half-close until both sides are done, and accounts for it (metrics with `flow`'s
-/// labels, `/connections`, the access log). `downstream` is the side that opened the connection, from `client`
+/// labels, `/connections`, the access log, with the trace id of a tunnel's `CONNECT`). `downstream` is the side that opened the connection, from `client`
 /// to `server`. When the copy fails (one side reset or broke), both sides are aborted, so the failure reaches
 /// the other end as a reset instead of a clean close. An inbound connection comes with what it was `admitted`
 /// as, and ends (reset) when a later config does not admit it ([`admission`]).
 pub async fn forward<D, U>(
     dp: &DataPlane,
     pod: &PodContext,
-    flow: Flow,
+    (flow, trace_id): (Flow, Option<Arc<str>>),
     (client, server): (SocketAddr, SocketAddr),
     (downstream, upstream): (D, U),
     admitted: Option<Admitted>,
@@ -96,7 +96,7 @@ pub async fn forward<D, U>(
     U: AsyncRead + AsyncWrite + Unpin + Abort,
 {
     let started = std::time::Instant::now();
-    let open = dp.metrics().traffic.open(flow, client, server);
+    let open = dp.metrics().traffic.open(flow, (client, server), trace_id);
     let bytes = open.bytes().clone();
     let (mut downstream, mut upstream) = (downstream, upstream);
     let (mut down, mut up) = (Counted::new(&mut downstream, &bytes.received), Counted::new(&mut upstream, &bytes.sent));

@@ -91,7 +91,7 @@ pub async fn to_endpoint(conn: Rewind<TcpStream>, target: SocketAddr, pod: Arc<P
         }
         Route::Passthrough => match socket::connect_from_pod(&pod, target).await {
             Ok(upstream) => {
-                forward(&dp, &pod, flow(None, Security::None), (client, target), (conn, upstream), None).await
+                forward(&dp, &pod, (flow(None, Security::None), None), (client, target), (conn, upstream), None).await
             }
             Err(e) => {
                 dp.metrics().failed(&pod, Direction::Outbound, "connect");
@@ -113,6 +113,8 @@ pub async fn to_endpoint(conn: Rewind<TcpStream>, target: SocketAddr, pod: Arc<P
             let (metrics, tunnels) = (dp.metrics(), dp.tunnels());
             let baggage = config.baggage(&pod.net.namespace, &pod.net.name);
             let pod_name = pod.name();
+            // The tunnel's trace id goes in both sides' connection logs.
+            let (trace_id, traceparent) = crate::telemetry::context::unsampled_trace();
             let source = Source {
                 metrics,
                 tunnels,
@@ -122,11 +124,12 @@ pub async fn to_endpoint(conn: Rewind<TcpStream>, target: SocketAddr, pod: Arc<P
                 pod: &pod_name,
                 baggage,
                 client: client.ip(),
+                traceparent,
             };
             match dp.pool().open(&source, gateway, &dst, target).await {
                 Ok((stream, _slot)) => {
                     let flow = flow(Some(dst.to_string()), Security::MutualTls);
-                    forward(&dp, &pod, flow, (client, target), (conn, stream), None).await
+                    forward(&dp, &pod, (flow, Some(trace_id.into())), (client, target), (conn, stream), None).await
                 }
                 Err(e) => {
                     dp.metrics().failed(&pod, Direction::Outbound, e.reason());

@@ -69,6 +69,7 @@ pub fn connection(
         "bytesSent": sent,
         "durationMs": millis(duration),
         "error": error,
+        "traceId": info.trace_id.as_deref(),
     }));
 }
 

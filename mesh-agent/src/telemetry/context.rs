@@ -182,6 +182,22 @@ fn random_id<const N: usize>() -> [u8; N] {
     }
 }
 
+/// A new trace that is not sampled, for what a tunnel's `CONNECT` carries (requests inside it carry their own
+/// context): its trace id, for the connection's access log, and its `traceparent`.
+pub fn unsampled_trace() -> (String, HeaderValue) {
+    let span = Span::start(None, 0.0);
+    let value = format!("00-{}-{}-00", span.trace_id_hex(), span.span_id_hex());
+    let header = HeaderValue::from_str(&value)
+        .unwrap_or_else(|_| HeaderValue::from_static("00-00000000000000000000000000000001-0000000000000001-00"));
+    (span.trace_id_hex(), header)
+}
+
+/// The trace id of a received `traceparent` (a tunnel's `CONNECT`), lowercase hex.
+pub fn trace_id_of(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(TRACEPARENT)?.to_str().ok()?;
+    parse_traceparent(value).map(|(trace, _, _)| hex(&trace))
+}
+
 impl Span {
     /// This hop's span: a child of the incoming context, or the root of a new trace sampled at
     /// `sampling_percentage`.
