@@ -47,6 +47,19 @@ fn meshed_pair(
     (client, server)
 }
 
+/// One node: pod `server` (service account `server-sa`, listening on 8080) in the config with `extra`, enrolled,
+/// and pod `prober`, outside the config and the mesh, to speak HBONE to it with certificates of its own making.
+fn server_and_prober(c: &mut Cluster, extra: &str) -> (Pod, Pod, std::path::PathBuf) {
+    let server = c.add_pod(0, "server").unwrap();
+    let prober = c.add_pod(0, "prober").unwrap();
+    let ca = c.init_ca().unwrap();
+    let config = c.write_config(&[(&server, "server-sa")], extra).unwrap();
+    start_mesh(c, &ca, &config, &[]);
+    c.enroll(&server).unwrap();
+    c.serve(&server, 8080).unwrap();
+    (server, prober, ca)
+}
+
 fn inbound_tunnels(c: &Cluster, node: usize, pod: &Pod) -> Vec<Value> {
     let name = format!("{}/{}", pod.namespace, pod.name);
     c.admin(node, "/tunnels")
@@ -133,13 +146,7 @@ fn same_node_traffic_goes_through_the_tunnel() {
 #[test]
 fn bad_peer_certificates_are_refused() {
     let mut c = cluster!(1);
-    let server = c.add_pod(0, "server").unwrap();
-    let prober = c.add_pod(0, "prober").unwrap();
-    let ca = c.init_ca().unwrap();
-    let config = c.write_config(&[(&server, "server-sa")], "").unwrap();
-    start_mesh(&mut c, &ca, &config, &[]);
-    c.enroll(&server).unwrap();
-    c.serve(&server, 8080).unwrap();
+    let (server, prober, ca) = server_and_prober(&mut c, "");
     let gateway = addr(server.ipv4, 15008);
     let target = addr(server.ipv4, 8080);
     let me = Identity::new("cluster.local", "default", "prober");
@@ -469,15 +476,9 @@ authorizationPolicies:
 #[test]
 fn peers_of_other_trust_domains_are_refused_unless_aliased() {
     let mut c = cluster!(1);
-    let server = c.add_pod(0, "server").unwrap();
-    let prober = c.add_pod(0, "prober").unwrap();
-    let ca = c.init_ca().unwrap();
     let policy = "authorizationPolicies:\n  - {namespace: default, name: only-prober, selector: {app: server}, \
                   rules: [{from: [{principals: [cluster.local/ns/default/sa/prober]}]}]}\n";
-    let config = c.write_config(&[(&server, "server-sa")], policy).unwrap();
-    start_mesh(&mut c, &ca, &config, &[]);
-    c.enroll(&server).unwrap();
-    c.serve(&server, 8080).unwrap();
+    let (server, prober, ca) = server_and_prober(&mut c, policy);
     let (gateway, target) = (addr(server.ipv4, 15008), addr(server.ipv4, 8080));
     let connect = |td: &str, sa: &str| {
         let cert = probe::from_ca(&ca, &Identity::new(td, "default", sa), |_| {}).unwrap();
@@ -509,13 +510,7 @@ fn peers_of_other_trust_domains_are_refused_unless_aliased() {
 #[test]
 fn a_caller_the_config_does_not_know_is_labelled_from_its_baggage() {
     let mut c = cluster!(1);
-    let server = c.add_pod(0, "server").unwrap();
-    let prober = c.add_pod(0, "prober").unwrap();
-    let ca = c.init_ca().unwrap();
-    let config = c.write_config(&[(&server, "server-sa")], "").unwrap();
-    start_mesh(&mut c, &ca, &config, &[]);
-    c.enroll(&server).unwrap();
-    c.serve(&server, 8080).unwrap();
+    let (server, prober, ca) = server_and_prober(&mut c, "");
     let cert = probe::from_ca(&ca, &Identity::new("cluster.local", "remote", "prober-sa"), |_| {}).unwrap();
     let baggage = "k8s.cluster.name=east,k8s.namespace.name=claimed,k8s.deployment.name=prober-app,\
                    service.name=prober,service.version=v9";
