@@ -37,7 +37,7 @@ pub fn forwarded_for(client: IpAddr) -> HeaderValue {
 }
 
 /// The metadata a peer sent about itself.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Baggage {
     pub namespace: Option<String>,
     pub workload: Option<String>,

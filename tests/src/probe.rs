@@ -49,7 +49,7 @@ pub fn from_foreign_ca(identity: &Identity) -> Result<ProbeCert> {
 /// Opens an HBONE stream to `gateway` (a pod's 15008) for `authority`, from inside `netns`, presenting `cert`.
 /// Returns the CONNECT status and, for 200, the first line the application sent back.
 pub fn connect(netns: &str, gateway: SocketAddr, authority: SocketAddr, cert: ProbeCert) -> Result<(u16, String)> {
-    connect_with(netns, gateway, authority, cert, &[]).map(|answer| (answer.status, answer.first_line))
+    connect_with(netns, gateway, authority, cert, (&[], b"")).map(|answer| (answer.status, answer.first_line))
 }
 
 /// What the server answered a probe's CONNECT.
@@ -60,15 +60,18 @@ pub struct Answer {
     pub first_line: String,
 }
 
-/// [`connect`] with `headers` on the CONNECT (what ztunnel sends: `baggage`, ...), returning the answer's headers.
+/// [`connect`] with `headers` on the CONNECT (what ztunnel sends: `baggage`, ...) and, once it is answered 200,
+/// `payload` sent in the tunnel before the first line is read (an HTTP request, for a server that speaks only
+/// when asked); returns the answer's headers too.
 pub fn connect_with(
     netns: &str,
     gateway: SocketAddr,
     authority: SocketAddr,
     cert: ProbeCert,
-    headers: &[(&'static str, &str)],
+    (headers, payload): (&[(&'static str, &str)], &[u8]),
 ) -> Result<Answer> {
     let headers: Vec<(&'static str, String)> = headers.iter().map(|(k, v)| (*k, v.to_string())).collect();
+    let payload = bytes::Bytes::copy_from_slice(payload);
     let tcp =
         crate::sys::in_netns(netns, move || std::net::TcpStream::connect_timeout(&gateway, Duration::from_secs(5)))??;
     tcp.set_nonblocking(true)?;
@@ -96,12 +99,15 @@ pub fn connect_with(
                 request = request.header(*name, value);
             }
             let request = request.body(())?;
-            let (response, _send) = sender.send_request(request, false).context("CONNECT")?;
+            let (response, mut send) = sender.send_request(request, false).context("CONNECT")?;
             let response = response.await.context("CONNECT response")?;
             let status = response.status().as_u16();
             let headers = response.headers().clone();
             if status != 200 {
                 return Ok(Answer { status, headers, first_line: String::new() });
+            }
+            if !payload.is_empty() {
+                send.send_data(payload, false).context("tunnel data out")?;
             }
             let mut body = response.into_body();
             let first = body.data().await.context("tunnel closed")?.context("tunnel data")?;

@@ -47,16 +47,26 @@ fn meshed_pair(
     (client, server)
 }
 
-/// One node: pod `server` (service account `server-sa`, listening on 8080) in the config with `extra`, enrolled,
-/// and pod `prober`, outside the config and the mesh, to speak HBONE to it with certificates of its own making.
+/// One node: pod `server` (service account `server-sa`, an echo server on 8080) in the config with `extra`,
+/// enrolled, and pod `prober`, outside the config and the mesh, to speak HBONE to it with certificates of its
+/// own making.
 fn server_and_prober(c: &mut Cluster, extra: &str) -> (Pod, Pod, std::path::PathBuf) {
+    server_and_prober_serving(c, extra, |c, server| c.serve(server, 8080).unwrap())
+}
+
+/// [`server_and_prober`] with the server pod's application started by `serve`.
+fn server_and_prober_serving(
+    c: &mut Cluster,
+    extra: &str,
+    serve: impl FnOnce(&mut Cluster, &Pod),
+) -> (Pod, Pod, std::path::PathBuf) {
     let server = c.add_pod(0, "server").unwrap();
     let prober = c.add_pod(0, "prober").unwrap();
     let ca = c.init_ca().unwrap();
     let config = c.write_config(&[(&server, "server-sa")], extra).unwrap();
     start_mesh(c, &ca, &config, &[]);
     c.enroll(&server).unwrap();
-    c.serve(&server, 8080).unwrap();
+    serve(c, &server);
     (server, prober, ca)
 }
 
@@ -515,7 +525,7 @@ fn a_caller_the_config_does_not_know_is_labelled_from_its_baggage() {
     let baggage = "k8s.cluster.name=east,k8s.namespace.name=claimed,k8s.deployment.name=prober-app,\
                    service.name=prober,service.version=v9";
     let (gateway, target) = (addr(server.ipv4, 15008), addr(server.ipv4, 8080));
-    let answer = probe::connect_with(&prober.netns, gateway, target, cert, &[("baggage", baggage)]).unwrap();
+    let answer = probe::connect_with(&prober.netns, gateway, target, cert, (&[("baggage", baggage)], b"")).unwrap();
     assert_eq!(answer.status, 200);
     let theirs = answer.headers.get("baggage").and_then(|v| v.to_str().ok()).unwrap_or_default();
     assert_eq!(theirs, "k8s.namespace.name=default,k8s.pod.name=server,service.name=server,service.version=latest");
@@ -528,6 +538,36 @@ fn a_caller_the_config_does_not_know_is_labelled_from_its_baggage() {
         ("source_principal", "spiffe://cluster.local/ns/remote/sa/prober-sa"),
     ];
     assert_eq!(c.metric(0, "nodemesh_tcp_connections_opened_total", &labels).unwrap(), 1.0);
+}
+
+/// The same caller's HTTP requests, served one by one because the pod's policy looks at them, are labelled from
+/// its baggage in the request metrics too.
+#[test]
+fn requests_of_a_caller_the_config_does_not_know_are_labelled_from_its_baggage() {
+    let mut c = cluster!(1);
+    let policy = "authorizationPolicies: [{namespace: default, name: get-only, rules: [{to: [{methods: [GET]}]}]}]\n";
+    let http = Path::new(env!("CARGO_BIN_EXE_mesh-http"));
+    let (server, prober, ca) = server_and_prober_serving(&mut c, policy, |c, server| {
+        c.start_server(server, http, &["serve", "8080", "server"], "http-server").unwrap()
+    });
+    let cert = probe::from_ca(&ca, &Identity::new("cluster.local", "remote", "prober-sa"), |_| {}).unwrap();
+    let baggage = "k8s.namespace.name=remote,k8s.deployment.name=prober-app,service.name=prober,service.version=v9";
+    let (gateway, target) = (addr(server.ipv4, 15008), addr(server.ipv4, 8080));
+    let request = b"GET /hello HTTP/1.1\r\nhost: server\r\n\r\n";
+    let answer = probe::connect_with(&prober.netns, gateway, target, cert, (&[("baggage", baggage)], request)).unwrap();
+    assert!(answer.first_line.starts_with("HTTP/1.1 200"), "{}", answer.first_line);
+    let labels = [
+        ("reporter", "destination"),
+        ("source_workload", "prober-app"),
+        ("source_canonical_service", "prober"),
+        ("source_version", "v9"),
+        ("response_code", "200"),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.metric(0, "nodemesh_requests_total", &labels).unwrap_or(0.0) != 1.0 {
+        assert!(Instant::now() < deadline, "request not counted with the caller's labels:\n{}", c.metrics(0).unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Both agents' access log lines of one tunnelled connection carry the same trace id: the one the calling agent

@@ -15,6 +15,7 @@ use super::client::{Dialed, HttpPool, Io, io_error};
 use super::detect::{self, Hint, Protocol, Rewind};
 use super::local_reply::{Flag, reply};
 use super::{server, upgrade, wire};
+use crate::baggage::Baggage;
 use crate::body::{self, Body};
 use crate::dataplane::DataPlane;
 use crate::http_message::is_grpc;
@@ -36,6 +37,8 @@ pub struct Session {
     pub app: Protocol,
     /// Connections to the application for this session only: they carry this caller's address.
     app_conns: HttpPool<()>,
+    /// What the caller's tunnel said of it, for a caller the config does not know.
+    caller: Baggage,
 }
 
 impl Session {
@@ -47,7 +50,13 @@ impl Session {
         target: SocketAddr,
         app: Protocol,
     ) -> Self {
-        Session { dp, pod, principal, peer, target, app, app_conns: HttpPool::default() }
+        Session { dp, pod, principal, peer, target, app, app_conns: HttpPool::default(), caller: Baggage::default() }
+    }
+
+    /// Labels a caller the config does not know by what its tunnel's `baggage` said (`crate::baggage`).
+    pub fn with_caller(mut self, caller: Baggage) -> Self {
+        self.caller = caller;
+        self
     }
 }
 
@@ -108,7 +117,8 @@ pub async fn handle(s: &Session, req: Request<Body>) -> Response<Body> {
     };
     let security = if s.principal.is_some() { Security::MutualTls } else { Security::None };
     let config = s.dp.config();
-    let flow = Flow::inbound(&config, &s.pod, s.peer.ip(), s.principal.as_deref(), s.target.port(), security);
+    let mut flow = Flow::inbound(&config, &s.pod, s.peer.ip(), s.principal.as_deref(), s.target.port(), security);
+    s.caller.label(&mut flow.source);
     observation.finish(response, flow)
 }
 

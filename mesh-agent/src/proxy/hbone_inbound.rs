@@ -258,7 +258,9 @@ async fn stream(
         return proxy::forward(&dp, &pod, (flow, trace), (peer, target), (tunnel, app), Some(admitted)).await;
     }
     let Some(tunnel) = accept(respond, request, ours) else { return };
-    let session = |app| Session::new(dp.clone(), pod.clone(), Some(principal.clone()), peer, target, app);
+    let session = |app| {
+        Session::new(dp.clone(), pod.clone(), Some(principal.clone()), peer, target, app).with_caller(sent.clone())
+    };
     // Boxed, so L4 streams do not carry room for the L7 pipeline's state (hyper's connection, the drain).
     if let Some(app) = l7 {
         return Box::pin(l7_inbound::serve(tunnel, Protocol::Http2, session(app))).await;
