@@ -12,13 +12,16 @@ use crate::names::{Peer, UNKNOWN};
 
 pub const BAGGAGE: &str = "baggage";
 pub const FORWARDED: &str = "forwarded";
+/// W3C trace context; the tracing module reads and writes it on requests too.
+pub const TRACEPARENT: &str = "traceparent";
+
 /// A workload's `baggage` value: namespace, workload (as `k8s.deployment.name` when it has an owner, else
 /// `k8s.pod.name` — the config does not know the owner's kind), canonical service and revision.
 pub fn of(peer: &Peer, pod_name: &str) -> Option<HeaderValue> {
-    let kind = if *peer.workload == *pod_name { "pod" } else { "deployment" };
+    let workload_key = if *peer.workload == *pod_name { "k8s.pod.name" } else { "k8s.deployment.name" };
     let members = [
         ("k8s.namespace.name", &*peer.namespace),
-        (if kind == "pod" { "k8s.pod.name" } else { "k8s.deployment.name" }, &*peer.workload),
+        (workload_key, &*peer.workload),
         ("service.name", &*peer.canonical_service),
         ("service.version", &*peer.canonical_revision),
     ];

@@ -29,13 +29,13 @@ pub struct Snapshot {
     services_by_endpoint: HashMap<IpAddr, Vec<usize>>,
     /// Telemetry's names of each workload and Service, by the same index as the config's lists.
     peers: Vec<Peer>,
-    /// Each workload's `baggage` for the CONNECTs it opens (`hbone::baggage`), by the same index.
+    /// Each workload's `baggage` for the CONNECTs it opens (`baggage`), by the same index.
     baggage: Vec<Option<http::HeaderValue>>,
     service_names: Vec<DestinationService>,
 }
 
 /// Principals in AuthorizationPolicies written with an aliased trust domain, moved into the mesh's own (peers'
-/// principals are folded the same way when checked, `crate::policy`): either name matches peers of both.
+/// principals are folded the same way when the policy check runs): either name matches peers of both.
 fn fold_policy_trust_domains(mut config: NodeConfig) -> NodeConfig {
     if config.trust_domain_aliases.is_empty() {
         return config;

@@ -110,6 +110,13 @@ async fn count_snapshots(mut snapshots: mesh_controller::source::Snapshots, metr
 }
 
 async fn run(cli: ServeArgs) -> anyhow::Result<()> {
+    // Before anything is made in a trust domain (the CA): the agents would refuse every config naming a bad one.
+    let names = mesh_common::config::NodeConfig {
+        trust_domain: cli.trust_domain.clone(),
+        trust_domain_aliases: cli.trust_domain_aliases.clone(),
+        ..Default::default()
+    };
+    names.validate().context("--trust-domain / --trust-domain-alias")?;
     let (snapshots, ca, auth) = if cli.source == "kubernetes" {
         let client = kube::Client::try_default().await.context("connecting to the Kubernetes API server")?;
         let (namespace, name) = cli.ca_secret.split_once('/').context("--ca-secret must be namespace/name")?;
@@ -146,12 +153,6 @@ async fn run(cli: ServeArgs) -> anyhow::Result<()> {
         Arc::new(move |req| mesh_agent::admin::metrics_reply(req, metrics_route.encode()));
     tokio::spawn(mesh_agent::admin::serve_http(listener, routes));
     let ca = Arc::new(ca);
-    let names = mesh_common::config::NodeConfig {
-        trust_domain: cli.trust_domain.clone(),
-        trust_domain_aliases: cli.trust_domain_aliases.clone(),
-        ..Default::default()
-    };
-    names.validate().context("--trust-domain / --trust-domain-alias")?;
     let controller = Controller::new(snapshots, ca.clone(), cli.trust_domain, auth, metrics)
         .with_trust_domain_aliases(cli.trust_domain_aliases);
     let shutdown = async {

@@ -395,7 +395,7 @@ async fn connect_stream(
         headers.insert(baggage::BAGGAGE, baggage.clone());
     }
     headers.insert(baggage::FORWARDED, baggage::forwarded_for(src.client));
-    headers.insert(http::header::HeaderName::from_static("traceparent"), src.traceparent.clone());
+    headers.insert(baggage::TRACEPARENT, src.traceparent.clone());
     let (response, send) = sender.send_request(request, false).map_err(|e| HboneError::H2(dst, e))?;
     let response = response.await.map_err(|e| HboneError::H2(dst, e))?;
     if response.status() != StatusCode::OK {

@@ -39,11 +39,6 @@ impl TlsPolicy {
     }
 }
 
-/// The default: aws-lc-rs, post-quantum key exchange preferred, classical accepted.
-pub fn default_provider() -> Arc<CryptoProvider> {
-    Arc::new(aws_lc_rs(false))
-}
-
 /// Libraries that build their own TLS (the Kubernetes client, OTLP over gRPC) take rustls' process default,
 /// which rustls cannot pick with two providers built in: every binary installs the default one first.
 pub fn install_process_default() {
@@ -51,7 +46,9 @@ pub fn install_process_default() {
     let _ = aws_lc_rs(false).install_default();
 }
 
-fn aws_lc_rs(require_pqc: bool) -> CryptoProvider {
+/// aws-lc-rs with X25519MLKEM768 first; alone when `require_pqc`. Without it, the default
+/// (`identity::crypto_provider`).
+pub(super) fn aws_lc_rs(require_pqc: bool) -> CryptoProvider {
     use rustls::crypto::aws_lc_rs::kx_group::{SECP256R1, X25519, X25519MLKEM768};
     let kx_groups = if require_pqc { vec![X25519MLKEM768] } else { vec![X25519MLKEM768, X25519, SECP256R1] };
     CryptoProvider { kx_groups, ..rustls::crypto::aws_lc_rs::default_provider() }
@@ -69,6 +66,6 @@ mod tests {
         let required = TlsPolicy { require_pqc: true, ..Default::default() }.crypto_provider().unwrap();
         assert_eq!(names(&required), ["X25519MLKEM768"]);
         assert!(TlsPolicy { provider: Provider::Ring, require_pqc: true }.crypto_provider().is_err());
-        assert_eq!(names(&default_provider()), names(&preferred));
+        assert_eq!(names(&super::super::crypto_provider()), names(&preferred));
     }
 }

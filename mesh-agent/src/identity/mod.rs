@@ -66,9 +66,10 @@ fn valid_segment(s: &str) -> bool {
     !s.is_empty() && s != "." && s != ".." && s.bytes().all(|b| b.is_ascii_alphanumeric() || b".-_".contains(&b))
 }
 
-/// The crypto provider of TLS outside HBONE (the controller channel): the default of [`crypto`].
+/// The default crypto provider (aws-lc-rs, post-quantum key exchange preferred, classical accepted): the
+/// controller channel's, and HBONE's unless `--tls-provider`/`--require-pqc` say otherwise ([`crypto`]).
 pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
-    crypto::default_provider()
+    Arc::new(crypto::aws_lc_rs(false))
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use super::svid::{self, Svid};
 pub struct TrustBundle {
     anchors: RwLock<Arc<Vec<TrustAnchor<'static>>>>,
     /// None until the first config names them: until then every peer is refused.
-    trust_domains: RwLock<Arc<Vec<String>>>,
+    trust_domains: RwLock<Vec<String>>,
 }
 
 impl fmt::Debug for TrustBundle {
@@ -49,7 +49,7 @@ impl TrustBundle {
 
     /// The mesh's trust domain and its aliases (from the config in force); the next handshakes check them.
     pub fn set_trust_domains(&self, domains: Vec<String>) {
-        *self.trust_domains.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(domains);
+        *self.trust_domains.write().unwrap_or_else(|p| p.into_inner()) = domains;
     }
 
     fn accepts(&self, trust_domain: &str) -> bool {

@@ -5,7 +5,7 @@
 
 use http::{HeaderMap, HeaderValue};
 
-pub const TRACEPARENT: &str = "traceparent";
+pub use crate::baggage::TRACEPARENT;
 pub const TRACESTATE: &str = "tracestate";
 pub const B3: &str = "b3";
 pub const B3_TRACE_ID: &str = "x-b3-traceid";
@@ -186,10 +186,11 @@ fn random_id<const N: usize>() -> [u8; N] {
 /// context): its trace id, for the connection's access log, and its `traceparent`.
 pub fn unsampled_trace() -> (String, HeaderValue) {
     let span = Span::start(None, 0.0);
-    let value = format!("00-{}-{}-00", span.trace_id_hex(), span.span_id_hex());
+    let trace_id = span.trace_id_hex();
+    let value = format!("00-{trace_id}-{}-00", span.span_id_hex());
     let header = HeaderValue::from_str(&value)
         .unwrap_or_else(|_| HeaderValue::from_static("00-00000000000000000000000000000001-0000000000000001-00"));
-    (span.trace_id_hex(), header)
+    (trace_id, header)
 }
 
 /// The trace id of a received `traceparent` (a tunnel's `CONNECT`), lowercase hex.
