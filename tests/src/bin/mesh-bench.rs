@@ -97,7 +97,9 @@ fn http_measure(c: &Cluster, path: &'static str, client: &Pod, url: &str, h2: bo
         Ok(r)
     };
     let cpu_before = agents_cpu_ms(c);
-    let fixed = run(FIXED_RATE, "4")?;
+    // NODEMESH_BENCH_RATE changes the fixed rate (for looking at latency under lighter or heavier load).
+    let rate = std::env::var("NODEMESH_BENCH_RATE").unwrap_or_else(|_| FIXED_RATE.into());
+    let fixed = run(&rate, "4")?;
     let cpu_ms_per_1k = (agents_cpu_ms(c) - cpu_before) / (number(&fixed, "requests")? / 1000.0);
     let cpu_before = agents_cpu_ms(c);
     let max = run("0", MAX_RATE_CONCURRENCY)?;
@@ -236,7 +238,7 @@ fn print_http(http: &[HttpResult]) {
 }
 
 fn print_paths(results: &[PathResult]) {
-    let direct = &results[0];
+    let Some(direct) = results.first() else { return };
     println!(
         "\n{:<24} {:>14} {:>16} {:>16} {:>14} {:>12} {:>12} {:>10}",
         "path", "Gbit/s (1 TCP)", "RTT p50 µs", "RTT p99 µs", "conn/s", "CPU-s/GB", "CPU µs/RTT", "agent MiB"
@@ -375,8 +377,10 @@ fn main() -> Result<()> {
     pin(0, LOAD_CPU)?;
     let mut results = Vec::new();
     let mut http = Vec::new();
-    // NODEMESH_BENCH_ONLY=mtls skips the direct and plaintext paths (for profiling the agents over mTLS).
-    let only_mtls = std::env::var("NODEMESH_BENCH_ONLY").as_deref() == Ok("mtls");
+    // For profiling the agents: NODEMESH_BENCH_ONLY=mtls skips the direct and plaintext paths; =http measures only
+    // the mTLS HTTP rows (L4, L7, L7 with the destination at L4).
+    let only = std::env::var("NODEMESH_BENCH_ONLY").unwrap_or_default();
+    let (only_mtls, only_http) = (only == "mtls" || only == "http", only == "http");
     if !only_mtls {
         let mut c = Cluster::new(2, testbin)?.context("the bench needs root, cgroup v2 and bpffs")?;
         c.agent_log = "warn".into();
@@ -392,7 +396,9 @@ fn main() -> Result<()> {
     }
     {
         let (c, hc, hs) = mtls_cluster(testbin, "", &[])?;
-        results.push(measure(&c, MTLS_HBONE, &hc, &hs)?);
+        if !only_http {
+            results.push(measure(&c, MTLS_HBONE, &hc, &hs)?);
+        }
         http_suite(&c, MTLS_L4, &hc, &format!("http://{}:{HTTP_PORT}/", hs.ipv4), &mut http)?;
         http_suite(&c, MTLS_L7, &hc, &format!("http://{BENCH_SERVICE_IP}/"), &mut http)?;
     }
@@ -404,13 +410,12 @@ fn main() -> Result<()> {
         let (c, hc, _) = mtls_cluster(testbin, callers_report, &[])?;
         http_suite(&c, MTLS_L7_TUNNEL, &hc, &format!("http://{BENCH_SERVICE_IP}/"), &mut http)?;
     }
-    {
+    if !only_http {
         // What the TLS provider costs: the default (aws-lc-rs, X25519MLKEM768) against ring (X25519).
         let (c, hc, hs) = mtls_cluster(testbin, "", &["--tls-provider", "ring"])?;
         results.push(measure(&c, MTLS_HBONE_RING, &hc, &hs)?);
     }
 
-    let direct = &results[0];
     print_paths(&results);
     print_http(&http);
     let targets = targets(&results, &http);
@@ -437,7 +442,7 @@ fn main() -> Result<()> {
         "timestamp": SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs(),
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "throughputBytes": THROUGHPUT_BYTES,
-        "paths": results.iter().map(|r| json!({
+        "paths": results.iter().map(|r| (r, results.first().unwrap_or(r))).map(|(r, direct)| json!({
             "name": r.name,
             "gbitPerSecond": r.gbit_per_second,
             "rttP50Us": r.rr_p50_us,
