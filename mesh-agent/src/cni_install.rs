@@ -21,6 +21,9 @@ pub enum InstallError {
     BadConfig(PathBuf, String),
     #[error("no CNI network configuration in {0} (is the node's network plugin installed?)")]
     NoConfig(PathBuf),
+    /// Chained into it, the plugin would fail every pod's ADD on the node; nothing is changed instead.
+    #[error("{0} has cniVersion {1:?}, which nodemesh-cni does not speak (it speaks {supported:?}); not chained", supported = crate::cni_plugin::SUPPORTED_VERSIONS)]
+    UnsupportedVersion(PathBuf, String),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> InstallError + '_ {
@@ -77,6 +80,11 @@ pub fn install(binary: &Path, bin_dir: &Path, conf_dir: &Path, socket: Option<&s
     } else {
         return Err(InstallError::BadConfig(primary, "neither `plugins` nor `type`".into()));
     };
+    // The runtime passes the list's version to every plugin in it (a single-plugin config's own, carried over).
+    let version = list.get("cniVersion").and_then(Value::as_str).unwrap_or("");
+    if !crate::cni_plugin::SUPPORTED_VERSIONS.contains(&version) {
+        return Err(InstallError::UnsupportedVersion(primary, version.to_string()));
+    }
     let plugins =
         list["plugins"].as_array_mut().ok_or_else(|| InstallError::BadConfig(path.clone(), "plugins".into()))?;
     let mut entry = json!({"type": PLUGIN});
@@ -190,6 +198,19 @@ mod tests {
         assert_eq!((config["cniVersion"].as_str(), config["name"].as_str()), (Some("0.4.0"), Some("net")));
         assert_eq!(config["plugins"][0]["bridge"], "cni0");
         assert_eq!(config["plugins"][1], json!({"type": PLUGIN, "agentSocket": "/run/x.sock"}));
+
+        // A version the plugin does not speak: refused, the config left as it was.
+        let future = r#"{"cniVersion": "2.0.0", "name": "net", "plugins": [{"type": "bridge"}]}"#;
+        std::fs::write(d.p("conf/05-future.conflist"), future).unwrap();
+        let err = install(&binary, &d.p("bin"), &d.p("conf"), None).unwrap_err();
+        assert!(matches!(err, InstallError::UnsupportedVersion(_, ref v) if v == "2.0.0"), "{err}");
+        assert_eq!(std::fs::read_to_string(d.p("conf/05-future.conflist")).unwrap(), future);
+        std::fs::remove_file(d.p("conf/05-future.conflist")).unwrap();
+        // 1.1.0 (containerd 2 and CRI-O write it): chained.
+        std::fs::write(d.p("conf/05-new.conflist"), FLANNEL.replace("1.0.0", "1.1.0")).unwrap();
+        let path = install(&binary, &d.p("bin"), &d.p("conf"), None).unwrap();
+        assert_eq!(read_config(&path).unwrap()["plugins"][2]["type"], PLUGIN);
+        std::fs::remove_file(&path).unwrap();
 
         std::fs::write(d.p("conf/00-broken.conflist"), "{not json").unwrap();
         let err = install(&binary, &d.p("bin"), &d.p("conf"), None).unwrap_err();

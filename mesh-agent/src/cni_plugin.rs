@@ -1,8 +1,11 @@
-//! `nodemesh-cni`: a chained CNI plugin (spec 1.0.0) that enrolls pods with the node agent.
+//! `nodemesh-cni`: a chained CNI plugin (spec 0.3.0 to 1.1.0) that enrolls pods with the node agent.
 //!
 //! It runs after the main plugin, passes the previous result through unchanged, and tells the agent over its
 //! unix socket which netns and addresses the pod has. ADD returns only when the agent reports capture active,
-//! so the pod's first connection cannot escape.
+//! so the pod's first connection cannot escape. It answers in the version of the network configuration it was
+//! given; a version it does not speak is refused, and `mesh-agent cni install` refuses to chain it into such a
+//! configuration (a runtime would fail every pod's ADD on the node). 1.1's `STATUS` asks the agent whether it
+//! takes pods; `GC` has nothing to collect (the agent forgets pods whose network namespace is gone by itself).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::IpAddr;
@@ -12,7 +15,17 @@ use std::time::Duration;
 use mesh_common::cni::{AgentRequest, AgentResponse, DEFAULT_AGENT_SOCKET, PodNetwork};
 use serde_json::{Value, json};
 
-pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0"];
+pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+/// The newest of them: what VERSION answers in.
+const LATEST_VERSION: &str = "1.1.0";
+/// The commands each version added beyond ADD, DEL and VERSION: CHECK in 0.4.0, STATUS and GC in 1.1.0.
+fn knows(version: &str, command: &str) -> bool {
+    match command {
+        "CHECK" => !version.starts_with("0.3."),
+        "STATUS" | "GC" => version == "1.1.0",
+        _ => true,
+    }
+}
 const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A CNI error result (spec: "Error"), printed on stdout with a non-zero exit.
@@ -41,6 +54,8 @@ pub enum Invocation {
     Add { socket: String, pod: PodNetwork, version: String, prev_result: Value },
     Del { socket: String, container_id: String, netns: Option<String> },
     Check { socket: String, container_id: String },
+    Status { socket: String },
+    Gc,
 }
 
 /// Decodes an invocation from the `CNI_*` variables (`env`) and the network configuration (`stdin`).
@@ -58,6 +73,9 @@ pub fn parse(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Invoc
             "incompatible CNI version",
             format!("{version:?} is not one of {SUPPORTED_VERSIONS:?}"),
         ));
+    }
+    if !knows(version, &command) {
+        return Err(CniError::new(4, format!("{command} is not a command of CNI {version}"), ""));
     }
     let socket = config.get("agentSocket").and_then(Value::as_str).unwrap_or(DEFAULT_AGENT_SOCKET).to_string();
     let require = |name: &str| {
@@ -81,7 +99,13 @@ pub fn parse(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Invoc
             require("CNI_IFNAME")?;
             Ok(Invocation::Check { socket, container_id })
         }
-        other => Err(CniError::new(4, format!("unknown CNI_COMMAND {other:?}"), "expected ADD, DEL, CHECK or VERSION")),
+        "STATUS" => Ok(Invocation::Status { socket }),
+        "GC" => Ok(Invocation::Gc),
+        other => Err(CniError::new(
+            4,
+            format!("unknown CNI_COMMAND {other:?}"),
+            "expected ADD, DEL, CHECK, STATUS, GC or VERSION",
+        )),
     }
 }
 
@@ -90,7 +114,9 @@ pub fn parse(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Invoc
 pub fn run(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Option<Value>, CniError> {
     let unreachable = |e| CniError::new(11, "nodemesh agent is not reachable; try again later", e);
     match parse(env, stdin)? {
-        Invocation::Version => Ok(Some(json!({ "cniVersion": "1.0.0", "supportedVersions": SUPPORTED_VERSIONS }))),
+        Invocation::Version => {
+            Ok(Some(json!({ "cniVersion": LATEST_VERSION, "supportedVersions": SUPPORTED_VERSIONS })))
+        }
         Invocation::Add { socket, pod, version, mut prev_result } => {
             let response = ask_agent(&socket, &AgentRequest::Add(pod)).map_err(unreachable)?;
             if let Some(e) = response.error {
@@ -115,6 +141,15 @@ pub fn run(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Option<
                 None => Ok(None),
             }
         }
+        Invocation::Status { socket } => {
+            // 50: "the plugin is not available" — the runtime holds pod creation until it is.
+            let not_available = |e: std::io::Error| CniError::new(50, "nodemesh agent is not reachable", e);
+            match ask_agent(&socket, &AgentRequest::Status).map_err(not_available)?.error {
+                Some(e) => Err(CniError::new(50, e.msg, e.details)),
+                None => Ok(None),
+            }
+        }
+        Invocation::Gc => Ok(None),
     }
 }
 
@@ -186,6 +221,28 @@ mod tests {
         let e = run(env(&[("CNI_COMMAND", "ADD")]), br#"{"cniVersion":"1.0.0"}"#).unwrap_err();
         assert_eq!((e.code, e.msg.as_str()), (4, "CNI_CONTAINERID is not set"));
         assert_eq!(run(env(&[("CNI_COMMAND", "BOGUS")]), br#"{"cniVersion":"1.0.0"}"#).unwrap_err().code, 4);
+    }
+
+    #[test]
+    fn each_version_gets_the_commands_it_has() {
+        let socket = r#""agentSocket":"/nonexistent/nodemesh.sock""#;
+        let config = |v: &str| format!(r#"{{"cniVersion":"{v}",{socket}}}"#);
+        let call = |command: &str, v: &str| {
+            run(
+                env(&[("CNI_COMMAND", command), ("CNI_CONTAINERID", "c1"), ("CNI_NETNS", "/x"), ("CNI_IFNAME", "e")]),
+                config(v).as_bytes(),
+            )
+        };
+        // CHECK came with 0.4.0, STATUS and GC with 1.1.0: asked of an older version, the command is refused.
+        assert_eq!(call("CHECK", "0.3.1").unwrap_err().code, 4);
+        assert_eq!(call("STATUS", "1.0.0").unwrap_err().code, 4);
+        assert_eq!(call("GC", "1.0.0").unwrap_err().code, 4);
+        // 1.1.0: GC has nothing to collect; STATUS with no agent listening is "not available".
+        assert_eq!(call("GC", "1.1.0").unwrap(), None);
+        assert_eq!(call("STATUS", "1.1.0").unwrap_err().code, 50);
+        assert_eq!(call("CHECK", "1.1.0").unwrap_err().code, 11, "known command, agent down");
+        let version = run(env(&[("CNI_COMMAND", "VERSION")]), b"").unwrap().unwrap();
+        assert_eq!(version["cniVersion"], "1.1.0");
     }
 
     #[test]

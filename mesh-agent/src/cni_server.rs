@@ -85,8 +85,18 @@ async fn dispatch(request: AgentRequest, state: &AgentState) -> AgentResponse {
         AgentRequest::Check { container_id } => {
             if inpod::is_enrolled(state, &container_id) {
                 AgentResponse { captured: true, error: None }
+            } else if inpod::is_parked(state, &container_id) {
+                // Its ADD found it outside the mesh and said so: nothing to check, and nothing wrong.
+                AgentResponse { captured: false, error: None }
             } else {
-                failure(3, "pod is not captured by the node agent", container_id)
+                failure(3, "pod is not known to the node agent", container_id)
+            }
+        }
+        AgentRequest::Status => {
+            if state.capture_ready() {
+                AgentResponse { captured: false, error: None }
+            } else {
+                failure(50, "the node agent is starting: it takes no pods yet", "")
             }
         }
     }

@@ -37,8 +37,11 @@ pub enum AgentRequest {
     Add(PodNetwork),
     /// Stop capturing; succeeds when the pod is not (or no longer) enrolled.
     Del { container_id: String, netns: Option<String> },
-    /// Is capture for this pod in place?
+    /// Is capture for this pod in place, or the pod known to be outside the mesh?
     Check { container_id: String },
+    /// Can the agent take pods now (CNI 1.1 `STATUS`)? Agents before it answer with a decode error, which the
+    /// plugin reports as "not available" too.
+    Status,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]

@@ -164,6 +164,59 @@ fn cni_add_and_del_turn_capture_on_and_off() {
     assert_eq!(pins, 5, "only the five node-wide links stay pinned");
 }
 
+/// What a CNI 1.1 runtime (containerd 2, CRI-O) asks besides ADD and DEL, through the real plugin binary: STATUS
+/// succeeds while the agent takes pods and says "not available" (50) when it is down; a pod the config keeps
+/// outside the mesh passes CHECK after its ADD (it failed with "not captured" before) and is not captured; GC
+/// collects nothing; and every answer is in the configuration's version.
+#[test]
+fn cni_1_1_status_gc_and_check_of_a_pod_outside_the_mesh() {
+    let mut c = cluster!(1);
+    let outside = c.add_pod(0, "outside").unwrap();
+    let config = c.write_config(&[], "excludedPods: [default/outside]\n").unwrap();
+    c.start_agent_with(0, &["--config", config.to_str().unwrap()]).unwrap();
+    let v11 = |command: &str| -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = [("CNI_COMMAND", command), ("CNI_PATH", "/opt/cni/bin")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        if command == "GC" {
+            return env;
+        }
+        env.push(("CNI_CONTAINERID".into(), outside.container_id.clone()));
+        env.push(("CNI_NETNS".into(), mesh_tests::sys::netns_path(&outside.netns).display().to_string()));
+        env.push(("CNI_IFNAME".into(), "eth0".into()));
+        env.push(("CNI_ARGS".into(), "K8S_POD_NAMESPACE=default;K8S_POD_NAME=outside".into()));
+        env
+    };
+    let stdin = c.cni_config(&outside).replace("\"1.0.0\"", "\"1.1.0\"");
+    let call = |c: &Cluster, command: &str| {
+        let env = v11(command);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        c.cni_raw(&env, &stdin).unwrap()
+    };
+    let version = call(&c, "VERSION");
+    assert!(version.json()["supportedVersions"].as_array().unwrap().contains(&"1.1.0".into()), "{}", version.stdout);
+    let status = call(&c, "STATUS");
+    assert!(status.exit_ok && status.stdout.is_empty(), "{}", status.stdout);
+    let add = call(&c, "ADD");
+    assert!(add.exit_ok, "{}", add.stdout);
+    assert_eq!(add.json()["cniVersion"], "1.1.0", "answered in the configuration's version: {}", add.stdout);
+    assert_eq!(c.admin(0, "/workloads").unwrap().as_array().unwrap().len(), 0, "kept outside the mesh");
+    let check = call(&c, "CHECK");
+    assert!(check.exit_ok, "CHECK of a pod whose ADD succeeded: {}", check.stdout);
+    let gc = call(&c, "GC");
+    assert!(gc.exit_ok && gc.stdout.is_empty(), "{}", gc.stdout);
+    assert!(call(&c, "DEL").exit_ok);
+    let check = call(&c, "CHECK");
+    assert_eq!(check.error_code(), Some(3), "after DEL the pod is unknown: {}", check.stdout);
+
+    c.kill_agent(0).unwrap();
+    let status = call(&c, "STATUS");
+    assert!(!status.exit_ok);
+    assert_eq!(status.error_code(), Some(50), "{}", status.stdout);
+    assert_eq!(status.json()["cniVersion"], "1.1.0");
+}
+
 #[test]
 fn malformed_cni_calls_get_spec_errors_and_harm_nothing() {
     let mut c = cluster!(1);

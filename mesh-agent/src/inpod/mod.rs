@@ -199,6 +199,12 @@ pub fn is_enrolled(state: &AgentState, container_id: &str) -> bool {
     state.pods().contains_key(container_id)
 }
 
+/// Whether the pod was added and left uncaptured because the config keeps it outside the mesh (it is captured
+/// once its namespace joins).
+pub fn is_parked(state: &AgentState, container_id: &str) -> bool {
+    state.parked().contains_key(container_id)
+}
+
 /// At start-up: takes over the pods an earlier agent enrolled (on the listeners `handed_over` gives for a
 /// container, when that agent is still running and handed them over), and forgets those that are gone. An error when another agent still serves them without handing
 /// them over: releasing its pods' capture then (as for a pod that cannot be re-adopted) would let their
