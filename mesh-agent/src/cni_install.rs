@@ -58,8 +58,21 @@ fn is_ours(plugin: &Value) -> bool {
     plugin["type"] == PLUGIN
 }
 
+/// What the plugin's entry in the network config says beyond its type (unset: the plugin's defaults).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PluginEntry<'a> {
+    pub agent_socket: Option<&'a str>,
+    /// Namespaces whose pods the plugin passes without asking the agent (`crate::cni_plugin`).
+    pub exclude_namespaces: Option<&'a [String]>,
+}
+
 /// Chains the plugin into the primary config (and copies `binary` into `bin_dir`). Returns the config file.
-pub fn install(binary: &Path, bin_dir: &Path, conf_dir: &Path, socket: Option<&str>) -> Result<PathBuf, InstallError> {
+pub fn install(
+    binary: &Path,
+    bin_dir: &Path,
+    conf_dir: &Path,
+    settings: &PluginEntry,
+) -> Result<PathBuf, InstallError> {
     let target = bin_dir.join(PLUGIN);
     let tmp = bin_dir.join(format!(".{PLUGIN}.nodemesh-tmp"));
     std::fs::copy(binary, &tmp).map_err(io(&tmp))?;
@@ -88,8 +101,11 @@ pub fn install(binary: &Path, bin_dir: &Path, conf_dir: &Path, socket: Option<&s
     let plugins =
         list["plugins"].as_array_mut().ok_or_else(|| InstallError::BadConfig(path.clone(), "plugins".into()))?;
     let mut entry = json!({"type": PLUGIN});
-    if let Some(socket) = socket {
+    if let Some(socket) = settings.agent_socket {
         entry["agentSocket"] = json!(socket);
+    }
+    if let Some(namespaces) = settings.exclude_namespaces {
+        entry["excludeNamespaces"] = json!(namespaces);
     }
     match plugins.iter_mut().find(|p| is_ours(p)) {
         Some(existing) if *existing == entry && path == primary => return Ok(path),
@@ -161,9 +177,9 @@ mod tests {
         std::fs::write(d.p("conf/10-flannel.conflist"), FLANNEL).unwrap();
         std::fs::write(d.p("conf/99-other.conflist"), FLANNEL).unwrap();
         let binary = d.p("src").join(PLUGIN);
-        let path = install(&binary, &d.p("bin"), &d.p("conf"), None).unwrap();
+        let path = install(&binary, &d.p("bin"), &d.p("conf"), &PluginEntry::default()).unwrap();
         assert_eq!(path, d.p("conf/10-flannel.conflist"));
-        install(&binary, &d.p("bin"), &d.p("conf"), None).unwrap();
+        install(&binary, &d.p("bin"), &d.p("conf"), &PluginEntry::default()).unwrap();
         let config = read_config(&path).unwrap();
         let types: Vec<&str> =
             config["plugins"].as_array().unwrap().iter().filter_map(|p| p["type"].as_str()).collect();
@@ -185,35 +201,49 @@ mod tests {
     fn a_single_plugin_conf_becomes_a_conflist_and_bad_input_is_refused() {
         let d = Dirs::new("single");
         let binary = d.p("src").join(PLUGIN);
-        assert!(matches!(install(&binary, &d.p("bin"), &d.p("conf"), None), Err(InstallError::NoConfig(_))));
+        assert!(matches!(
+            install(&binary, &d.p("bin"), &d.p("conf"), &PluginEntry::default()),
+            Err(InstallError::NoConfig(_))
+        ));
         std::fs::write(
             d.p("conf/10-bridge.conf"),
             r#"{"cniVersion": "0.4.0", "name": "net", "type": "bridge", "bridge": "cni0"}"#,
         )
         .unwrap();
-        let path = install(&binary, &d.p("bin"), &d.p("conf"), Some("/run/x.sock")).unwrap();
+        let path = install(
+            &binary,
+            &d.p("bin"),
+            &d.p("conf"),
+            &PluginEntry {
+                agent_socket: Some("/run/x.sock"),
+                exclude_namespaces: Some(&["kube-system".into(), "infra".into()]),
+            },
+        )
+        .unwrap();
         assert_eq!(path, d.p("conf/10-bridge.conflist"));
         assert!(!d.p("conf/10-bridge.conf").exists());
         let config = read_config(&path).unwrap();
         assert_eq!((config["cniVersion"].as_str(), config["name"].as_str()), (Some("0.4.0"), Some("net")));
         assert_eq!(config["plugins"][0]["bridge"], "cni0");
-        assert_eq!(config["plugins"][1], json!({"type": PLUGIN, "agentSocket": "/run/x.sock"}));
+        let entry =
+            json!({"type": PLUGIN, "agentSocket": "/run/x.sock", "excludeNamespaces": ["kube-system", "infra"]});
+        assert_eq!(config["plugins"][1], entry);
 
         // A version the plugin does not speak: refused, the config left as it was.
         let future = r#"{"cniVersion": "2.0.0", "name": "net", "plugins": [{"type": "bridge"}]}"#;
         std::fs::write(d.p("conf/05-future.conflist"), future).unwrap();
-        let err = install(&binary, &d.p("bin"), &d.p("conf"), None).unwrap_err();
+        let err = install(&binary, &d.p("bin"), &d.p("conf"), &PluginEntry::default()).unwrap_err();
         assert!(matches!(err, InstallError::UnsupportedVersion(_, ref v) if v == "2.0.0"), "{err}");
         assert_eq!(std::fs::read_to_string(d.p("conf/05-future.conflist")).unwrap(), future);
         std::fs::remove_file(d.p("conf/05-future.conflist")).unwrap();
         // 1.1.0 (containerd 2 and CRI-O write it): chained.
         std::fs::write(d.p("conf/05-new.conflist"), FLANNEL.replace("1.0.0", "1.1.0")).unwrap();
-        let path = install(&binary, &d.p("bin"), &d.p("conf"), None).unwrap();
+        let path = install(&binary, &d.p("bin"), &d.p("conf"), &PluginEntry::default()).unwrap();
         assert_eq!(read_config(&path).unwrap()["plugins"][2]["type"], PLUGIN);
         std::fs::remove_file(&path).unwrap();
 
         std::fs::write(d.p("conf/00-broken.conflist"), "{not json").unwrap();
-        let err = install(&binary, &d.p("bin"), &d.p("conf"), None).unwrap_err();
+        let err = install(&binary, &d.p("bin"), &d.p("conf"), &PluginEntry::default()).unwrap_err();
         assert!(err.to_string().contains("00-broken.conflist"), "{err}");
     }
 }

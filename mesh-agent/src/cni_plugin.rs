@@ -27,6 +27,10 @@ fn knows(version: &str, command: &str) -> bool {
     }
 }
 const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Namespaces whose pods never wait for the agent (istio-cni's `exclude_namespaces`): the node's own system pods
+/// must start while no agent runs — the agent's own DaemonSet among them. The config's `excludeNamespaces`
+/// replaces the list.
+const DEFAULT_EXCLUDED_NAMESPACES: &[&str] = &["kube-system"];
 
 /// A CNI error result (spec: "Error"), printed on stdout with a non-zero exit.
 #[derive(Debug, PartialEq, Eq)]
@@ -51,10 +55,29 @@ impl CniError {
 #[derive(Debug, PartialEq)]
 pub enum Invocation {
     Version,
-    Add { socket: String, pod: PodNetwork, version: String, prev_result: Value },
-    Del { socket: String, container_id: String, netns: Option<String> },
-    Check { socket: String, container_id: String },
-    Status { socket: String },
+    Add {
+        socket: String,
+        pod: PodNetwork,
+        version: String,
+        prev_result: Value,
+    },
+    /// ADD (or CHECK) of a pod in an excluded namespace: passed on without the agent.
+    Excluded {
+        version: String,
+        prev_result: Option<Value>,
+    },
+    Del {
+        socket: String,
+        container_id: String,
+        netns: Option<String>,
+    },
+    Check {
+        socket: String,
+        container_id: String,
+    },
+    Status {
+        socket: String,
+    },
     Gc,
 }
 
@@ -81,7 +104,22 @@ pub fn parse(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Invoc
     let require = |name: &str| {
         env(name).filter(|v| !v.is_empty()).ok_or_else(|| CniError::new(4, format!("{name} is not set"), ""))
     };
+    let excluded = || {
+        let namespace = cni_arg(&env, "K8S_POD_NAMESPACE");
+        let listed = |n: &str| namespace.as_deref() == Some(n);
+        match config.get("excludeNamespaces").and_then(Value::as_array) {
+            Some(list) => list.iter().filter_map(Value::as_str).any(listed),
+            None => DEFAULT_EXCLUDED_NAMESPACES.iter().copied().any(listed),
+        }
+    };
     match command.as_str() {
+        "ADD" | "CHECK" if excluded() => {
+            require("CNI_CONTAINERID")?;
+            require("CNI_IFNAME")?;
+            let prev_result =
+                (command == "ADD").then(|| config.get("prevResult").cloned().unwrap_or_else(|| json!({})));
+            Ok(Invocation::Excluded { version: version.to_string(), prev_result })
+        }
         "ADD" => {
             let pod = pod_network(&env, &config, require("CNI_CONTAINERID")?, require("CNI_NETNS")?)?;
             require("CNI_IFNAME")?;
@@ -150,6 +188,10 @@ pub fn run(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Option<
             }
         }
         Invocation::Gc => Ok(None),
+        Invocation::Excluded { version, prev_result } => Ok(prev_result.map(|mut result| {
+            result["cniVersion"] = json!(version);
+            result
+        })),
     }
 }
 
@@ -160,9 +202,7 @@ fn pod_network(
     netns: String,
 ) -> Result<PodNetwork, CniError> {
     let args = env("CNI_ARGS").unwrap_or_default();
-    let arg = |key: &str| {
-        args.split(';').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == key).map(|(_, v)| v.to_string())
-    };
+    let arg = |key: &str| cni_arg(env, key);
     let namespace =
         arg("K8S_POD_NAMESPACE").ok_or_else(|| CniError::new(4, "CNI_ARGS has no K8S_POD_NAMESPACE", &args))?;
     let name = arg("K8S_POD_NAME").ok_or_else(|| CniError::new(4, "CNI_ARGS has no K8S_POD_NAME", &args))?;
@@ -181,6 +221,12 @@ fn pod_network(
         ips.push(ip);
     }
     Ok(PodNetwork { container_id, netns, namespace, name, uid: arg("K8S_POD_UID"), ips })
+}
+
+/// One `KEY=value` of `CNI_ARGS`.
+fn cni_arg(env: &impl Fn(&str) -> Option<String>, key: &str) -> Option<String> {
+    let args = env("CNI_ARGS")?;
+    args.split(';').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == key).map(|(_, v)| v.to_string())
 }
 
 fn ask_agent(socket: &str, request: &AgentRequest) -> std::io::Result<AgentResponse> {
@@ -202,7 +248,7 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
-    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
         let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         move |k| map.get(k).cloned()
     }
@@ -221,6 +267,41 @@ mod tests {
         let e = run(env(&[("CNI_COMMAND", "ADD")]), br#"{"cniVersion":"1.0.0"}"#).unwrap_err();
         assert_eq!((e.code, e.msg.as_str()), (4, "CNI_CONTAINERID is not set"));
         assert_eq!(run(env(&[("CNI_COMMAND", "BOGUS")]), br#"{"cniVersion":"1.0.0"}"#).unwrap_err().code, 4);
+    }
+
+    #[test]
+    fn pods_of_excluded_namespaces_never_wait_for_the_agent() {
+        let vars = |command: &'static str, namespace: &'static str| {
+            let args: &'static str = if namespace == "kube-system" {
+                "K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=coredns-1"
+            } else {
+                "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart-1"
+            };
+            env(&[
+                ("CNI_COMMAND", command),
+                ("CNI_CONTAINERID", "c1"),
+                ("CNI_NETNS", "/run/netns/x"),
+                ("CNI_IFNAME", "eth0"),
+                ("CNI_ARGS", args),
+            ])
+        };
+        let config = |exclude: &str| {
+            format!(
+                r#"{{"cniVersion":"0.4.0","agentSocket":"/nonexistent/nodemesh.sock"{exclude},"prevResult":{{"cniVersion":"0.4.0","ips":[{{"version":"4","address":"10.0.0.2/24"}}]}}}}"#
+            )
+        };
+        // No agent listens: kube-system (the default) passes, its previous result in the config's version.
+        let added = run(vars("ADD", "kube-system"), config("").as_bytes()).unwrap().unwrap();
+        assert_eq!(added["ips"][0]["address"], "10.0.0.2/24");
+        assert_eq!(added["cniVersion"], "0.4.0");
+        assert_eq!(run(vars("CHECK", "kube-system"), config("").as_bytes()).unwrap(), None);
+        // Other namespaces ask the agent; an explicit list replaces the default (empty: none excluded).
+        assert_eq!(run(vars("ADD", "shop"), config("").as_bytes()).unwrap_err().code, 11);
+        let shop_excluded = config(r#","excludeNamespaces":["shop"]"#);
+        assert!(run(vars("ADD", "shop"), shop_excluded.as_bytes()).unwrap().is_some());
+        assert_eq!(run(vars("ADD", "kube-system"), shop_excluded.as_bytes()).unwrap_err().code, 11);
+        let none = config(r#","excludeNamespaces":[]"#);
+        assert_eq!(run(vars("ADD", "kube-system"), none.as_bytes()).unwrap_err().code, 11);
     }
 
     #[test]

@@ -56,6 +56,10 @@ enum CniCommand {
         /// Agent socket the plugin should use, when not the default.
         #[arg(long)]
         agent_socket: Option<String>,
+        /// Namespaces whose pods start without the agent and are never captured (repeat, or comma-separated;
+        /// an empty value excludes none). Default: kube-system.
+        #[arg(long, value_delimiter = ',', num_args = 0..)]
+        exclude_namespaces: Option<Vec<String>>,
         /// How long to wait for the node's network plugin to write its config.
         #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
         wait: std::time::Duration,
@@ -207,12 +211,17 @@ fn main() -> anyhow::Result<()> {
             runtime.enable_all().build()?.block_on(run(*args))
         }
         Command::Cleanup(args) => cleanup(&args),
-        Command::Cni(CniCommand::Install { dirs, agent_socket, wait }) => {
+        Command::Cni(CniCommand::Install { dirs, agent_socket, exclude_namespaces, wait }) => {
             let binary = std::env::current_exe()?.with_file_name(mesh_agent::cni_install::PLUGIN);
             let deadline = std::time::Instant::now() + wait;
+            let excluded: Option<Vec<String>> =
+                exclude_namespaces.map(|list| list.into_iter().filter(|n| !n.is_empty()).collect());
+            let entry = mesh_agent::cni_install::PluginEntry {
+                agent_socket: agent_socket.as_deref(),
+                exclude_namespaces: excluded.as_deref(),
+            };
             loop {
-                match mesh_agent::cni_install::install(&binary, &dirs.bin_dir, &dirs.conf_dir, agent_socket.as_deref())
-                {
+                match mesh_agent::cni_install::install(&binary, &dirs.bin_dir, &dirs.conf_dir, &entry) {
                     Ok(path) => {
                         println!("nodemesh-cni chained into {}", path.display());
                         return Ok(());

@@ -164,6 +164,47 @@ fn cni_add_and_del_turn_capture_on_and_off() {
     assert_eq!(pins, 5, "only the five node-wide links stay pinned");
 }
 
+/// `ip ARGS` inside `pod`'s network namespace; its standard output.
+fn ip_in(pod: &Pod, args: &[&str]) -> String {
+    let netns = format!("--net={}", mesh_tests::sys::netns_path(&pod.netns).display());
+    let out = std::process::Command::new("nsenter").arg(&netns).arg("ip").args(args).output().unwrap();
+    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A pod whose loopback is still down when its ADD comes (a chained plugin can run before the runtime brings it
+/// up) is enrolled all the same — it failed with "cannot listen … is its loopback up?" before. An ADD that fails
+/// after the capture routing went in (a port the agent listens on is taken in the pod) leaves the pod as it
+/// found it: no fwmark rule, no route in the agent's table (the rule stayed behind before), nothing captured.
+#[test]
+fn cni_add_with_loopback_down_enrolls_and_a_failed_add_leaves_nothing_behind() {
+    let mut c = cluster!(1);
+    let client = c.add_pod(0, "client").unwrap();
+    let server = c.add_pod(0, "server").unwrap();
+    let taken = c.add_pod(0, "taken").unwrap();
+    c.start_agent(0).unwrap();
+    c.serve(&server, 8080).unwrap();
+    ip_in(&client, &["link", "set", "lo", "down"]);
+    c.enroll(&client).unwrap();
+    assert!(ip_in(&client, &["link", "show", "lo"]).contains("UP"), "loopback brought up");
+    let r = c.client(&client, addr(server.ipv4, 8080), 4096, 1).unwrap();
+    assert!(r.success, "{:?} {}", r.json, r.stderr);
+    assert_eq!(ip_of(&r.field("local")), IpAddr::from([127, 0, 0, 1]), "captured: {:?}", r.json);
+
+    // The application holds the agent's outbound port: the ADD fails after routing was installed.
+    c.serve(&taken, mesh_common::bpf::OUTBOUND_PORT).unwrap();
+    let add = c.cni("ADD", &taken).unwrap();
+    assert!(!add.exit_ok, "{}", add.stdout);
+    let table = mesh_common::bpf::INBOUND_ROUTE_TABLE.to_string();
+    for family in ["-4", "-6"] {
+        let rules = ip_in(&taken, &[family, "rule", "show"]);
+        assert!(!rules.contains(&format!("lookup {table}")), "{family} rules left behind:\n{rules}");
+        let routes = ip_in(&taken, &[family, "route", "show", "table", &table]);
+        assert!(routes.trim().is_empty(), "{family} routes left behind:\n{routes}");
+    }
+    assert_eq!(c.admin(0, "/workloads").unwrap().as_array().unwrap().len(), 1, "only the client is enrolled");
+}
+
 /// What a CNI 1.1 runtime (containerd 2, CRI-O) asks besides ADD and DEL, through the real plugin binary: STATUS
 /// succeeds while the agent takes pods and says "not available" (50) when it is down; a pod the config keeps
 /// outside the mesh passes CHECK after its ADD (it failed with "not captured" before) and is not captured; GC
@@ -215,6 +256,15 @@ fn cni_1_1_status_gc_and_check_of_a_pod_outside_the_mesh() {
     assert!(!status.exit_ok);
     assert_eq!(status.error_code(), Some(50), "{}", status.stdout);
     assert_eq!(status.json()["cniVersion"], "1.1.0");
+    // With no agent on the node, pods of kube-system (excluded by default) still start; others wait for it.
+    let mut env = v11("ADD");
+    let system_args = "K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=coredns-1".to_string();
+    env.iter_mut().filter(|(k, _)| k == "CNI_ARGS").for_each(|(_, v)| *v = system_args.clone());
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let system = c.cni_raw(&env, &stdin).unwrap();
+    assert!(system.exit_ok, "{}", system.stdout);
+    assert_eq!(system.json()["ips"][0]["address"], format!("{}/24", outside.ipv4));
+    assert_eq!(call(&c, "ADD").error_code(), Some(11), "a default-namespace pod waits for the agent");
 }
 
 #[test]

@@ -253,6 +253,7 @@ pub async fn readopt(
 struct Prepared {
     net: PodNetwork,
     netns: NetNs,
+    routing: routing::Installed,
     outbound: Vec<std::net::TcpListener>,
     inbound: Vec<(IpAddr, std::net::TcpListener)>,
     hbone: Vec<std::net::TcpListener>,
@@ -286,8 +287,15 @@ fn prepare(net: PodNetwork, with_hbone: bool, inherited: Vec<std::net::TcpListen
     }
     let has_v4 = net.ips.iter().any(|ip| ip.is_ipv4());
     let has_v6 = net.ips.iter().any(|ip| ip.is_ipv6());
-    netns.run_on_thread(move || routing::install(has_v4, has_v6))?;
-    let (outbound, inbound, hbone) = netns.run(|| -> std::io::Result<_> {
+    let routing = match netns.run_on_thread(move || routing::install(has_v4, has_v6)) {
+        Ok(installed) => installed,
+        Err(e) => {
+            // Half-installed (a rule of one family and not the other): nothing of it stays.
+            let _ = netns.run_on_thread(|| Ok(routing::remove()));
+            return Err(e);
+        }
+    };
+    let listeners = netns.run(|| -> std::io::Result<_> {
         // IPv4 outbound always: v6 sockets dialling v4-mapped addresses land on it too.
         let mut outbound = vec![take_or_listen(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT))?];
         let mut inbound = Vec::new();
@@ -310,8 +318,24 @@ fn prepare(net: PodNetwork, with_hbone: bool, inherited: Vec<std::net::TcpListen
             }
         }
         Ok((outbound, inbound, hbone))
-    })??;
-    Ok(Prepared { net, netns, outbound, inbound, hbone })
+    });
+    match listeners.and_then(|l| l) {
+        Ok((outbound, inbound, hbone)) => Ok(Prepared { net, netns, routing, outbound, inbound, hbone }),
+        Err(e) => {
+            roll_back_routing(&netns, routing);
+            Err(e)
+        }
+    }
+}
+
+/// After a failed enrollment: the pod is left as the ADD found it — without the rules when this enrollment added
+/// them, untouched when they were in place (another agent's connections may be using them).
+fn roll_back_routing(netns: &NetNs, routing: routing::Installed) {
+    if routing == routing::Installed::Fresh {
+        if let Err(e) = netns.run_on_thread(|| Ok(routing::remove())) {
+            tracing::warn!(error = %e, "cannot remove the pod's capture routing after a failed enrollment");
+        }
+    }
 }
 
 fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
@@ -321,20 +345,50 @@ fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
         socket.set_only_v6(true)?;
     }
     socket.set_nonblocking(true)?;
-    socket.bind(&addr.into()).map_err(|e| {
-        std::io::Error::new(e.kind(), format!("cannot listen on {addr} in the pod (is its loopback up?): {e}"))
-    })?;
+    socket
+        .bind(&addr.into())
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr} in the pod: {e}")))?;
     socket.listen(LISTEN_BACKLOG)?;
     Ok(socket.into())
 }
 
-/// The non-blocking part: kernel maps and accept loops. Synchronous so no lock is held across an await.
+/// The non-blocking part: kernel maps and accept loops. Synchronous so no lock is held across an await. A failure
+/// leaves nothing behind: accept loops stopped, kernel maps cleared, and the routing removed when this enrollment
+/// added it (a rare path; its `ip` calls block this thread for a few milliseconds).
 fn activate(state: &AgentState, p: Prepared) -> anyhow::Result<Arc<PodContext>> {
     let enrolled_at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let pod =
         Arc::new(PodContext { net: p.net, netns: p.netns, enrolled_at, outbound_connections: Default::default() });
-    let (mut tasks, mut listeners) = (Vec::new(), Vec::new());
-    for listener in p.outbound {
+    let mut tasks = Vec::new();
+    match serve_and_capture(state, &pod, (p.outbound, p.hbone, p.inbound), &mut tasks) {
+        Ok(listeners) => {
+            let mut pods = state.pods();
+            pods.insert(pod.net.container_id.clone(), PodEntry { pod: pod.clone(), tasks, listeners });
+            state.metrics().enrolled_pods.set(pods.len() as i64);
+            Ok(pod)
+        }
+        Err(e) => {
+            for t in &tasks {
+                t.abort();
+            }
+            roll_back_routing(&pod.netns, p.routing);
+            Err(e)
+        }
+    }
+}
+
+type Listeners = (Vec<std::net::TcpListener>, Vec<std::net::TcpListener>, Vec<(IpAddr, std::net::TcpListener)>);
+
+/// Starts the pod's accept loops (their abort handles pushed to `tasks`) and enrolls it with the capture programs;
+/// returns the listeners kept for a handover.
+fn serve_and_capture(
+    state: &AgentState,
+    pod: &Arc<PodContext>,
+    (outbound, hbone, inbound): Listeners,
+    tasks: &mut Vec<tokio::task::AbortHandle>,
+) -> anyhow::Result<Vec<std::net::TcpListener>> {
+    let mut listeners = Vec::new();
+    for listener in outbound {
         listeners.push(listener.try_clone()?);
         let listener = TcpListener::from_std(listener)?;
         tasks.push(
@@ -342,7 +396,7 @@ fn activate(state: &AgentState, p: Prepared) -> anyhow::Result<Arc<PodContext>> 
                 .abort_handle(),
         );
     }
-    for listener in p.hbone {
+    for listener in hbone {
         listeners.push(listener.try_clone()?);
         let listener = TcpListener::from_std(listener)?;
         tasks.push(
@@ -352,7 +406,7 @@ fn activate(state: &AgentState, p: Prepared) -> anyhow::Result<Arc<PodContext>> 
     }
     // Several pod IPs of one family share one listener; serve each listener once.
     let mut served = Vec::new();
-    for (_, listener) in &p.inbound {
+    for (_, listener) in &inbound {
         let local = listener.local_addr()?;
         if !served.contains(&local) {
             served.push(local);
@@ -364,18 +418,12 @@ fn activate(state: &AgentState, p: Prepared) -> anyhow::Result<Arc<PodContext>> 
             );
         }
     }
-    let inbound: Vec<(IpAddr, &std::net::TcpListener)> = p.inbound.iter().map(|(ip, l)| (*ip, l)).collect();
+    let inbound: Vec<(IpAddr, &std::net::TcpListener)> = inbound.iter().map(|(ip, l)| (*ip, l)).collect();
     if let Err(e) = state.capture().enroll(pod.netns.file(), pod.netns.cookie(), &inbound) {
-        for t in &tasks {
-            t.abort();
-        }
         state.capture().unenroll(pod.netns.cookie(), &pod.net.ips);
         return Err(e.into());
     }
-    let mut pods = state.pods();
-    pods.insert(pod.net.container_id.clone(), PodEntry { pod: pod.clone(), tasks, listeners });
-    state.metrics().enrolled_pods.set(pods.len() as i64);
-    Ok(pod)
+    Ok(listeners)
 }
 
 fn load_saved(path: &Path) -> Vec<SavedPod> {

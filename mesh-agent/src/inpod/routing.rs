@@ -22,8 +22,21 @@ use mesh_common::bpf::{INBOUND_MARK, INBOUND_ROUTE_TABLE};
 /// Rule priority: ahead of `main` (32766), behind `local` (0).
 const RULE_PRIORITY: &str = "100";
 
-/// Installs the rules and sysctl. Must run on a thread inside the pod's netns.
-pub fn install(ipv4: bool, ipv6: bool) -> io::Result<()> {
+/// What [`install`] found: whether any of its rules was in place already (an agent taking over a pod from the one
+/// before it), so that a failed enrollment removes only what it added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Installed {
+    Fresh,
+    WasInPlace,
+}
+
+/// Brings the pod's loopback up and installs the rules and sysctls. Must run on a thread inside the pod's netns.
+///
+/// The loopback first: the route below and the agent's listeners are on it, and a chained plugin can run before
+/// the runtime brings it up (containerd sets it up apart from the CNI chain); every pod has it up in the end.
+pub fn install(ipv4: bool, ipv6: bool) -> io::Result<Installed> {
+    ip(&["link", "set", "lo", "up"])?;
+    let mut installed = Installed::Fresh;
     for sysctl in SYSCTLS {
         // A kernel without IPv6 has no net.ipv6 tree; a pod without IPv6 addresses needs none of it.
         if ipv6 || !sysctl.starts_with("ipv6/") {
@@ -39,6 +52,9 @@ pub fn install(ipv4: bool, ipv6: bool) -> io::Result<()> {
         // moment without them, or the application's replies leave the pod and its connections are reset.
         ip(&[family, "route", "replace", "local", default, "dev", "lo", "table", &table()])?;
         let rules = rule_count(family)?;
+        if rules > 0 {
+            installed = Installed::WasInPlace;
+        }
         if rules == 0 {
             ip(&[family, "rule", "add", "fwmark", &mark(), "lookup", &table(), "priority", RULE_PRIORITY])?;
         }
@@ -47,7 +63,7 @@ pub fn install(ipv4: bool, ipv6: bool) -> io::Result<()> {
             ip(&[family, "rule", "del", "fwmark", &mark(), "lookup", &table()])?;
         }
     }
-    Ok(())
+    Ok(installed)
 }
 
 /// How many of our rules the family has.
