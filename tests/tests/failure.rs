@@ -93,6 +93,13 @@ fn agent_without_any_config_fails_closed_until_the_controller_returns() {
     assert!(!contains(&wire, MARKER.as_bytes()), "plaintext left the node of an agent without config");
     let denied = c.metric(0, "nodemesh_tcp_connections_denied_total", &[("reason", "no_config")]).unwrap();
     assert_eq!(denied, 1.0);
+    // A pod created meanwhile is neither captured nor let out uncaptured: its ADD says "try again later" (it was
+    // enrolled before, whatever its namespace); once the config is there, the runtime's retry enrolls it.
+    let newcomer = c.add_pod(0, "newcomer").unwrap();
+    let add = c.cni("ADD", &newcomer).unwrap();
+    assert!(!add.exit_ok, "ADD before the first config: {}", add.stdout);
+    assert_eq!(add.error_code(), Some(11), "{}", add.stdout);
+    assert_eq!(c.admin(0, "/workloads").unwrap().as_array().unwrap().len(), 1, "nothing enrolled meanwhile");
 
     // Let the agent's reconnect delay grow to its cap first, as during a long controller outage.
     std::thread::sleep(Duration::from_secs(4));
@@ -103,6 +110,8 @@ fn agent_without_any_config_fails_closed_until_the_controller_returns() {
     let r = c.client(&client, target, 64 * KIB, 1).unwrap();
     assert!(r.success && r.ok_connections() == 1, "{:?} {}", r.json, r.stderr);
     assert_eq!(c.mutual_tls_opened(0), 1.0);
+    c.enroll(&newcomer).unwrap();
+    assert_eq!(c.admin(0, "/workloads").unwrap().as_array().unwrap().len(), 2, "the retried ADD enrolled it");
 }
 
 const HTTP: &str = env!("CARGO_BIN_EXE_mesh-http");

@@ -50,6 +50,16 @@ fn err(code: u32, msg: impl Into<String>, details: impl ToString) -> AgentError 
 /// CNI ADD. Returns whether the pod is captured; returns only once capture is active.
 pub async fn enroll(state: &AgentState, net: PodNetwork) -> Result<bool, AgentError> {
     let _serial = state.enrollment_lock().await;
+    // Before its first config (fed by a controller, none kept from before) the agent cannot tell a meshed pod
+    // from another: capturing every pod would mesh namespaces nobody meshed, capturing none would let a meshed
+    // pod start in plaintext. It takes neither; the runtime retries the sandbox.
+    if !state.data_plane().has_config() && !state.pods().contains_key(&net.container_id) {
+        return Err(err(
+            11,
+            "the node agent has no mesh config yet; try again later",
+            "it cannot tell whether the pod's namespace is meshed before the controller's first config",
+        ));
+    }
     let outcome = enroll_locked(state, net, Vec::new()).await;
     persist(state);
     outcome
