@@ -179,12 +179,7 @@ async fn release(state: &AgentState, container_id: &str) -> Option<PodNetwork> {
     state.l7().forget_pod(pod.netns.cookie());
     state.sync_identities();
     state.metrics().enrolled_pods.set(state.pods().len() as i64);
-    let cleanup = tokio::task::spawn_blocking(move || {
-        pod.netns.run_on_thread(|| {
-            routing::remove();
-            Ok(())
-        })
-    });
+    let cleanup = tokio::task::spawn_blocking(move || remove_routing(&pod.netns));
     if let Ok(Err(e)) = cleanup.await {
         tracing::debug!(error = %e, "pod netns gone before its routing could be removed");
     }
@@ -301,7 +296,7 @@ fn prepare(net: PodNetwork, with_hbone: bool, inherited: Vec<std::net::TcpListen
         Ok(installed) => installed,
         Err(e) => {
             // Half-installed (a rule of one family and not the other): nothing of it stays.
-            let _ = netns.run_on_thread(|| Ok(routing::remove()));
+            let _ = remove_routing(&netns);
             return Err(e);
         }
     };
@@ -338,11 +333,19 @@ fn prepare(net: PodNetwork, with_hbone: bool, inherited: Vec<std::net::TcpListen
     }
 }
 
+/// Removes the capture routing from the pod (from a thread inside its netns).
+fn remove_routing(netns: &NetNs) -> std::io::Result<()> {
+    netns.run_on_thread(|| {
+        routing::remove();
+        Ok(())
+    })
+}
+
 /// After a failed enrollment: the pod is left as the ADD found it — without the rules when this enrollment added
 /// them, untouched when they were in place (another agent's connections may be using them).
 fn roll_back_routing(netns: &NetNs, routing: routing::Installed) {
     if routing == routing::Installed::Fresh {
-        if let Err(e) = netns.run_on_thread(|| Ok(routing::remove())) {
+        if let Err(e) = remove_routing(netns) {
             tracing::warn!(error = %e, "cannot remove the pod's capture routing after a failed enrollment");
         }
     }
