@@ -79,6 +79,26 @@ pub fn install(
     // Renaming over the old binary is safe while a runtime is executing it.
     std::fs::rename(&tmp, &target).map_err(io(&target))?;
 
+    let mut entry = json!({"type": PLUGIN});
+    if let Some(socket) = settings.agent_socket {
+        entry["agentSocket"] = json!(socket);
+    }
+    if let Some(namespaces) = settings.exclude_namespaces {
+        entry["excludeNamespaces"] = json!(namespaces);
+    }
+    chain(conf_dir, &entry).map(|(path, _)| path)
+}
+
+/// The plugin's entry in the primary config, when it is chained there.
+pub fn chained_entry(conf_dir: &Path) -> Option<Value> {
+    let primary = configs(conf_dir).ok()?.into_iter().next()?;
+    let config = read_config(&primary).ok()?;
+    config.get("plugins")?.as_array()?.iter().find(|p| is_ours(p)).cloned()
+}
+
+/// Makes `entry` the plugin's entry at the end of the primary config's chain (a single-plugin `.conf` becomes a
+/// `.conflist`). Returns the config and whether it had to be written.
+pub fn chain(conf_dir: &Path, entry: &Value) -> Result<(PathBuf, bool), InstallError> {
     let primary =
         configs(conf_dir)?.into_iter().next().ok_or_else(|| InstallError::NoConfig(conf_dir.to_path_buf()))?;
     let config = read_config(&primary)?;
@@ -100,24 +120,17 @@ pub fn install(
     }
     let plugins =
         list["plugins"].as_array_mut().ok_or_else(|| InstallError::BadConfig(path.clone(), "plugins".into()))?;
-    let mut entry = json!({"type": PLUGIN});
-    if let Some(socket) = settings.agent_socket {
-        entry["agentSocket"] = json!(socket);
-    }
-    if let Some(namespaces) = settings.exclude_namespaces {
-        entry["excludeNamespaces"] = json!(namespaces);
-    }
     match plugins.iter_mut().find(|p| is_ours(p)) {
-        Some(existing) if *existing == entry && path == primary => return Ok(path),
-        Some(existing) => *existing = entry,
-        None => plugins.push(entry),
+        Some(existing) if existing == entry && path == primary => return Ok((path, false)),
+        Some(existing) => *existing = entry.clone(),
+        None => plugins.push(entry.clone()),
     }
     let bytes = serde_json::to_vec_pretty(&list).map_err(|e| InstallError::BadConfig(path.clone(), e.to_string()))?;
     write_atomically(&path, &bytes)?;
     if path != primary {
         std::fs::remove_file(&primary).map_err(io(&primary))?;
     }
-    Ok(path)
+    Ok((path, true))
 }
 
 /// Removes the plugin from every config of `conf_dir` and its binary from `bin_dir`. Returns the configs changed.

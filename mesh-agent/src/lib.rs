@@ -10,6 +10,7 @@ pub mod capture;
 pub mod cni_install;
 pub mod cni_plugin;
 pub mod cni_server;
+pub mod cni_watch;
 pub mod controller;
 pub mod copy;
 pub mod dataplane;

@@ -165,7 +165,8 @@ struct RunArgs {
     /// The API server for `--daemonset` (default: the in-cluster address from KUBERNETES_SERVICE_HOST).
     #[arg(long, env = "NODEMESH_KUBE_API")]
     kube_api: Option<String>,
-    /// The node's CNI config dir, as mounted into the agent (for removal on uninstall).
+    /// The node's CNI config dir, as mounted into the agent: nodemesh-cni is kept chained there while the agent
+    /// runs (`cni_watch`) and removed on uninstall.
     #[arg(long, env = "NODEMESH_CNI_CONF_DIR")]
     cni_conf_dir: Option<PathBuf>,
     /// The node's CNI bin dir, as mounted into the agent (for removal on uninstall).
@@ -364,6 +365,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let cni_task =
         tokio::spawn(cni_server::serve(tokio::net::UnixListener::from_std(cni.try_clone()?)?, state.clone()));
     state.set_capture_ready();
+    let cni_watch = mesh_agent::cni_watch::Stop::default();
+    if let (Some(bin), Some(conf)) = (&args.cni_bin_dir, &args.cni_conf_dir) {
+        let mut entry = serde_json::json!({"type": mesh_agent::cni_install::PLUGIN});
+        if args.cni_socket.as_os_str() != DEFAULT_AGENT_SOCKET {
+            entry["agentSocket"] = serde_json::json!(args.cni_socket.display().to_string());
+        }
+        let (bin, conf, stop) = (bin.clone(), conf.clone(), cni_watch.clone());
+        tokio::spawn(mesh_agent::cni_watch::keep_chained(bin, conf, entry, stop));
+    }
     // Every config applied so far (some arrived during re-adoption) and each later one, as it comes.
     tokio::spawn(inpod::reconcile_on_config_change(state.clone()));
     if let Some(adoption) = adoption {
@@ -400,7 +410,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 state.request_quit();
                 drain(&state, args.drain_timeout).await;
                 if uninstalling(&args).await {
-                    remove_from_node(&args);
+                    // Not chained back behind the uninstall's back.
+                    cni_watch.stop_and(|| remove_from_node(&args));
                     return Ok(());
                 }
                 break;

@@ -1,5 +1,6 @@
 //! Stopping the agent: a restart or an upgrade keeps the chained CNI plugin and the pinned capture (new pods
 //! wait for the next agent instead of escaping), an uninstall — its DaemonSet gone from the API — removes both.
+//! While it runs, the agent keeps the plugin chained when the node's network plugin rewrites its config.
 
 use mesh_tests::cluster::CONTROLLER_IP;
 use mesh_tests::fakeapi::FakeApi;
@@ -55,6 +56,11 @@ fn cni_plugin_and_capture_are_removed_only_when_the_daemonset_is_deleted() {
     };
 
     c.start_agent_with_controller_args(0, &args).unwrap();
+    // The node's network plugin writes its config again, without nodemesh-cni: the running agent chains it back.
+    std::fs::write(conf.join("10-k8s.conflist"), CONFLIST.replace(r#", {"type": "nodemesh-cni"}"#, "")).unwrap();
+    assert!(!chained(&conf));
+    wait_for("nodemesh-cni chained back", || chained(&conf));
+    assert!(c.log_of("agent-n1").contains("chained it back"), "{}", c.log_of("agent-n1"));
     stop(&c);
     assert!(chained(&conf), "a restart keeps the plugin chained");
     assert!(bin.join("nodemesh-cni").exists());
