@@ -28,9 +28,9 @@ fn knows(version: &str, command: &str) -> bool {
 }
 const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Namespaces whose pods never wait for the agent (istio-cni's `exclude_namespaces`): the node's own system pods
-/// must start while no agent runs — the agent's own DaemonSet among them. The config's `excludeNamespaces`
-/// replaces the list.
-const DEFAULT_EXCLUDED_NAMESPACES: &[&str] = &["kube-system"];
+/// must start while no agent runs, and so must nodemesh's own — the controller above all: until it runs, no agent
+/// has a config, and an agent without one takes no pod. The config's `excludeNamespaces` replaces the list.
+const DEFAULT_EXCLUDED_NAMESPACES: &[&str] = &["kube-system", "nodemesh-system"];
 
 /// A CNI error result (spec: "Error"), printed on stdout with a non-zero exit.
 #[derive(Debug, PartialEq, Eq)]
@@ -290,7 +290,8 @@ mod tests {
                 r#"{{"cniVersion":"0.4.0","agentSocket":"/nonexistent/nodemesh.sock"{exclude},"prevResult":{{"cniVersion":"0.4.0","ips":[{{"version":"4","address":"10.0.0.2/24"}}]}}}}"#
             )
         };
-        // No agent listens: kube-system (the default) passes, its previous result in the config's version.
+        // No agent listens: kube-system (excluded by default, like nodemesh-system) passes, its previous result in
+        // the config's version.
         let added = run(vars("ADD", "kube-system"), config("").as_bytes()).unwrap().unwrap();
         assert_eq!(added["ips"][0]["address"], "10.0.0.2/24");
         assert_eq!(added["cniVersion"], "0.4.0");
