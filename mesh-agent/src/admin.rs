@@ -243,8 +243,10 @@ pub fn metrics_routes(state: AgentState) -> Routes {
         let metrics = state.metrics();
         match req.uri().path() {
             "/metrics" => reply(StatusCode::OK, EXPOSITION, metrics.encode(Naming::Native, scrape::families(&state))),
-            // For the kubelet's probe: the admin API listens on the node's loopback only.
+            // For the kubelet's probes: the admin API listens on the node's loopback only.
             "/healthz/ready" => readiness(&state),
+            // Liveness: the runtime answers. Not readiness (waiting for config or draining is alive).
+            "/healthz/live" => reply(StatusCode::OK, "text/plain", "live\n"),
             "/stats/prometheus" if metrics.istio_names => {
                 reply(StatusCode::OK, EXPOSITION, metrics.encode(Naming::Istio, scrape::families(&state)))
             }

@@ -84,6 +84,10 @@ fn agent_without_any_config_fails_closed_until_the_controller_returns() {
     c.start_agent_unready(0).unwrap();
     wait_for("re-adoption", || c.admin(0, "/workloads").is_ok_and(|w| w.as_array().is_some_and(|a| a.len() == 1)));
     assert_eq!(c.ready_status(0), 503);
+    // Not ready, but alive: the kubelet's liveness probe (on the metrics port) does not restart it for waiting.
+    let metrics: std::net::SocketAddr = mesh_tests::cluster::METRICS.parse().unwrap();
+    let live = mesh_tests::sys::http_get(&c.nodes[0].netns, metrics, "/healthz/live").unwrap();
+    assert_eq!(live.0, 200, "{live:?}");
 
     let marker = [("MESH_TESTBIN_MARKER", MARKER)];
     let sniffer = Sniffer::start(&c.fabric).unwrap();

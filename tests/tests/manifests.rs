@@ -109,8 +109,37 @@ fn every_manifest_parses_into_its_type_and_carries_the_install_settings() {
     assert_ne!(container.security_context.as_ref().unwrap().privileged, Some(true));
     let probe = container.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
     assert_eq!(probe.path.as_deref(), Some("/healthz/ready"));
+    let live = container.liveness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
+    assert_eq!((live.path.as_deref(), &live.port), (Some("/healthz/live"), &IntOrString::Int(15020)));
+    let context = container.security_context.as_ref().unwrap();
+    // allowPrivilegeEscalation: false beside SYS_ADMIN promises nothing (the API server refuses it beside CAP_SYS_ADMIN).
+    assert_eq!(context.allow_privilege_escalation, None);
+    let seccomp = |c: &k8s_openapi::api::core::v1::Container| {
+        c.security_context.as_ref().and_then(|s| s.seccomp_profile.as_ref()).map(|p| p.type_.clone())
+    };
+    assert_eq!(seccomp(container).as_deref(), Some("RuntimeDefault"));
+    assert_eq!(pod.node_selector.unwrap_or_default().get("kubernetes.io/os").map(String::as_str), Some("linux"));
     let installer = &pod.init_containers.as_ref().unwrap()[0];
     assert_eq!(installer.command.as_ref().unwrap()[..3], ["mesh-agent", "cni", "install"]);
+    assert_eq!(seccomp(installer).as_deref(), Some("RuntimeDefault"));
+    let bounded =
+        installer.resources.as_ref().and_then(|r| r.limits.as_ref()).is_some_and(|l| l.contains_key("memory"));
+    assert!(bounded, "the init container has a memory limit");
+    // Namespaces whose pods must start without an agent: the node's system pods and the controller.
+    let command = installer.command.as_ref().unwrap().join(" ");
+    assert!(command.contains("--exclude-namespaces kube-system,nodemesh-system"), "{command}");
+    // The agent's namespace admits privileged pods where Pod Security Admission enforces a level.
+    let namespace: Namespace = typed(objects.iter().find(|o| o["kind"] == "Namespace").unwrap());
+    let labels = namespace.metadata.labels.unwrap_or_default();
+    assert_eq!(labels.get("pod-security.kubernetes.io/enforce").map(String::as_str), Some("privileged"));
+    // Secrets: the CA's by name, and creating it.
+    let roles: Vec<Role> = objects.iter().filter(|o| o["kind"] == "Role").map(typed).collect();
+    for rule in roles.iter().flat_map(|r| r.rules.iter().flatten()) {
+        if rule.resources.iter().flatten().any(|r| r == "secrets") {
+            let named = rule.resource_names.as_ref().is_some_and(|n| n == &["nodemesh-ca".to_string()]);
+            assert!(named || rule.verbs == ["create"], "secrets rule too wide: {rule:?}");
+        }
+    }
     assert!(container.image.as_deref().is_some_and(|i| i.starts_with("ghcr.io/nodemesh/nodemesh:")));
     // The channel to the controller is TLS, verified with the root the controller publishes in a ConfigMap.
     let env = |name: &str| {
