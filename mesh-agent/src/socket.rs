@@ -64,6 +64,17 @@ fn next_transparent_port() -> u16 {
     low + (NEXT_TRANSPARENT_PORT.fetch_add(1, Ordering::Relaxed) % span) as u16
 }
 
+/// The source port for a transparent connection of `client` to the application: the next one in turn, but never
+/// the client's own. The client's connection to the application's address is itself in the pod (captured, served
+/// by the agent): a SYN with the same four-tuple is delivered to that established socket, not to the
+/// application's listener, and goes unanswered until the connect times out — seen as one reset in a thousand
+/// concurrent connections. (Another live connection's port can collide the same way; those end and the SYN's
+/// retransmit gets through.)
+fn transparent_port_for(client: SocketAddr, next: impl Fn() -> u16) -> u16 {
+    let port = next();
+    if port == client.port() { next() } else { port }
+}
+
 /// Whether a bind or connect failed only because this source port is taken for the destination.
 fn port_taken(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EADDRINUSE | libc::EADDRNOTAVAIL))
@@ -83,7 +94,7 @@ pub async fn connect_to_app(
     }
     for _ in 0..TRANSPARENT_PORT_ATTEMPTS {
         let socket = pod_socket(pod, target, INBOUND_MARK)?;
-        let source = SocketAddr::new(client_ip, next_transparent_port());
+        let source = SocketAddr::new(client_ip, transparent_port_for(client, next_transparent_port));
         if let Err(e) = bind_transparent(&socket, source) {
             if port_taken(&e) {
                 continue;
@@ -127,4 +138,21 @@ fn bind_transparent(socket: &Socket, source: SocketAddr) -> io::Result<()> {
     }
     socket.set_reuse_address(true)?;
     socket.bind(&source.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transparent_connection_never_takes_the_clients_own_port() {
+        let client: SocketAddr = "10.0.0.2:40000".parse().unwrap();
+        let turn = std::cell::Cell::new(39_999u16);
+        let next = || {
+            turn.set(turn.get() + 1);
+            turn.get()
+        };
+        assert_eq!(transparent_port_for(client, next), 40_001, "the client's port is skipped");
+        assert_eq!(transparent_port_for(client, next), 40_002);
+    }
 }
