@@ -66,6 +66,20 @@ pub struct PluginEntry<'a> {
     pub exclude_namespaces: Option<&'a [String]>,
 }
 
+impl PluginEntry<'_> {
+    /// The entry as it stands in the config's plugin list.
+    pub fn to_json(&self) -> Value {
+        let mut entry = json!({"type": PLUGIN});
+        if let Some(socket) = self.agent_socket {
+            entry["agentSocket"] = json!(socket);
+        }
+        if let Some(namespaces) = self.exclude_namespaces {
+            entry["excludeNamespaces"] = json!(namespaces);
+        }
+        entry
+    }
+}
+
 /// Chains the plugin into the primary config (and copies `binary` into `bin_dir`). Returns the config file.
 pub fn install(
     binary: &Path,
@@ -79,14 +93,7 @@ pub fn install(
     // Renaming over the old binary is safe while a runtime is executing it.
     std::fs::rename(&tmp, &target).map_err(io(&target))?;
 
-    let mut entry = json!({"type": PLUGIN});
-    if let Some(socket) = settings.agent_socket {
-        entry["agentSocket"] = json!(socket);
-    }
-    if let Some(namespaces) = settings.exclude_namespaces {
-        entry["excludeNamespaces"] = json!(namespaces);
-    }
-    chain(conf_dir, &entry).map(|(path, _)| path)
+    chain(conf_dir, &settings.to_json())
 }
 
 /// The plugin's entry in the primary config, when it is chained there.
@@ -97,8 +104,8 @@ pub fn chained_entry(conf_dir: &Path) -> Option<Value> {
 }
 
 /// Makes `entry` the plugin's entry at the end of the primary config's chain (a single-plugin `.conf` becomes a
-/// `.conflist`). Returns the config and whether it had to be written.
-pub fn chain(conf_dir: &Path, entry: &Value) -> Result<(PathBuf, bool), InstallError> {
+/// `.conflist`). Returns the config file.
+pub fn chain(conf_dir: &Path, entry: &Value) -> Result<PathBuf, InstallError> {
     let primary =
         configs(conf_dir)?.into_iter().next().ok_or_else(|| InstallError::NoConfig(conf_dir.to_path_buf()))?;
     let config = read_config(&primary)?;
@@ -121,7 +128,7 @@ pub fn chain(conf_dir: &Path, entry: &Value) -> Result<(PathBuf, bool), InstallE
     let plugins =
         list["plugins"].as_array_mut().ok_or_else(|| InstallError::BadConfig(path.clone(), "plugins".into()))?;
     match plugins.iter_mut().find(|p| is_ours(p)) {
-        Some(existing) if existing == entry && path == primary => return Ok((path, false)),
+        Some(existing) if existing == entry && path == primary => return Ok(path),
         Some(existing) => *existing = entry.clone(),
         None => plugins.push(entry.clone()),
     }
@@ -130,7 +137,7 @@ pub fn chain(conf_dir: &Path, entry: &Value) -> Result<(PathBuf, bool), InstallE
     if path != primary {
         std::fs::remove_file(&primary).map_err(io(&primary))?;
     }
-    Ok((path, true))
+    Ok(path)
 }
 
 /// Removes the plugin from every config of `conf_dir` and its binary from `bin_dir`. Returns the configs changed.

@@ -75,7 +75,7 @@ fn check(bin_dir: &std::path::Path, conf_dir: &std::path::Path, wanted: &Value) 
         return Err(format!("{PLUGIN} is missing from {}; not chaining it", bin_dir.display()));
     }
     match cni_install::chain(conf_dir, wanted) {
-        Ok((path, _)) => {
+        Ok(path) => {
             tracing::warn!(config = %path.display(), "nodemesh-cni was no longer in the node's network config (rewritten by its network plugin?); chained it back — pods created in the last seconds were not enrolled");
             Ok(None)
         }

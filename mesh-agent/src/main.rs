@@ -57,7 +57,7 @@ enum CniCommand {
         #[arg(long)]
         agent_socket: Option<String>,
         /// Namespaces whose pods start without the agent and are never captured (repeat, or comma-separated;
-        /// an empty value excludes none). Default: kube-system.
+        /// an empty value excludes none). Default: kube-system and nodemesh-system.
         #[arg(long, value_delimiter = ',', num_args = 0..)]
         exclude_namespaces: Option<Vec<String>>,
         /// How long to wait for the node's network plugin to write its config.
@@ -367,10 +367,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     state.set_capture_ready();
     let cni_watch = mesh_agent::cni_watch::Stop::default();
     if let (Some(bin), Some(conf)) = (&args.cni_bin_dir, &args.cni_conf_dir) {
-        let mut entry = serde_json::json!({"type": mesh_agent::cni_install::PLUGIN});
-        if args.cni_socket.as_os_str() != DEFAULT_AGENT_SOCKET {
-            entry["agentSocket"] = serde_json::json!(args.cni_socket.display().to_string());
-        }
+        let socket = args.cni_socket.to_str().filter(|s| *s != DEFAULT_AGENT_SOCKET);
+        let entry = mesh_agent::cni_install::PluginEntry { agent_socket: socket, ..Default::default() }.to_json();
         let (bin, conf, stop) = (bin.clone(), conf.clone(), cni_watch.clone());
         tokio::spawn(mesh_agent::cni_watch::keep_chained(bin, conf, entry, stop));
     }

@@ -292,14 +292,7 @@ fn prepare(net: PodNetwork, with_hbone: bool, inherited: Vec<std::net::TcpListen
     }
     let has_v4 = net.ips.iter().any(|ip| ip.is_ipv4());
     let has_v6 = net.ips.iter().any(|ip| ip.is_ipv6());
-    let routing = match netns.run_on_thread(move || routing::install(has_v4, has_v6)) {
-        Ok(installed) => installed,
-        Err(e) => {
-            // Half-installed (a rule of one family and not the other): nothing of it stays.
-            let _ = remove_routing(&netns);
-            return Err(e);
-        }
-    };
+    let routing = netns.run_on_thread(move || routing::install(has_v4, has_v6))?;
     let listeners = netns.run(|| -> std::io::Result<_> {
         // IPv4 outbound always: v6 sockets dialling v4-mapped addresses land on it too.
         let mut outbound = vec![take_or_listen(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT))?];

@@ -31,30 +31,40 @@ pub enum Installed {
 }
 
 /// Brings the pod's loopback up and installs the rules and sysctls. Must run on a thread inside the pod's netns.
+/// On failure nothing of it stays — unless rules were in place before (another agent's connections may use them).
 ///
 /// The loopback first: the route below and the agent's listeners are on it, and a chained plugin can run before
 /// the runtime brings it up (containerd sets it up apart from the CNI chain); every pod has it up in the end.
 pub fn install(ipv4: bool, ipv6: bool) -> io::Result<Installed> {
+    let mut families = Vec::new();
+    for (enabled, family, default) in [(ipv4, "-4", "0.0.0.0/0"), (ipv6, "-6", "::/0")] {
+        if enabled {
+            families.push((family, default, rule_count(family)?));
+        }
+    }
+    let installed =
+        if families.iter().any(|(_, _, rules)| *rules > 0) { Installed::WasInPlace } else { Installed::Fresh };
+    let applied = apply(ipv6, &families);
+    if applied.is_err() && installed == Installed::Fresh {
+        remove();
+    }
+    applied.map(|()| installed)
+}
+
+/// [`install`]'s steps, for `families` (flag, default route, rules in place).
+fn apply(ipv6: bool, families: &[(&str, &str, usize)]) -> io::Result<()> {
     ip(&["link", "set", "lo", "up"])?;
-    let mut installed = Installed::Fresh;
     for sysctl in SYSCTLS {
         // A kernel without IPv6 has no net.ipv6 tree; a pod without IPv6 addresses needs none of it.
         if ipv6 || !sysctl.starts_with("ipv6/") {
             set_sysctl(sysctl, "1")?;
         }
     }
-    for (enabled, family, default) in [(ipv4, "-4", "0.0.0.0/0"), (ipv6, "-6", "::/0")] {
-        if !enabled {
-            continue;
-        }
+    for &(family, default, rules) in families {
         // Route first, then exactly one rule — never removing a rule that is in place: re-installing in a pod
         // whose connections are being served (an agent taking over from the one before it) must not leave a
         // moment without them, or the application's replies leave the pod and its connections are reset.
         ip(&[family, "route", "replace", "local", default, "dev", "lo", "table", &table()])?;
-        let rules = rule_count(family)?;
-        if rules > 0 {
-            installed = Installed::WasInPlace;
-        }
         if rules == 0 {
             ip(&[family, "rule", "add", "fwmark", &mark(), "lookup", &table(), "priority", RULE_PRIORITY])?;
         }
@@ -63,7 +73,7 @@ pub fn install(ipv4: bool, ipv6: bool) -> io::Result<Installed> {
             ip(&[family, "rule", "del", "fwmark", &mark(), "lookup", &table()])?;
         }
     }
-    Ok(installed)
+    Ok(())
 }
 
 /// How many of our rules the family has.
