@@ -134,19 +134,11 @@ fn service_kind() -> String {
     "Service".into()
 }
 
-/// Every CRD the controller reads: nodemesh.io's, and Gateway API's HTTPRoute and GRPCRoute (experimental
-/// channel, which adds GEP-1731 retries) as the `gateway-api` crate defines them.
+/// The CRDs nodemesh owns (nodemesh.io's). The Gateway API CRDs it also reads are the cluster's, from an
+/// upstream bundle ([`crate::gateway_api`]).
 pub fn definitions() -> Vec<CustomResourceDefinition> {
-    use gateway_api::experimental::{grpcroutes::GRPCRoute, httproutes::HTTPRoute};
     use kube::CustomResourceExt;
-    vec![
-        PeerAuthentication::crd(),
-        AuthorizationPolicy::crd(),
-        TrafficPolicy::crd(),
-        Telemetry::crd(),
-        HTTPRoute::crd(),
-        GRPCRoute::crd(),
-    ]
+    vec![PeerAuthentication::crd(), AuthorizationPolicy::crd(), TrafficPolicy::crd(), Telemetry::crd()]
 }
 
 /// [`definitions`] as `(file name, YAML)`, for `manifests/crds/`.

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod ca_secret;
 pub mod crds;
 pub mod gateway;
+pub mod gateway_api;
 pub mod mesh;
 pub mod metrics;
 pub mod server;

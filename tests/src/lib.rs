@@ -5,6 +5,7 @@ pub mod app;
 pub mod cluster;
 pub mod demo;
 pub mod fakeapi;
+pub mod gateway_api;
 pub mod hbone_peer;
 pub mod otlp;
 pub mod probe;

@@ -22,7 +22,7 @@ async fn client(api: &FakeApi) -> Client {
 
 async fn install_crds(client: &Client) {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for (_, yaml) in mesh_controller::crds::all() {
+    for yaml in mesh_tests::gateway_api::all_crds() {
         let crd: CustomResourceDefinition = serde_yaml::from_str(&yaml).expect("CRD yaml");
         let name = crd.name_any();
         crds.patch(&name, &PatchParams::apply("test").force(), &Patch::Apply(&crd)).await.expect("apply CRD");

@@ -19,7 +19,7 @@ fn start_api(c: &Cluster) -> Api {
     let listener =
         mesh_tests::sys::in_netns(&c.fabric, || std::net::TcpListener::bind("127.0.0.1:0")).unwrap().unwrap();
     let api = runtime.block_on(async { FakeApi::serve(listener) }).unwrap();
-    for (_, crd) in mesh_controller::crds::all() {
+    for crd in mesh_tests::gateway_api::all_crds() {
         api.apply_yaml(&crd).unwrap();
     }
     Api { api, _runtime: runtime }

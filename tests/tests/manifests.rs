@@ -153,38 +153,79 @@ fn every_manifest_parses_into_its_type_and_carries_the_install_settings() {
     assert_eq!(volume.config_map.as_ref().map(|c| c.name.as_str()), Some("nodemesh-ca-root"));
 }
 
+/// Runs kubectl against `kubeconfig`; its status and what it said.
+async fn kubectl_with(kubectl: &Path, kubeconfig: &Path, args: &[&str]) -> (bool, String) {
+    let mut command = Command::new(kubectl);
+    command.args(args).env("KUBECONFIG", kubeconfig);
+    let out = tokio::task::spawn_blocking(move || command.output().unwrap()).await.unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+/// Applies the install server-side, then uninstalls it as the docs say: nodemesh's objects go, the cluster's
+/// Gateway API CRDs (from upstream's bundle) and its routes stay.
 #[tokio::test(flavor = "multi_thread")]
-async fn kubectl_applies_the_install_server_side() {
+async fn kubectl_applies_the_install_server_side_and_its_delete_leaves_gateway_api_alone() {
     let Some(kubectl) = kubectl() else {
         assert!(std::env::var("CI").is_err(), "kubectl is missing");
         return;
     };
     let api = FakeApi::spawn().unwrap();
+    for crd in mesh_tests::gateway_api::bundle_crds() {
+        api.apply_yaml(&crd).unwrap();
+    }
+    let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web, namespace: default}\n\
+                 spec: {parentRefs: [{group: '', kind: Service, name: web}]}\n";
+    api.apply_yaml(route).unwrap();
     let dir = std::env::temp_dir().join(format!("nodemesh-manifests-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("kubeconfig"), api.kubeconfig()).unwrap();
     let kubeconfig = dir.join("kubeconfig");
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(kubectl)
-            .args(["apply", "--server-side", "--validate=false", "-k"])
-            .arg(manifests())
-            .env("KUBECONFIG", &kubeconfig)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let said = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{said}");
-    for (api_version, kind, ns, name) in [
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let install = manifests().display().to_string();
+    let (applied, said) =
+        kubectl_with(&kubectl, &kubeconfig, &["apply", "--server-side", "--validate=false", "-k", &install]).await;
+    assert!(applied, "{said}");
+    let installed = [
         ("apps/v1", "DaemonSet", Some("nodemesh-system"), "nodemesh-agent"),
         ("apps/v1", "Deployment", Some("nodemesh-system"), "nodemesh-controller"),
         ("rbac.authorization.k8s.io/v1", "ClusterRole", None, "nodemesh-controller"),
         ("apiextensions.k8s.io/v1", "CustomResourceDefinition", None, "telemetries.nodemesh.io"),
-    ] {
+    ];
+    for (api_version, kind, ns, name) in installed {
         assert!(api.get(api_version, kind, ns, name).is_some(), "{kind} {name} not applied: {said}");
     }
+
+    let (deleted, said) = kubectl_with(&kubectl, &kubeconfig, &["delete", "--wait=false", "-k", &install]).await;
+    assert!(deleted, "{said}");
+    for (api_version, kind, ns, name) in installed {
+        assert!(api.get(api_version, kind, ns, name).is_none(), "{kind} {name} left after uninstall: {said}");
+    }
+    for crd in mesh_controller::gateway_api::CRDS {
+        assert!(api.get("apiextensions.k8s.io/v1", "CustomResourceDefinition", None, crd).is_some(), "{crd} deleted");
+    }
+    let kept = api.get("gateway.networking.k8s.io/v1", "HTTPRoute", Some("default"), "web");
+    assert!(kept.is_some(), "the cluster's HTTPRoute went with the uninstall: {said}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The optional Gateway API kustomization installs upstream's bundle, unmodified, at the version nodemesh is
+/// built against and `meshctl check` names.
+#[test]
+fn the_gateway_api_kustomization_pins_the_upstream_bundle_nodemesh_is_built_against() {
+    let text = std::fs::read_to_string(manifests().join("gateway-api/kustomization.yaml")).unwrap();
+    let kustomization: Value = serde_yaml::from_str(&text).unwrap();
+    let version = mesh_controller::gateway_api::BUNDLE_VERSION;
+    let upstream =
+        format!("https://github.com/kubernetes-sigs/gateway-api/releases/download/{version}/experimental-install.yaml");
+    assert_eq!(kustomization["resources"], serde_json::json!([upstream]), "{text}");
+    assert!(!kustomization.as_object().unwrap().contains_key("patches"), "the bundle is applied unmodified");
+    // Not part of the nodemesh install itself, so its uninstall never reaches it.
+    let root: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(manifests().join("kustomization.yaml")).unwrap()).unwrap();
+    assert_eq!(root["resources"], serde_json::json!(["crds", "base"]));
+    for crd in std::fs::read_dir(manifests().join("crds")).unwrap() {
+        let name = crd.unwrap().file_name().into_string().unwrap();
+        assert!(!name.contains("gateway.networking.k8s.io"), "nodemesh ships a Gateway API CRD: {name}");
+    }
 }
 
 #[test]

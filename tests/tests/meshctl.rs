@@ -42,15 +42,16 @@ async fn check_reports_crds_controller_and_agents() {
     .await
     .unwrap();
     assert_eq!(code, 1, "{report}");
-    for name in ["CRDs", "controller", "agents"] {
+    for name in ["CRDs", "Gateway API", "controller", "agents"] {
         assert_eq!(status_of(&report, name)["status"], "fail", "{report}");
     }
+    assert!(status_of(&report, "Gateway API")["fix"].as_str().unwrap().contains("manifests/gateway-api"), "{report}");
     assert!(status_of(&report, "CRDs")["fix"].as_str().unwrap().contains("kubectl apply -k manifests/"));
     for name in ["kernel", "bpf", "sk_lookup", "cgroup v2", "bpffs"] {
         assert_eq!(status_of(&report, name)["status"], "ok", "{report}");
     }
 
-    for (_, yaml) in mesh_controller::crds::all() {
+    for yaml in mesh_tests::gateway_api::all_crds() {
         api.apply_yaml(&yaml).unwrap();
     }
     api.apply_yaml(
@@ -77,6 +78,8 @@ async fn check_reports_crds_controller_and_agents() {
     .unwrap();
     assert_eq!(code, 1, "one node's agent is not ready: {report}");
     assert_eq!(status_of(&report, "CRDs")["status"], "ok", "{report}");
+    let gateway = status_of(&report, "Gateway API");
+    assert_eq!((&gateway["status"], &gateway["detail"]), (&json!("ok"), &json!("v1.4.0 (experimental channel)")));
     assert_eq!(status_of(&report, "controller")["status"], "ok", "{report}");
     assert_eq!(status_of(&report, "agents")["detail"], "2/3 nodes ready");
 

@@ -16,7 +16,7 @@ fn schemas() -> &'static HashMap<(String, String), Value> {
     static SCHEMAS: OnceLock<HashMap<(String, String), Value>> = OnceLock::new();
     SCHEMAS.get_or_init(|| {
         let mut out = HashMap::new();
-        for crd in crate::crds::definitions().into_iter().filter(|c| c.spec.group == "nodemesh.io") {
+        for crd in crate::crds::definitions() {
             for version in crd.spec.versions {
                 let schema =
                     version.schema.and_then(|s| s.open_api_v3_schema).and_then(|s| serde_json::to_value(s).ok());

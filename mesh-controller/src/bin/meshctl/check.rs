@@ -1,9 +1,10 @@
 //! `meshctl check`: what nodemesh needs from this node's kernel, and — with Kubernetes access — from the
-//! cluster: the CRDs, a ready controller and ready agents. Every failed check says how to fix it.
+//! cluster: nodemesh's CRDs, an upstream Gateway API bundle it can read, a ready controller and ready agents. Every failed check says how to fix it.
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DynamicObject, ListParams};
 use kube::discovery::ApiResource;
+use mesh_controller::gateway_api;
 use serde::Serialize;
 
 use crate::output::{self, Format};
@@ -134,8 +135,6 @@ const CRDS: &[&str] = &[
     "authorizationpolicies.nodemesh.io",
     "trafficpolicies.nodemesh.io",
     "telemetries.nodemesh.io",
-    "httproutes.gateway.networking.k8s.io",
-    "grpcroutes.gateway.networking.k8s.io",
 ];
 const INSTALL: &str = "kubectl apply -k manifests/";
 
@@ -169,6 +168,10 @@ async fn kubernetes_checks() -> Vec<Check> {
             } else {
                 out.push(fail("CRDs", format!("missing: {}", missing.join(", ")), INSTALL));
             }
+            out.push(match gateway_api::assess(&list.items) {
+                gateway_api::Assessment::Usable(detail) => ok("Gateway API", detail),
+                gateway_api::Assessment::Unusable(why) => fail("Gateway API", why, gateway_api::install_hint()),
+            });
         }
         Err(e) => {
             out.push(fail("CRDs", format!("cannot list CRDs: {e}"), "check your RBAC (list customresourcedefinitions)"))
