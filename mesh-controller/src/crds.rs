@@ -1,6 +1,6 @@
 //! nodemesh's custom resources (`nodemesh.io/v1alpha1`). The Rust types are the source of truth:
 //! `mesh-controller crds` prints the CustomResourceDefinitions, `cargo xtask gen-manifests` writes them to
-//! `manifests/crds/`, and a test fails when the committed files are stale.
+//! `manifests/crds/` and the Helm chart's `crds/`, and a test fails when the committed files are stale.
 
 use std::collections::BTreeMap;
 
@@ -159,10 +159,12 @@ mod tests {
     /// `cargo xtask gen-manifests` regenerates them.
     #[test]
     fn committed_crd_manifests_are_current() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/crds");
-        for (file, yaml) in all() {
-            let committed = std::fs::read_to_string(dir.join(&file)).unwrap_or_default();
-            assert!(committed == yaml, "manifests/crds/{file} is stale: run `cargo xtask gen-manifests`");
+        for dir in ["manifests/crds", "charts/nodemesh/crds"] {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(dir);
+            for (file, yaml) in all() {
+                let committed = std::fs::read_to_string(path.join(&file)).unwrap_or_default();
+                assert!(committed == yaml, "{dir}/{file} is stale: run `cargo xtask gen-manifests`");
+            }
         }
     }
 

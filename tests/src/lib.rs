@@ -7,6 +7,7 @@ pub mod demo;
 pub mod fakeapi;
 pub mod gateway_api;
 pub mod hbone_peer;
+pub mod install;
 pub mod otlp;
 pub mod probe;
 pub mod sniff;

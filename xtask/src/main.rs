@@ -35,27 +35,14 @@ fn main() -> Result<()> {
         Some("bench") if args.get(1).map(String::as_str) == Some("control-plane") => bench_control_plane(),
         Some("bench") => bench(),
         Some("fuzz") => fuzz(&args[1..]),
-        Some("gen-manifests") => step(
-            "write manifests/crds from the CRD types",
-            cargo(&[
-                "run",
-                "--quiet",
-                "-p",
-                "mesh-controller",
-                "--bin",
-                "mesh-controller",
-                "--",
-                "crds",
-                "manifests/crds",
-            ]),
-        ),
+        Some("gen-manifests") => gen_manifests(),
         Some("build-ebpf") => step("build the agent with its eBPF object", cargo(&["build", "-p", "mesh-agent"])),
         _ => {
             eprintln!(
                 "usage: cargo xtask <task>\n\n  demo [--smoke]  Bookinfo on a two-node mesh on this machine (root); --smoke: walk through once and exit\n  \
                  setup        install missing build and test prerequisites (Debian, as root)\n  \
                  test         setup, then fmt --check, clippy -D warnings, build, all tests\n  \
-                 gen-manifests  write manifests/crds/*.yaml from the CRD types\n  \
+                 gen-manifests  CRDs from the Rust types (manifests/crds, the chart's crds/), manifests/base from the chart\n  \
                  bench        direct vs plaintext-via-agents vs mTLS-via-agents; JSON in target/bench/\n  \
                  bench control-plane  1000 simulated agents, 10000 pods: change propagation, bytes, CPU, memory\n  \
                  fuzz [TARGET...] [--seconds N]  each fuzz target (default all) N seconds (600), growing fuzz/corpus\n  \
@@ -159,8 +146,52 @@ fn setup() -> Result<()> {
         mount.args(["-t", "bpf", "bpf", "/sys/fs/bpf"]);
         step("mount bpffs at /sys/fs/bpf", mount)?;
     }
+    if !venv_python().is_file() {
+        let venv = workspace().join("target/venv");
+        let mut create = Command::new("python3");
+        create.args(["-m", "venv"]).arg(&venv);
+        step("python3 -m venv target/venv", create)?;
+    }
+    let mut pip = Command::new(venv_python());
+    pip.args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"]).args(PYTHON_PACKAGES);
+    if !python_packages_installed() {
+        step(&format!("pip install {} (into target/venv)", PYTHON_PACKAGES.join(" ")), pip)?;
+    }
     eprintln!("==> prerequisites in place");
     Ok(())
+}
+
+/// From PyPI, pinned: a real Helm engine (Helm v4's Go SDK as a library; Debian has no helm) for the chart's
+/// render and lint tests and for rendering the kustomize base.
+const PYTHON_PACKAGES: &[&str] = &["helm-python-sdk==0.2.2"];
+
+/// The venv's interpreter (`NODEMESH_VENV` overrides the venv's place), which the chart tests use too.
+fn venv_python() -> PathBuf {
+    let venv = std::env::var_os("NODEMESH_VENV").map_or_else(|| workspace().join("target/venv"), PathBuf::from);
+    venv.join("bin/python")
+}
+
+fn python_packages_installed() -> bool {
+    let mut freeze = Command::new(venv_python());
+    freeze.args(["-m", "pip", "freeze", "--disable-pip-version-check"]);
+    let listed = freeze.output().map(|o| String::from_utf8_lossy(&o.stdout).to_lowercase()).unwrap_or_default();
+    PYTHON_PACKAGES.iter().all(|p| listed.lines().any(|l| l == p.to_lowercase()))
+}
+
+/// The generated install files: the CRDs from the Rust types, into the kustomize install and the chart; the
+/// kustomize base rendered from the chart with its default values (the chart is the one source of both).
+fn gen_manifests() -> Result<()> {
+    for dir in ["manifests/crds", "charts/nodemesh/crds"] {
+        step(
+            &format!("write {dir} from the CRD types"),
+            cargo(&["run", "--quiet", "-p", "mesh-controller", "--bin", "mesh-controller", "--", "crds", dir]),
+        )?;
+    }
+    setup()?;
+    let mut render = Command::new(venv_python());
+    render.arg("xtask/helm.py").args(["kustomize-base", "charts/nodemesh", "nodemesh-system", "manifests/base"]);
+    render.current_dir(workspace());
+    step("render manifests/base from charts/nodemesh", render)
 }
 
 fn is_bpffs_mounted() -> bool {
