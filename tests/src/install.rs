@@ -30,13 +30,23 @@ pub fn kubectl() -> Option<PathBuf> {
     found
 }
 
-/// The venv's Python with helm-python-sdk, as for [`kubectl`].
-pub fn helm_python() -> Option<PathBuf> {
+/// A program of the venv `cargo xtask setup` makes (`NODEMESH_VENV` overrides its place), as for [`kubectl`].
+fn venv_program(name: &str) -> Option<PathBuf> {
     let venv = std::env::var_os("NODEMESH_VENV").map_or_else(|| workspace().join("target/venv"), PathBuf::from);
-    let python = venv.join("bin/python");
-    let found = python.is_file().then_some(python);
-    assert!(found.is_some() || std::env::var("CI").is_err(), "no Helm engine: run `cargo xtask setup` (target/venv)");
+    let program = venv.join("bin").join(name);
+    let found = program.is_file().then_some(program);
+    assert!(found.is_some() || std::env::var("CI").is_err(), "no {name} in target/venv: run `cargo xtask setup`");
     found
+}
+
+/// The venv's Python, with helm-python-sdk.
+pub fn helm_python() -> Option<PathBuf> {
+    venv_program("python")
+}
+
+/// The policy linter.
+pub fn checkov() -> Option<PathBuf> {
+    venv_program("checkov")
 }
 
 /// The non-empty YAML documents of `text`.

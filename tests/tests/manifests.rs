@@ -7,12 +7,13 @@ use std::process::Command;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{Namespace, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use mesh_tests::fakeapi::FakeApi;
-use mesh_tests::install::{kubectl, kustomize, manifests};
+use mesh_tests::install::{checkov, kubectl, kustomize, manifests};
 use serde_json::Value;
 
 /// Parses `object` as `T` and back: a field `T` does not know (a typo, a wrong level) is lost on the way and
@@ -55,6 +56,7 @@ fn every_manifest_parses_into_its_type_and_carries_the_install_settings() {
             "Deployment" => drop(typed::<Deployment>(o)),
             "DaemonSet" => drop(typed::<DaemonSet>(o)),
             "PodDisruptionBudget" => drop(typed::<PodDisruptionBudget>(o)),
+            "NetworkPolicy" => drop(typed::<NetworkPolicy>(o)),
             other => panic!("unexpected kind {other} in the install"),
         }
         kinds.push(kind);
@@ -215,4 +217,49 @@ fn the_servicemonitor_overlay_renders() {
     let objects = kustomize(&kubectl, &manifests().join("overlays/servicemonitor"));
     let kinds: Vec<&str> = objects.iter().filter_map(|o| o["kind"].as_str()).collect();
     assert!(kinds.contains(&"PodMonitor") && kinds.contains(&"ServiceMonitor") && kinds.contains(&"DaemonSet"));
+}
+
+/// The rendered install against a policy linter: every finding is in `manifests/policy-allowlist.yaml` with its
+/// reason, and every entry there still fires.
+#[test]
+fn the_policy_linter_finds_nothing_beyond_the_allow_list() {
+    let (Some(kubectl), Some(checkov)) = (kubectl(), checkov()) else { return };
+    let dir = std::env::temp_dir().join(format!("nodemesh-checkov-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let rendered: String = kustomize(&kubectl, &manifests())
+        .iter()
+        .map(|o| format!("---\n{}", serde_yaml::to_string(o).unwrap()))
+        .collect();
+    std::fs::write(dir.join("install.yaml"), rendered).unwrap();
+    let out = Command::new(checkov)
+        .args(["--framework", "kubernetes", "--quiet", "--compact", "-o", "json", "-f"])
+        .arg(dir.join("install.yaml"))
+        .env("BC_SKIP_MAPPING", "TRUE")
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let report: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let report = if report.is_array() { report[0].clone() } else { report };
+    assert!(report["summary"]["passed"].as_u64().unwrap_or(0) > 100, "checkov checked little: {}", report["summary"]);
+    assert_eq!(report["summary"]["parsing_errors"], 0);
+    let found: std::collections::BTreeSet<(String, String)> = report["results"]["failed_checks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|f| (f["check_id"].as_str().unwrap().to_string(), f["resource"].as_str().unwrap().to_string()))
+        .collect();
+    let allowed: Vec<Value> =
+        serde_yaml::from_str(&std::fs::read_to_string(manifests().join("policy-allowlist.yaml")).unwrap()).unwrap();
+    let mut listed = std::collections::BTreeSet::new();
+    for entry in &allowed {
+        assert!(entry["why"].as_str().is_some_and(|w| w.len() > 20), "an allow-list entry without its reason: {entry}");
+        for resource in entry["resources"].as_array().unwrap() {
+            listed.insert((entry["check"].as_str().unwrap().to_string(), resource.as_str().unwrap().to_string()));
+        }
+    }
+    let new: Vec<_> = found.difference(&listed).collect();
+    assert!(new.is_empty(), "policy findings not in manifests/policy-allowlist.yaml: {new:?}");
+    let stale: Vec<_> = listed.difference(&found).collect();
+    assert!(stale.is_empty(), "allow-list entries that no longer fire (delete them): {stale:?}");
 }

@@ -162,8 +162,8 @@ fn setup() -> Result<()> {
 }
 
 /// From PyPI, pinned: a real Helm engine (Helm v4's Go SDK as a library; Debian has no helm) for the chart's
-/// render and lint tests and for rendering the kustomize base.
-const PYTHON_PACKAGES: &[&str] = &["helm-python-sdk==0.2.2"];
+/// render and lint tests and for rendering the kustomize base; checkov, the policy linter the install is held to.
+const PYTHON_PACKAGES: &[&str] = &["helm-python-sdk==0.2.2", "checkov==3.3.30"];
 
 /// The venv's interpreter (`NODEMESH_VENV` overrides the venv's place), which the chart tests use too.
 fn venv_python() -> PathBuf {

@@ -69,6 +69,7 @@ fn builtins() -> Vec<ResourceType> {
         b("apps", "v1", "deployments", "Deployment", true, true),
         b("apps", "v1", "daemonsets", "DaemonSet", true, true),
         b("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", true, true),
+        b("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", true, false),
         b("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", false, false),
         b("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", false, false),
         b("rbac.authorization.k8s.io", "v1", "roles", "Role", true, false),
