@@ -165,6 +165,10 @@ struct RunArgs {
     /// The API server for `--daemonset` (default: the in-cluster address from KUBERNETES_SERVICE_HOST).
     #[arg(long, env = "NODEMESH_KUBE_API")]
     kube_api: Option<String>,
+    /// The token for `--kube-api` (default: the pod's service-account token). Not `--token-file`: that one is
+    /// minted for the controller's audience, which the API server refuses.
+    #[arg(long, env = "NODEMESH_KUBE_TOKEN_FILE")]
+    kube_token_file: Option<PathBuf>,
     /// The node's CNI config dir, as mounted into the agent: nodemesh-cni is kept chained there while the agent
     /// runs (`cni_watch`) and removed on uninstall.
     #[arg(long, env = "NODEMESH_CNI_CONF_DIR")]
@@ -433,7 +437,7 @@ async fn uninstalling(args: &RunArgs) -> bool {
         args.kube_api.as_deref(),
         namespace,
         name,
-        args.token_file.as_deref(),
+        args.kube_token_file.as_deref(),
     );
     let Some(ds) = located else {
         tracing::warn!(

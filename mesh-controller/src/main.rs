@@ -49,6 +49,13 @@ struct ServeArgs {
     /// Kubernetes mode: the agents' service account (`namespace:name`); only its tokens are accepted.
     #[arg(long, env = "NODEMESH_AGENT_SERVICE_ACCOUNT", default_value = "nodemesh-system:nodemesh-agent")]
     agent_service_account: String,
+    /// Kubernetes mode: the audience agents' projected service-account tokens must be minted for.
+    #[arg(long, env = "NODEMESH_TOKEN_AUDIENCE", default_value = mesh_controller::auth::DEFAULT_TOKEN_AUDIENCE)]
+    token_audience: String,
+    /// Kubernetes mode: also accept agents' tokens for the API server's own audience, as agents before
+    /// audience-bound tokens sent; on by default for one release so that an upgrade keeps older agents served.
+    #[arg(long, env = "NODEMESH_LEGACY_API_TOKENS", default_value_t = true, action = clap::ArgAction::Set)]
+    legacy_api_tokens: bool,
     /// Directory mode: file holding the bootstrap token agents must present.
     #[arg(long, env = "NODEMESH_TOKEN_FILE")]
     token_file: Option<PathBuf>,
@@ -125,7 +132,11 @@ async fn run(cli: ServeArgs) -> anyhow::Result<()> {
             cli.ca_root_configmap.split_once('/').context("--ca-root-configmap must be namespace/name")?;
         mesh_controller::ca_secret::publish_root(client.clone(), namespace, name, &ca).await?;
         let snapshots = source::kubernetes::watch(client.clone()).await?;
-        (snapshots, ca, Authenticator::token_review(client, &cli.agent_service_account))
+        (
+            snapshots,
+            ca,
+            Authenticator::token_review(client, &cli.agent_service_account, &cli.token_audience, cli.legacy_api_tokens),
+        )
     } else if let Some(path) = cli.source.strip_prefix("dir:") {
         let ca_dir = cli.ca_dir.as_ref().context("--ca-dir is required with a dir: source")?;
         let token_file = cli.token_file.as_ref().context("--token-file is required with a dir: source")?;

@@ -37,12 +37,17 @@ fn cni_plugin_and_capture_are_removed_only_when_the_daemonset_is_deleted() {
     c.write_objects("namespaces.yaml", Some(mesh_tests::MESH_NAMESPACES)).unwrap();
     c.start_controller().unwrap();
     let api_url = format!("http://{CONTROLLER_IP}:{port}");
+    let api_token = c.tmp_dir().join("api-token");
+    std::fs::write(&api_token, "default-service-account-token").unwrap();
+    let api_token = api_token.to_str().unwrap().to_string();
     let (bin_arg, conf_arg) = (bin.to_str().unwrap().to_string(), conf.to_str().unwrap().to_string());
     let args = [
         "--daemonset",
         "nodemesh-system/nodemesh-agent",
         "--kube-api",
         &api_url,
+        "--kube-token-file",
+        &api_token,
         "--cni-bin-dir",
         &bin_arg,
         "--cni-conf-dir",

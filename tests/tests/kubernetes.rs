@@ -49,10 +49,12 @@ fn service(api: &FakeApi, namespace: &str, name: &str, ip: &str, app: &str) {
     .unwrap();
 }
 
-/// A token TokenReview maps to the agent's service account on `node`, written to a file for the agent.
+/// A token TokenReview maps to the agent's service account on `node`, minted for the controller's audience as
+/// the DaemonSet's projected token is, written to a file for the agent.
 fn agent_token(api: &FakeApi, c: &Cluster, node: usize) -> std::path::PathBuf {
     let token = format!("agent-token-{node}-0123456789abcdef");
-    api.add_token(&token, AGENT_SA, &[("authentication.kubernetes.io/node-name", &c.nodes[node].name)]);
+    let bound_to = [("authentication.kubernetes.io/node-name", c.nodes[node].name.as_str())];
+    api.add_token_for(&token, AGENT_SA, &bound_to, &[mesh_controller::auth::DEFAULT_TOKEN_AUDIENCE]);
     let path = c.tmp_dir().join(format!("agent-token-{node}"));
     std::fs::write(&path, &token).unwrap();
     path

@@ -137,6 +137,15 @@ fn every_manifest_parses_into_its_type_and_carries_the_install_settings() {
     let volume =
         pod.volumes.iter().flatten().find(|v| Some(&v.name) == mount.map(|m| &m.name)).expect("CA root mounted");
     assert_eq!(volume.config_map.as_ref().map(|c| c.name.as_str()), Some("nodemesh-ca-root"));
+    // The agent's credential for the controller: a projected token for the controller's audience, at most 12 h.
+    let token = env("NODEMESH_TOKEN_FILE");
+    let mount = container.volume_mounts.iter().flatten().find(|m| token.starts_with(&format!("{}/", m.mount_path)));
+    let volume = pod.volumes.iter().flatten().find(|v| Some(&v.name) == mount.map(|m| &m.name)).expect("token mounted");
+    let projected = volume.projected.as_ref().and_then(|p| p.sources.as_ref()).expect("a projected volume");
+    let sa_token = projected.iter().find_map(|s| s.service_account_token.as_ref()).expect("a service-account token");
+    assert_eq!(sa_token.audience.as_deref(), Some(mesh_controller::auth::DEFAULT_TOKEN_AUDIENCE));
+    assert!(sa_token.expiration_seconds.is_some_and(|s| s <= 12 * 3600), "{sa_token:?}");
+    assert!(token.ends_with(&format!("/{}", sa_token.path)), "{token}");
 }
 
 /// Runs kubectl against `kubeconfig`; its status and what it said.

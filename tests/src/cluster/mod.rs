@@ -514,7 +514,8 @@ impl Cluster {
     /// fabric netns).
     pub fn start_controller_kubernetes(&mut self, kubeconfig: &Path) -> Result<()> {
         let mut cmd = Command::new(self.bin_dir.join("mesh-controller"));
-        cmd.args(["serve", "--source", "kubernetes"]).env("KUBECONFIG", kubeconfig);
+        // Strict: the test agents present tokens minted for the controller's audience, as the DaemonSet's.
+        cmd.args(["serve", "--source", "kubernetes", "--legacy-api-tokens", "false"]).env("KUBECONFIG", kubeconfig);
         let idx = self.run_controller(cmd, CONTROLLER_IP)?;
         self.controller = Some(idx);
         Ok(())
@@ -524,7 +525,8 @@ impl Cluster {
     pub fn start_controller_replica(&mut self, kubeconfig: &Path) -> Result<()> {
         ip(&self.fabric, &format!("addr add {REPLICA_IP}/24 dev br0"))?;
         let mut cmd = Command::new(self.bin_dir.join("mesh-controller"));
-        cmd.args(["serve", "--source", "kubernetes"]).env("KUBECONFIG", kubeconfig);
+        // Strict: the test agents present tokens minted for the controller's audience, as the DaemonSet's.
+        cmd.args(["serve", "--source", "kubernetes", "--legacy-api-tokens", "false"]).env("KUBECONFIG", kubeconfig);
         self.run_controller(cmd, REPLICA_IP).map(drop)
     }
 

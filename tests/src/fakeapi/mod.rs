@@ -113,12 +113,18 @@ impl FakeApi {
     }
 
     /// Makes TokenReview authenticate `token` as `username`, with `extra` (e.g. the node a pod-bound token
-    /// belongs to: `authentication.kubernetes.io/node-name`).
+    /// belongs to: `authentication.kubernetes.io/node-name`), for the API server's own audience (a pod's default
+    /// service-account token).
     pub fn add_token(&self, token: &str, username: &str, extra: &[(&str, &str)]) {
+        self.add_token_for(token, username, extra, &[API_AUDIENCE]);
+    }
+
+    /// As [`FakeApi::add_token`], for a projected token minted for `audiences`.
+    pub fn add_token_for(&self, token: &str, username: &str, extra: &[(&str, &str)], audiences: &[&str]) {
         let extra: serde_json::Map<String, Value> = extra.iter().map(|(k, v)| (k.to_string(), json!([v]))).collect();
         let user = json!({"username": username, "uid": format!("uid-{username}"),
                           "groups": ["system:serviceaccounts", "system:authenticated"], "extra": extra});
-        self.lock().tokens.insert(token.to_string(), user);
+        self.lock().tokens.insert(token.to_string(), json!({"user": user, "audiences": audiences}));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Store> {
@@ -354,10 +360,27 @@ fn list(
               "metadata": {"resourceVersion": store.rv.to_string()}, "items": items}))
 }
 
+/// The API server's own audience: what a review without `spec.audiences` asks for.
+pub const API_AUDIENCE: &str = "https://kubernetes.default.svc.cluster.local";
+
+/// As the real server: a token is authenticated only for audiences it was minted for, and the answer names the
+/// requested ones it is valid for.
 fn token_review(api: &FakeApi, review: Value) -> Value {
     let token = review["spec"]["token"].as_str().unwrap_or_default();
+    let requested: Vec<Value> = match review["spec"]["audiences"].as_array() {
+        Some(a) if !a.is_empty() => a.clone(),
+        _ => vec![json!(API_AUDIENCE)],
+    };
     let status = match api.lock().tokens.get(token) {
-        Some(user) => json!({"authenticated": true, "user": user, "audiences": review["spec"]["audiences"]}),
+        Some(minted) => {
+            let valid: Vec<&Value> =
+                requested.iter().filter(|a| minted["audiences"].as_array().is_some_and(|m| m.contains(a))).collect();
+            if valid.is_empty() {
+                json!({"authenticated": false, "error": "token audiences are invalid for the target audiences"})
+            } else {
+                json!({"authenticated": true, "user": minted["user"], "audiences": valid})
+            }
+        }
         None => json!({"authenticated": false, "error": "invalid bearer token"}),
     };
     json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "metadata": {"creationTimestamp": null},
