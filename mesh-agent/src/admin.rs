@@ -1,5 +1,7 @@
-//! The admin API (`--admin`, default 127.0.0.1:15000) and the metrics endpoint (`--metrics`), both plain
-//! HTTP/1.1 served by hyper. JSON field names are stable; see docs/admin-api.md.
+//! The admin API and the metrics endpoint (`--metrics`), plain HTTP/1.1 served by hyper. JSON field names are
+//! stable; see docs/admin-api.md. The admin API is served twice: read-only on node loopback (`--admin`, default
+//! 127.0.0.1:15000), which every host-network pod of the node can reach, and in full — `POST /quitquitquit` and
+//! `POST /logging` too — on a Unix socket only root on the node can open (`<state dir>/admin.sock`, mode 0600).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -10,7 +12,8 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
 
 use crate::metrics::Naming;
 use crate::scrape;
@@ -23,27 +26,74 @@ pub type Routes = Arc<dyn Fn(&Request<Incoming>) -> Reply + Send + Sync>;
 /// Serves `route` on every connection accepted from `listener`.
 pub async fn serve_http(listener: TcpListener, route: Routes) {
     loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "admin accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let route = route.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let reply = route(&req);
-                async move { Ok::<_, Infallible>(reply) }
-            });
-            if let Err(e) =
-                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
-            {
-                tracing::debug!(error = %e, "admin connection error");
-            }
-        });
+        match listener.accept().await {
+            Ok((stream, _)) => serve_connection(stream, route.clone()),
+            Err(e) => accept_failed(e).await,
+        }
     }
+}
+
+/// [`serve_http`] on a Unix socket.
+pub async fn serve_unix(listener: UnixListener, route: Routes) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => serve_connection(stream, route.clone()),
+            Err(e) => accept_failed(e).await,
+        }
+    }
+}
+
+async fn accept_failed(e: std::io::Error) {
+    tracing::warn!(error = %e, "admin accept failed");
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+}
+
+fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S, route: Routes) {
+    tokio::spawn(async move {
+        let service = hyper::service::service_fn(move |req| {
+            let reply = route(&req);
+            async move { Ok::<_, Infallible>(reply) }
+        });
+        if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
+        {
+            tracing::debug!(error = %e, "admin connection error");
+        }
+    });
+}
+
+/// What an admin listener may do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Node loopback: views only. A request that would change the agent is refused with where to send it.
+    ReadOnly { socket: std::path::PathBuf },
+    /// The root-only Unix socket: views and changes.
+    Full,
+}
+
+/// The admin socket's place in the agent's state directory.
+pub fn socket_path(state_dir: &std::path::Path) -> std::path::PathBuf {
+    state_dir.join("admin.sock")
+}
+
+/// Binds the admin socket at `path` (a stale one from an earlier agent is replaced), readable and writable by
+/// its owner, root, only.
+pub fn bind_socket(path: &std::path::Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+fn refuse_change(socket: &std::path::Path) -> Reply {
+    let body = format!(
+        "changes go through the admin socket, root on the node only: curl --unix-socket {} -X POST http://agent<path>\n",
+        socket.display()
+    );
+    reply(StatusCode::FORBIDDEN, "text/plain", body)
 }
 
 fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Reply {
@@ -150,8 +200,12 @@ fn logging(req: &Request<Incoming>) -> Reply {
     json(&LogLevels { levels: crate::logging::current() })
 }
 
-pub fn admin_routes(state: AgentState) -> Routes {
+pub fn admin_routes(state: AgentState, access: Access) -> Routes {
     Arc::new(move |req| {
+        let changes = req.method() != Method::GET && matches!(req.uri().path(), "/logging" | "/quitquitquit");
+        if let (Access::ReadOnly { socket }, true) = (&access, changes) {
+            return refuse_change(socket);
+        }
         if req.uri().path() == "/logging" {
             return logging(req);
         }

@@ -341,8 +341,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (mut inherited, adoption) = take_over(&args.paths.state_dir, &state).await?;
     let admin = host_listener(inherited.admin(args.admin), args.admin).context("admin address")?;
     let metrics = host_listener(inherited.metrics(args.metrics), args.metrics).context("metrics address")?;
-    let admin_task =
-        tokio::spawn(admin::serve_http(TcpListener::from_std(admin.try_clone()?)?, admin::admin_routes(state.clone())));
+    let admin_socket = admin::socket_path(&args.paths.state_dir);
+    let read_only = admin::Access::ReadOnly { socket: admin_socket.clone() };
+    let admin_task = tokio::spawn(admin::serve_http(
+        TcpListener::from_std(admin.try_clone()?)?,
+        admin::admin_routes(state.clone(), read_only),
+    ));
+    // Bound anew by each agent (an upgraded one takes the path over; the old one's listener is then unreachable).
+    let full_admin = admin::bind_socket(&admin_socket)
+        .with_context(|| format!("binding the admin socket {}", admin_socket.display()))?;
+    tokio::spawn(admin::serve_unix(full_admin, admin::admin_routes(state.clone(), admin::Access::Full)));
     let metrics_task = tokio::spawn(admin::serve_http(
         TcpListener::from_std(metrics.try_clone()?)?,
         admin::metrics_routes(state.clone()),

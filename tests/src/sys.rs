@@ -117,6 +117,19 @@ pub fn http_request(netns: &str, addr: SocketAddr, method: &str, path: &str) -> 
     })?
 }
 
+/// An HTTP/1.1 request over the Unix socket at `socket`: status and body.
+pub fn unix_http_request(socket: &Path, method: &str, path: &str) -> Result<(u16, String)> {
+    let mut s = std::os::unix::net::UnixStream::connect(socket)
+        .with_context(|| format!("connecting to {}", socket.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: agent\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let (head, body) = raw.split_once("\r\n\r\n").context("malformed HTTP response")?;
+    let status = head.split_whitespace().nth(1).context("no status")?.parse()?;
+    Ok((status, body.to_string()))
+}
+
 /// Whether `pid` is still running (an exited child that was not reaped yet is a zombie, not running).
 pub fn pid_running(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))

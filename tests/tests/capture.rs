@@ -396,14 +396,22 @@ fn excluded_ports_and_cidrs_are_not_captured() {
 }
 
 /// `/logging` changes log levels while the agent runs: quiet, then debug for the agent's modules; a bad
-/// directive is refused and changes nothing.
+/// directive is refused and changes nothing. Changes come only through the root-only admin socket: on node
+/// loopback, which every host-network pod reaches, they are refused.
 #[test]
 fn log_levels_change_at_run_time() {
+    use std::os::unix::fs::PermissionsExt;
     let mut c = cluster!(1);
     let (client, server) = enrolled_pair(&mut c, 0, 0);
     let debug_lines = |c: &Cluster| c.log_of("agent-n1").matches("DEBUG").count();
     let levels = |c: &Cluster| c.admin(0, "/logging").unwrap()["levels"].as_str().unwrap_or("").to_string();
     assert_eq!(levels(&c), "info,mesh_agent=debug");
+    let (status, body) = c.admin_post_loopback(0, "/logging?level=warn").unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("admin.sock"), "{body}");
+    assert_eq!(levels(&c), "info,mesh_agent=debug", "a refused change changes nothing");
+    let mode = std::fs::metadata(c.admin_socket(0)).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the admin socket is root's alone");
 
     assert_eq!(c.admin_post(0, "/logging?level=warn").unwrap().0, 200);
     assert_eq!(levels(&c), "warn");
@@ -433,6 +441,8 @@ fn quitquitquit_drains_then_exits() {
         c.metric(0, "nodemesh_tcp_connections_opened_total", &out).unwrap_or(0.0) >= 1.0
     });
     let pid = c.agent_pid(0).unwrap();
+    assert_eq!(c.admin_post_loopback(0, "/quitquitquit").unwrap().0, 403, "not from node loopback");
+    assert_eq!(c.ready_status(0), 200, "a refused quit leaves the agent serving");
     assert_eq!(c.admin_post(0, "/quitquitquit").unwrap().0, 200);
     let admin = mesh_tests::cluster::ADMIN.parse().unwrap();
     assert_eq!(mesh_tests::sys::http_get(&c.nodes[0].netns, admin, "/healthz/ready").unwrap().0, 503);

@@ -618,8 +618,18 @@ impl Cluster {
     }
 
     /// A POST to the agent's admin API: status and body.
+    /// A POST to the node's full admin API: its root-only Unix socket.
     pub fn admin_post(&self, node: usize, path: &str) -> Result<(u16, String)> {
+        sys::unix_http_request(&self.admin_socket(node), "POST", path)
+    }
+
+    /// A POST to the node's read-only admin API on node loopback, where host-network pods can reach it.
+    pub fn admin_post_loopback(&self, node: usize, path: &str) -> Result<(u16, String)> {
         sys::http_request(&self.nodes[node].netns, ADMIN.parse()?, "POST", path)
+    }
+
+    pub fn admin_socket(&self, node: usize) -> PathBuf {
+        mesh_agent::admin::socket_path(&self.nodes[node].state_dir)
     }
 
     /// How many entries the agent's config has in the list `field` (`routes`, `authorizationPolicies`, ...).
