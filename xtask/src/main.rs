@@ -23,6 +23,11 @@ const APT_PACKAGES: &[&str] = &[
     "protobuf-compiler",
     // promtool, which checks the agents' and the controller's metrics in the observability tests.
     "prometheus",
+    // libcni (Go), which the CNI tests drive nodemesh-cni through as containerd does, after the real bridge and
+    // host-local plugins.
+    "golang-go",
+    "golang-github-appc-cni-dev",
+    "containernetworking-plugins",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 

@@ -24,6 +24,7 @@ use crate::sys::{self, Placement, ip, pid_alive};
 
 mod clients;
 mod cni;
+pub mod libcni;
 mod upgrade;
 
 pub use upgrade::{Rollout, Upgraded};
