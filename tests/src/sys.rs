@@ -106,23 +106,23 @@ pub fn http_get(netns: &str, addr: SocketAddr, path: &str) -> Result<(u16, Strin
 pub fn http_request(netns: &str, addr: SocketAddr, method: &str, path: &str) -> Result<(u16, String)> {
     let (method, path) = (method.to_string(), path.to_string());
     in_netns(netns, move || -> Result<(u16, String)> {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
-        let mut raw = String::new();
-        s.read_to_string(&mut raw)?;
-        let (head, body) = raw.split_once("\r\n\r\n").context("malformed HTTP response")?;
-        let status = head.split_whitespace().nth(1).context("no status")?.parse()?;
-        Ok((status, body.to_string()))
+        exchange(s, &addr.to_string(), &method, &path)
     })?
 }
 
 /// An HTTP/1.1 request over the Unix socket at `socket`: status and body.
 pub fn unix_http_request(socket: &Path, method: &str, path: &str) -> Result<(u16, String)> {
-    let mut s = std::os::unix::net::UnixStream::connect(socket)
+    let s = std::os::unix::net::UnixStream::connect(socket)
         .with_context(|| format!("connecting to {}", socket.display()))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: agent\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+    exchange(s, "agent", method, path)
+}
+
+/// Writes a bodiless request on a fresh connection and reads the whole response (`Connection: close`).
+fn exchange(mut s: impl Read + Write, host: &str, method: &str, path: &str) -> Result<(u16, String)> {
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
     let mut raw = String::new();
     s.read_to_string(&mut raw)?;
     let (head, body) = raw.split_once("\r\n\r\n").context("malformed HTTP response")?;

@@ -49,19 +49,7 @@ impl Cluster {
     /// A pod sandbox as the runtime creates it before calling CNI: a network namespace (loopback down, no
     /// interfaces) and a cgroup. Its address comes from the CNI result ([`Cluster::libcni`]).
     pub fn add_bare_pod(&mut self, node: usize, name: &str, namespace: &str) -> Result<Pod> {
-        let n = &self.nodes[node];
-        let pod = Pod {
-            name: name.to_string(),
-            namespace: namespace.to_string(),
-            node,
-            netns: format!("{}-{name}", n.netns),
-            cgroup: n.cgroup.join(format!("pod-{name}")),
-            ipv4: Ipv4Addr::UNSPECIFIED,
-            ipv6: Ipv6Addr::UNSPECIFIED,
-            container_id: format!("{}-{name}", self.id),
-        };
-        std::fs::create_dir_all(&pod.cgroup)?;
-        self.add_netns(&pod.netns)?;
+        let pod = self.new_sandbox(node, name, namespace, Ipv4Addr::UNSPECIFIED, Ipv6Addr::UNSPECIFIED)?;
         // As a runtime leaves it until its loopback plugin runs (the cluster's namespaces come with lo up).
         sys::ip(&pod.netns, "link set lo down")?;
         Ok(pod)

@@ -243,23 +243,12 @@ impl Cluster {
     }
 
     pub fn add_pod_in(&mut self, node: usize, name: &str, namespace: &str) -> Result<Pod> {
-        let n = &mut self.nodes[node];
-        n.pods += 1;
-        let k = n.pods + 1;
+        self.nodes[node].pods += 1;
+        let k = self.nodes[node].pods + 1;
         let i = node as u8 + 1;
-        let pod = Pod {
-            name: name.to_string(),
-            namespace: namespace.into(),
-            node,
-            netns: format!("{}-{name}", n.netns),
-            cgroup: n.cgroup.join(format!("pod-{name}")),
-            ipv4: Ipv4Addr::new(10, 244, i, k),
-            ipv6: format!("fd00:244:{i}::{k}").parse()?,
-            container_id: format!("{}-{name}", self.id),
-        };
-        let node_ns = n.netns.clone();
-        std::fs::create_dir_all(&pod.cgroup)?;
-        self.add_netns(&pod.netns)?;
+        let (ipv4, ipv6) = (Ipv4Addr::new(10, 244, i, k), format!("fd00:244:{i}::{k}").parse()?);
+        let pod = self.new_sandbox(node, name, namespace, ipv4, ipv6)?;
+        let node_ns = self.nodes[node].netns.clone();
         ip(&node_ns, &format!("link add p{k} type veth peer name eth0 netns {}", pod.netns))?;
         ip(&node_ns, &format!("link set p{k} master cbr0 up"))?;
         ip(&pod.netns, &format!("addr add {}/24 dev eth0", pod.ipv4))?;
@@ -267,6 +256,24 @@ impl Cluster {
         ip(&pod.netns, "link set eth0 up")?;
         ip(&pod.netns, &format!("route add default via 10.244.{i}.1"))?;
         ip(&pod.netns, &format!("-6 route add default via fd00:244:{i}::1"))?;
+        Ok(pod)
+    }
+
+    /// A pod's network namespace (loopback up, nothing else) and cgroup on `node`.
+    fn new_sandbox(&mut self, node: usize, name: &str, namespace: &str, ipv4: Ipv4Addr, ipv6: Ipv6Addr) -> Result<Pod> {
+        let n = &self.nodes[node];
+        let pod = Pod {
+            name: name.to_string(),
+            namespace: namespace.into(),
+            node,
+            netns: format!("{}-{name}", n.netns),
+            cgroup: n.cgroup.join(format!("pod-{name}")),
+            ipv4,
+            ipv6,
+            container_id: format!("{}-{name}", self.id),
+        };
+        std::fs::create_dir_all(&pod.cgroup)?;
+        self.add_netns(&pod.netns)?;
         Ok(pod)
     }
 
