@@ -118,6 +118,56 @@ pub struct TelemetrySpec {
     pub settings: TelemetrySettings,
 }
 
+/// Mesh-wide settings in Kubernetes mode, as Istio's MeshConfig: what applies where no namespace's resource says
+/// otherwise. Cluster-scoped; only the object named `default` is read (others are `Accepted: False`).
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[kube(
+    group = "nodemesh.io",
+    version = "v1alpha1",
+    kind = "MeshConfig",
+    status = "PolicyStatus",
+    shortname = "nmc",
+    printcolumn = r#"{"name":"mTLS","type":"string","jsonPath":".spec.defaultMtlsMode"}"#,
+    printcolumn = r#"{"name":"Outbound","type":"string","jsonPath":".spec.outboundTrafficPolicy"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshConfigSpec {
+    /// mTLS mode of workloads no PeerAuthentication selects: PERMISSIVE (default) or STRICT.
+    #[serde(default)]
+    pub default_mtls_mode: MtlsMode,
+    /// Outbound connections to destinations the mesh does not know: ALLOW_ANY (default, passed through) or
+    /// REGISTRY_ONLY (refused).
+    #[serde(default)]
+    pub outbound_traffic_policy: OutboundPolicy,
+    /// Traffic the capture leaves alone on every node.
+    #[serde(default)]
+    pub capture: CaptureExclusions,
+}
+
+/// [`mesh_common::config::OutboundTrafficPolicy`], as the CRD spells it.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OutboundPolicy {
+    #[default]
+    AllowAny,
+    RegistryOnly,
+}
+
+/// [`mesh_common::config::CaptureConfig`] with CIDRs as strings: one that does not parse is reported on the
+/// MeshConfig's status with its value, rather than failing the whole object's parse.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CaptureExclusions {
+    #[serde(default)]
+    pub exclude_outbound_ports: Vec<u16>,
+    #[serde(default)]
+    pub exclude_inbound_ports: Vec<u16>,
+    /// Destination ranges, e.g. `169.254.169.254/32` (cloud metadata) or `fd00::/8`.
+    #[serde(default)]
+    pub exclude_outbound_cidrs: Vec<String>,
+}
+
 /// A Service in the policy's namespace.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -138,7 +188,13 @@ fn service_kind() -> String {
 /// upstream bundle ([`crate::gateway_api`]).
 pub fn definitions() -> Vec<CustomResourceDefinition> {
     use kube::CustomResourceExt;
-    vec![PeerAuthentication::crd(), AuthorizationPolicy::crd(), TrafficPolicy::crd(), Telemetry::crd()]
+    vec![
+        PeerAuthentication::crd(),
+        AuthorizationPolicy::crd(),
+        TrafficPolicy::crd(),
+        Telemetry::crd(),
+        MeshConfig::crd(),
+    ]
 }
 
 /// [`definitions`] as `(file name, YAML)`, for `manifests/crds/`.

@@ -75,6 +75,7 @@ async fn chart_values_take_effect_and_the_render_applies_server_side() {
         "agent": {"tolerations": [{"key": "dedicated", "operator": "Equal", "value": "mesh"}], "drainTimeoutSeconds": 60},
         "cni": {"confDir": "/var/lib/rancher/k3s/agent/etc/cni/net.d", "excludeNamespaces": ["kube-system", "monitoring"]},
         "metrics": {"serviceMonitor": {"enabled": true, "interval": "30s"}},
+        "meshConfig": {"defaultMtlsMode": "STRICT", "capture": {"excludeOutboundCidrs": ["169.254.169.254/32"]}},
     });
     let (clean, report) = helm(&python, "lint", "mesh", &values);
     assert!(clean, "{report}");
@@ -113,28 +114,37 @@ async fn chart_values_take_effect_and_the_render_applies_server_side() {
     );
     assert!(objects.iter().any(|o| o["kind"] == "PodMonitor"));
 
-    // Without the namespace: the chart writes none.
+    let mesh_config = find(&objects, "MeshConfig");
+    assert_eq!(mesh_config["metadata"]["name"], "default");
+    assert_eq!(mesh_config["spec"], values["meshConfig"]);
+    assert!(!helm(&python, "lint", "mesh", &json!({"meshConfig": {"defaultMtlsMode": "LOOSE"}})).0);
+
+    // Without the namespace: the chart writes none (nor a MeshConfig unless asked to).
     let bare = helm_render(&python, "mesh", &json!({"createNamespace": false}));
-    assert!(bare.iter().all(|o| o["kind"] != "Namespace"));
+    assert!(bare.iter().all(|o| o["kind"] != "Namespace" && o["kind"] != "MeshConfig"));
 
     // The render, as `helm install` would send it (monitors aside: no Prometheus Operator CRDs here).
     let api = FakeApi::spawn().unwrap();
     let dir = std::env::temp_dir().join(format!("nodemesh-chart-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut applied: Vec<&Value> =
-        objects.iter().filter(|o| !o["kind"].as_str().unwrap().ends_with("Monitor")).collect();
-    // Helm installs the namespace before what lives in it.
-    applied.sort_by_key(|o| o["kind"] != "Namespace");
-    let yaml: String = applied.iter().map(|o| format!("---\n{}", serde_yaml::to_string(o).unwrap())).collect();
-    std::fs::write(dir.join("install.yaml"), yaml).unwrap();
     std::fs::write(dir.join("kubeconfig"), api.kubeconfig()).unwrap();
-    let mut apply = Command::new(kubectl);
-    apply.args(["apply", "--server-side", "--validate=false", "-f"]).arg(dir.join("install.yaml"));
-    apply.env("KUBECONFIG", dir.join("kubeconfig"));
-    let out = tokio::task::spawn_blocking(move || apply.output().unwrap()).await.unwrap();
-    let said = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    // Helm installs the chart's CRDs first and waits for them, then the namespace before what lives in it.
+    let is_crd = |o: &&Value| o["kind"] == "CustomResourceDefinition";
+    let crds: Vec<&Value> = objects.iter().filter(is_crd).collect();
+    let mut rest: Vec<&Value> =
+        objects.iter().filter(|o| !is_crd(o) && !o["kind"].as_str().unwrap().ends_with("Monitor")).collect();
+    rest.sort_by_key(|o| o["kind"] != "Namespace");
+    for (file, batch) in [("crds.yaml", crds), ("install.yaml", rest)] {
+        let yaml: String = batch.iter().map(|o| format!("---\n{}", serde_yaml::to_string(o).unwrap())).collect();
+        std::fs::write(dir.join(file), yaml).unwrap();
+        let mut apply = Command::new(&kubectl);
+        apply.args(["apply", "--server-side", "--validate=false", "-f"]).arg(dir.join(file));
+        apply.env("KUBECONFIG", dir.join("kubeconfig"));
+        let out = tokio::task::spawn_blocking(move || apply.output().unwrap()).await.unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{file}: {said}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
-    assert!(out.status.success(), "{said}");
     let daemonset = api.get("apps/v1", "DaemonSet", Some("mesh"), "nodemesh-agent").expect("DaemonSet applied");
     assert_eq!(daemonset["spec"]["template"]["spec"]["terminationGracePeriodSeconds"], 70);
     assert!(

@@ -187,6 +187,28 @@ fn kubernetes_source_drives_agents() {
         assert_eq!(&now, before, "node {} config changed by an invalid object", n + 1);
     }
 
+    // Mesh-wide settings: the cluster's MeshConfig `default` reaches every node and is marked Accepted; one of
+    // another name changes nothing and says why.
+    api.apply_yaml(
+        "apiVersion: nodemesh.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: default}\n\
+         spec: {defaultMtlsMode: STRICT, outboundTrafficPolicy: REGISTRY_ONLY}\n---\n\
+         apiVersion: nodemesh.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: mine}\nspec: {defaultMtlsMode: PERMISSIVE}\n",
+    )
+    .unwrap();
+    let setting = |c: &Cluster, n: usize, field: &str| c.admin(n, "/config_dump").unwrap()["config"][field].clone();
+    for n in 0..2 {
+        wait_for("the MeshConfig to reach every node", || setting(&c, n, "outboundTrafficPolicy") == "REGISTRY_ONLY");
+        assert_eq!(setting(&c, n, "defaultPeerAuthentication"), "STRICT");
+    }
+    let mesh_config = |name: &str| api.get("nodemesh.io/v1alpha1", "MeshConfig", None, name);
+    wait_for("Accepted=True on the MeshConfig", || {
+        condition(&mesh_config("default"), &["status", "conditions"]).0 == "True"
+    });
+    wait_for("Accepted=False on the other one", || {
+        condition(&mesh_config("mine"), &["status", "conditions"]).0 == "False"
+    });
+    assert_eq!(condition(&mesh_config("mine"), &["status", "conditions"]).1, "Ignored");
+
     // Unlabelling `shop` takes its policies away from node 2; the route stays with node 1's callers.
     namespace(api, "shop", false);
     wait_for("shop to leave the mesh", || c.config_len(1, "authorizationPolicies") == 0);

@@ -10,7 +10,9 @@ use mesh_common::traffic::TrafficPolicy;
 use serde_json::Value;
 
 use super::{MESH_LABEL, Mesh, Object, Pod, Rejection, SliceEndpoint, Verdict, str_at};
-use crate::crds::{AuthorizationPolicySpec, PeerAuthenticationSpec, TelemetrySpec, TrafficPolicySpec};
+use crate::crds::{
+    AuthorizationPolicySpec, MeshConfigSpec, OutboundPolicy, PeerAuthenticationSpec, TelemetrySpec, TrafficPolicySpec,
+};
 use crate::gateway;
 
 const NODEMESH: &str = "nodemesh.io/v1alpha1";
@@ -116,6 +118,16 @@ impl Mesh {
                             });
                             None
                         }
+                    }
+                },
+                (NODEMESH, "MeshConfig") => match spec::<MeshConfigSpec>(o).and_then(settings) {
+                    _ if o.metadata.name != "default" => {
+                        rejected("Ignored", "only the MeshConfig named `default` is read")
+                    }
+                    Err(e) => rejected("Invalid", e),
+                    Ok(settings) => {
+                        mesh.settings = settings;
+                        None
                     }
                 },
                 (NODEMESH, "Telemetry") => match spec::<TelemetrySpec>(o) {
@@ -280,6 +292,26 @@ fn endpoint_slice(o: &Object, out: &mut BTreeMap<String, Vec<SliceEndpoint>>) ->
 
 /// The object's spec as its CRD type, after checking it against the CRD's schema (generated from the same
 /// types): what the API server would refuse is refused here too, and unknown fields are errors.
+/// A MeshConfig's spec as the agents' settings; an unparsable CIDR is refused.
+fn settings(spec: MeshConfigSpec) -> Result<super::MeshSettings, String> {
+    let cidrs = spec.capture.exclude_outbound_cidrs.iter();
+    let exclude_outbound_cidrs = cidrs
+        .map(|c| c.parse().map_err(|e| format!("capture.excludeOutboundCidrs: {c:?} is not a CIDR ({e})")))
+        .collect::<Result<_, _>>()?;
+    Ok(super::MeshSettings {
+        default_mtls_mode: spec.default_mtls_mode,
+        outbound_traffic_policy: match spec.outbound_traffic_policy {
+            OutboundPolicy::AllowAny => mesh_common::config::OutboundTrafficPolicy::AllowAny,
+            OutboundPolicy::RegistryOnly => mesh_common::config::OutboundTrafficPolicy::RegistryOnly,
+        },
+        capture: mesh_common::config::CaptureConfig {
+            exclude_outbound_ports: spec.capture.exclude_outbound_ports,
+            exclude_inbound_ports: spec.capture.exclude_inbound_ports,
+            exclude_outbound_cidrs,
+        },
+    })
+}
+
 fn spec<T: serde::de::DeserializeOwned>(o: &Object) -> Result<T, String> {
     super::schema::check_spec(&o.api_version, &o.kind, &o.spec)?;
     serde_json::from_value(o.spec.clone()).map_err(|e| format!("spec: {e}"))

@@ -156,11 +156,21 @@ pub struct Mesh {
     pub telemetry: Vec<mesh_common::telemetry::Telemetry>,
     /// Zone and region of each Node, from its topology labels.
     pub nodes: BTreeMap<String, Locality>,
+    /// Mesh-wide defaults (the MeshConfig `default`; the agents' defaults without one).
+    pub settings: MeshSettings,
     /// Set when the source knows this snapshot lacks objects (a file of the directory source that never
     /// parsed): it must not be served, since agents would drop everything it lost. Says why.
     pub withheld: Option<String>,
     /// Objects left out of this snapshot, by `(kind, reason)` (`Invalid`, `Conflicted`, ...), for the metrics.
     pub rejected: BTreeMap<(String, String), usize>,
+}
+
+/// What a MeshConfig sets in every node's config.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MeshSettings {
+    pub default_mtls_mode: mesh_common::policy::MtlsMode,
+    pub outbound_traffic_policy: mesh_common::config::OutboundTrafficPolicy,
+    pub capture: mesh_common::config::CaptureConfig,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -316,6 +326,9 @@ impl Mesh {
             traffic_policies: if local_namespaces.is_empty() { Vec::new() } else { self.traffic_policies.clone() },
             telemetry: if local_namespaces.is_empty() { Vec::new() } else { self.telemetry.clone() },
             locality: self.locality_of(Some(node)),
+            default_peer_authentication: self.settings.default_mtls_mode,
+            outbound_traffic_policy: self.settings.outbound_traffic_policy,
+            capture: self.settings.capture.clone(),
             ..Default::default()
         }
     }

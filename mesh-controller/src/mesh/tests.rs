@@ -313,3 +313,39 @@ spec: {tracing: {samplingPercentage: 150}}
     assert_eq!(config.telemetry.len(), 1);
     assert_eq!(reason_of(&verdicts, "too-much"), Some("Invalid"));
 }
+
+/// The MeshConfig `default` sets the mesh-wide defaults in every node's config; another name is ignored (and
+/// says so); a bad CIDR leaves the defaults as they were and is reported.
+#[test]
+fn the_default_mesh_config_sets_every_nodes_defaults() {
+    use mesh_common::config::OutboundTrafficPolicy;
+    use mesh_common::policy::MtlsMode;
+    let mesh_config = |name: &str, cidr: &str| {
+        format!(
+            "---\napiVersion: nodemesh.io/v1alpha1\nkind: MeshConfig\nmetadata: {{name: {name}}}\n\
+             spec: {{defaultMtlsMode: STRICT, outboundTrafficPolicy: REGISTRY_ONLY,\n\
+             capture: {{excludeOutboundPorts: [53], excludeOutboundCidrs: [\"{cidr}\"]}}}}\n"
+        )
+    };
+    let before = Mesh::from_objects(&parse(OBJECTS)).0.node_config("node-1", "cluster.local");
+    assert_eq!(before.default_peer_authentication, MtlsMode::Permissive);
+    assert_eq!(before.outbound_traffic_policy, OutboundTrafficPolicy::AllowAny);
+
+    let objects =
+        format!("{OBJECTS}{}{}", mesh_config("default", "169.254.169.254/32"), mesh_config("other", "10.0.0.0/8"));
+    let (mesh, verdicts) = Mesh::from_objects(&parse(&objects));
+    for node in ["node-1", "node-2"] {
+        let config = mesh.node_config(node, "cluster.local");
+        assert_eq!(config.default_peer_authentication, MtlsMode::Strict, "{node}");
+        assert_eq!(config.outbound_traffic_policy, OutboundTrafficPolicy::RegistryOnly, "{node}");
+        assert_eq!(config.capture.exclude_outbound_ports, [53]);
+        assert_eq!(config.capture.exclude_outbound_cidrs, ["169.254.169.254/32".parse().unwrap()]);
+    }
+    let ignored = verdicts.iter().find(|v| v.key.kind == "MeshConfig" && v.key.name == "other").expect("a verdict");
+    assert_eq!(ignored.rejected.as_ref().map(|r| r.reason), Some("Ignored"), "{ignored:?}");
+
+    let (mesh, verdicts) = Mesh::from_objects(&parse(&format!("{OBJECTS}{}", mesh_config("default", "not-a-cidr"))));
+    assert_eq!(mesh.node_config("node-1", "cluster.local").default_peer_authentication, MtlsMode::Permissive);
+    let invalid = verdicts.iter().find(|v| v.key.kind == "MeshConfig").expect("a verdict");
+    assert_eq!(invalid.rejected.as_ref().map(|r| r.reason), Some("Invalid"), "{invalid:?}");
+}

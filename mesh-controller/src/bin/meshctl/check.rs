@@ -135,6 +135,7 @@ const CRDS: &[&str] = &[
     "authorizationpolicies.nodemesh.io",
     "trafficpolicies.nodemesh.io",
     "telemetries.nodemesh.io",
+    "meshconfigs.nodemesh.io",
 ];
 const INSTALL: &str = "kubectl apply -k manifests/";
 

@@ -30,6 +30,7 @@ const KINDS: &[(&str, &str, &str, &str)] = &[
     ("", "v1", "Service", "services"),
     ("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices"),
     ("nodemesh.io", "v1alpha1", "PeerAuthentication", "peerauthentications"),
+    ("nodemesh.io", "v1alpha1", "MeshConfig", "meshconfigs"),
     ("nodemesh.io", "v1alpha1", "AuthorizationPolicy", "authorizationpolicies"),
     ("nodemesh.io", "v1alpha1", "TrafficPolicy", "trafficpolicies"),
     ("nodemesh.io", "v1alpha1", "Telemetry", "telemetries"),

@@ -44,7 +44,11 @@ async fn run(client: Client, mut rx: mpsc::UnboundedReceiver<Vec<(Verdict, Objec
                 continue;
             }
             let Some(ar) = super::api_resource(&object.kind) else { continue };
-            let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), object.namespace(), &ar);
+            // MeshConfig is cluster-scoped.
+            let api: Api<DynamicObject> = match object.metadata.namespace.as_deref() {
+                None => Api::all_with(client.clone(), &ar),
+                Some(namespace) => Api::namespaced_with(client.clone(), namespace, &ar),
+            };
             let patch = json!({"metadata": {"resourceVersion": object.metadata.resource_version}, "status": status});
             match api.patch_status(&object.metadata.name, &PatchParams::default(), &Patch::Merge(&patch)).await {
                 Ok(_) => {
@@ -81,7 +85,7 @@ fn condition(kind: &str, problem: Option<&Rejection>, ok_reason: &str, generatio
 /// The status the object should have, or `None` when it already has it (or is not ours to report on).
 fn desired(v: &Verdict, o: &Object) -> Option<Value> {
     let status = match o.kind.as_str() {
-        "PeerAuthentication" | "AuthorizationPolicy" | "TrafficPolicy" | "Telemetry" => {
+        "PeerAuthentication" | "AuthorizationPolicy" | "TrafficPolicy" | "Telemetry" | "MeshConfig" => {
             let old = &o.status["conditions"];
             let accepted = condition("Accepted", v.rejected.as_ref(), "Accepted", v.generation, old);
             json!({"conditions": [accepted]})
