@@ -157,6 +157,33 @@ struct ServiceView {
     balancing: Option<Vec<crate::l7::destination::EndpointView>>,
 }
 
+/// A pod the config places on this node, in the mesh, that no CNI ADD enrolled.
+#[derive(Serialize)]
+struct Uncaptured {
+    namespace: String,
+    name: String,
+    ips: Vec<std::net::IpAddr>,
+}
+
+/// Meshed workloads of this node running uncaptured: pods that started before nodemesh was installed (the CNI
+/// plugin never saw them start, and the agent cannot capture a running pod's connections in place) — they
+/// need a restart. A pod gets its addresses only after its ADD, so one with addresses and no enrollment is no
+/// race with a starting pod.
+fn uncaptured(state: &AgentState) -> Vec<Uncaptured> {
+    let config = state.config();
+    let pods = state.pods();
+    let enrolled: std::collections::BTreeSet<(&str, &str)> =
+        pods.values().map(|p| (p.pod.net.namespace.as_str(), p.pod.net.name.as_str())).collect();
+    config
+        .workloads
+        .iter()
+        .filter(|w| w.node == state.node() && !w.ips.is_empty())
+        .filter(|w| !config.excluded_pods.contains(&format!("{}/{}", w.namespace, w.name)))
+        .filter(|w| !enrolled.contains(&(w.namespace.as_str(), w.name.as_str())))
+        .map(|w| Uncaptured { namespace: w.namespace.clone(), name: w.name.clone(), ips: w.ips.clone() })
+        .collect()
+}
+
 fn services(state: &AgentState) -> Vec<ServiceView> {
     let config = state.config();
     let known = state.l7().destinations.known();
@@ -247,6 +274,7 @@ pub fn admin_routes(state: AgentState, access: Access) -> Routes {
             "/connections" => json(&state.metrics().traffic.connections()),
             "/tunnels" => json(&state.tunnels().list()),
             "/services" => json(&services(&state)),
+            "/uncaptured" => json(&uncaptured(&state)),
             "/healthz/ready" => readiness(&state),
             "/server_info" => json(&ServerInfo {
                 pid: std::process::id(),
@@ -257,7 +285,7 @@ pub fn admin_routes(state: AgentState, access: Access) -> Routes {
             _ => reply(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "not found; try /workloads, /services, /config_dump, /certs, /connections, /tunnels, /stats, /server_info, /logging, /healthz/ready\n",
+                "not found; try /workloads, /uncaptured, /services, /config_dump, /certs, /connections, /tunnels, /stats, /server_info, /logging, /healthz/ready\n",
             ),
         }
     })

@@ -502,3 +502,35 @@ fn loopback_inside_an_enrolled_pod_is_left_alone() {
     assert_eq!(probe(&c, &client, addr(client.ipv4, 7070)).0, "greeted");
     assert!(c.metric(0, "nodemesh_capture_events_total", &[("event", "inbound_steered")]).unwrap() >= 1.0);
 }
+
+/// A meshed pod that was running before nodemesh (no CNI ADD ever enrolled it) is not captured in place: the
+/// agent lists it at `/uncaptured` and `meshctl check` fails on it with the fix, until the pod is enrolled (a
+/// restart, here its ADD).
+#[test]
+fn pods_running_before_the_install_are_reported_uncaptured() {
+    let mut c = cluster!(1);
+    let early = c.add_pod(0, "early").unwrap();
+    let config = c.write_config(&[(&early, "early-sa")], "").unwrap();
+    c.start_agent_with(0, &["--config", config.to_str().unwrap()]).unwrap();
+    let meshctl = mesh_tests::cluster::built_binary("meshctl").unwrap();
+    let check = |c: &Cluster| {
+        let mut command = std::process::Command::new(&meshctl);
+        command.args(["check", "--no-kubernetes", "--agent", mesh_tests::cluster::ADMIN]);
+        let out = mesh_tests::sys::output_in_netns(&c.nodes[0].netns, &mut command).unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let listed = c.admin(0, "/uncaptured").unwrap();
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!((&listed[0]["namespace"], &listed[0]["name"]), (&"default".into(), &"early".into()));
+    let (code, said) = check(&c);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(
+        said.lines().any(|l| l.starts_with("FAIL") && l.contains("default/early") && l.contains("restart")),
+        "{said}"
+    );
+
+    c.enroll(&early).unwrap();
+    assert_eq!(c.admin(0, "/uncaptured").unwrap(), serde_json::json!([]));
+    let (code, said) = check(&c);
+    assert_eq!(code, Some(0), "{said}");
+}

@@ -106,12 +106,41 @@ fn kernel_checks() -> Vec<Check> {
     out
 }
 
+/// Pods of the agent's node that are in the mesh but were never captured: they started before nodemesh.
+async fn uncaptured_check(agent: &str) -> Check {
+    let name = format!("pods on {agent}");
+    let pods = match crate::admin::get(agent, "/uncaptured").await {
+        Ok((200, body)) => serde_json::from_str::<Vec<serde_json::Value>>(&body).unwrap_or_default(),
+        Ok((status, _)) => return skipped(&name, format!("the agent does not list uncaptured pods ({status})")),
+        Err(e) => return fail(&name, format!("{e:#}"), "is the agent running?"),
+    };
+    if pods.is_empty() {
+        return ok(&name, "every meshed pod of the node is captured");
+    }
+    let names: Vec<String> = pods
+        .iter()
+        .map(|p| format!("{}/{}", p["namespace"].as_str().unwrap_or(""), p["name"].as_str().unwrap_or("")))
+        .collect();
+    fail(
+        &name,
+        format!(
+            "{} meshed pod(s) running uncaptured, in plaintext and outside policy: {}",
+            names.len(),
+            names.join(", ")
+        ),
+        "they started before nodemesh was installed, so the CNI plugin never saw them: restart them (kubectl rollout restart)",
+    )
+}
+
 async fn agent_checks(agents: &[String]) -> Vec<Check> {
     let mut out = Vec::new();
     for agent in agents {
         let name = format!("agent {agent}");
         match crate::admin::get(agent, "/healthz/ready").await {
-            Ok((200, _)) => out.push(ok(&name, "ready")),
+            Ok((200, _)) => {
+                out.push(ok(&name, "ready"));
+                out.push(uncaptured_check(agent).await);
+            }
             Ok((status, body)) => out.push(fail(
                 &name,
                 format!("not ready ({status}: {})", body.trim()),
